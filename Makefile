@@ -1,0 +1,31 @@
+# Set-up and the two commands of the README. Each target creates .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU wheel (it lies on local disk on the project's machines). A GPU user either keeps the
+# torch already in .venv (it is never replaced) or sets TORCH="torch==<version>" to their build.
+TORCH ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install test test-fast demo clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: install
+	$(BIN)/qformer demo
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

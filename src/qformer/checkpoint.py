@@ -1,0 +1,104 @@
+"""Weights on disk: safetensors + JSON config, written atomically, loaded strictly."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from qformer.config import ConfigBase
+
+M = TypeVar("M", bound=nn.Module)
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class StateDictMismatchError(ValueError):
+    """A state dict does not fit a model: lists every missing, unexpected and mis-shaped key."""
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Raise :class:`StateDictMismatchError` unless keys and shapes match ``model`` exactly."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    )
+    if missing or unexpected or misshaped:
+        lines = [f"state dict does not fit {type(model).__name__}:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                lines.append(f"  {len(keys)} {title}:")
+                lines.extend(f"    {k}" for k in keys)
+        raise StateDictMismatchError("\n".join(lines))
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Check first (every problem named at once), then copy."""
+    check_state_dict(model, state_dict)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def save_model(model: nn.Module, config: ConfigBase, directory: str | Path) -> None:
+    directory = Path(directory)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, config.save)
+
+
+def load_model(model_cls: Callable[[Any], M], config_cls: type[ConfigBase], directory: str | Path) -> M:
+    directory = Path(directory)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} not found: expected a directory written by save_pretrained")
+    model = model_cls(config_cls.load(directory / CONFIG_NAME))
+    load_state_dict_strict(model, load_file(directory / WEIGHTS_NAME))
+    return model
+
+
+def read_weights(directory: str | Path) -> dict[str, Tensor]:
+    """All tensors of a transformers-layout directory: ``model.safetensors``, sharded
+    safetensors (``model.safetensors.index.json``) or ``pytorch_model.bin`` (read with
+    ``weights_only=True``)."""
+    import json
+
+    directory = Path(directory)
+    single = directory / WEIGHTS_NAME
+    index = directory / "model.safetensors.index.json"
+    legacy = directory / "pytorch_model.bin"
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        tensors: dict[str, Tensor] = {}
+        for shard in shards:
+            tensors.update(load_file(directory / shard))
+        return tensors
+    if legacy.is_file():
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no weights in {directory}: expected {WEIGHTS_NAME}, a sharded index or pytorch_model.bin")

@@ -1,0 +1,139 @@
+"""Q-Former key layouts: BERT / LAVIS (``Qformer.bert.*``, ``Qformer.cls.*``), transformers'
+``Blip2QFormerModel`` and ``InstructBlipQFormerModel``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from qformer.checkpoint import load_state_dict_strict
+from qformer.config import QFormerConfig
+from qformer.convert.rename import ConversionReport, RenameTable
+from qformer.models.qformer import QFormer
+
+TransformersLayout = Literal["blip2", "instructblip"]
+
+
+def _layer_rules(attention: str) -> tuple[tuple[str, str], ...]:
+    """Per-layer renames; ``attention`` is ``self`` in BERT/LAVIS and ``attention`` in transformers."""
+    rules = []
+    for theirs, ours in (("attention", "self_attn"), ("crossattention", "cross_attn")):
+        for proj in ("query", "key", "value"):
+            rules.append((f"encoder.layer.{{i}}.{theirs}.{attention}.{proj}.", f"layers.{{i}}.{ours}.{proj}."))
+        rules.append((f"encoder.layer.{{i}}.{theirs}.output.dense.", f"layers.{{i}}.{ours}.out."))
+        rules.append((f"encoder.layer.{{i}}.{theirs}.output.LayerNorm.", f"layers.{{i}}.{ours}.norm."))
+    for suffix, ours in (("_query", "query_ffn"), ("", "text_ffn")):
+        rules.append((f"encoder.layer.{{i}}.intermediate{suffix}.dense.", f"layers.{{i}}.{ours}.fc1."))
+        rules.append((f"encoder.layer.{{i}}.output{suffix}.dense.", f"layers.{{i}}.{ours}.fc2."))
+        rules.append((f"encoder.layer.{{i}}.output{suffix}.LayerNorm.", f"layers.{{i}}.{ours}.norm."))
+    return tuple(rules)
+
+
+_TEXT_EMBEDDINGS = (
+    ("embeddings.word_embeddings.", "embeddings.word."),
+    ("embeddings.position_embeddings.", "embeddings.position."),
+)
+
+BERT = RenameTable(
+    rules=_TEXT_EMBEDDINGS
+    + (
+        ("embeddings.token_type_embeddings.", "embeddings.token_type."),
+        ("embeddings.LayerNorm.", "embeddings.norm."),
+    )
+    + _layer_rules("self")
+    + (
+        ("cls.predictions.transform.dense.", "lm_head.dense."),
+        ("cls.predictions.transform.LayerNorm.", "lm_head.norm."),
+        ("cls.predictions.bias", "lm_head.bias"),
+    ),
+    drop=(
+        ("embeddings.position_ids", "a buffer of position indices, rebuilt at run time"),
+        ("pooler.", "BLIP-2's Q-Former has no pooler"),
+        ("cls.predictions.decoder.weight", "tied to the word embeddings"),
+        ("cls.predictions.decoder.bias", "the same tensor as cls.predictions.bias"),
+        ("cls.seq_relationship.", "BERT's next-sentence head is not used"),
+    ),
+)
+
+_NO_LM_HEAD = (("lm_head.", "transformers' Q-Former has no LM head"),)
+
+TRANSFORMERS_BLIP2_QFORMER = RenameTable(
+    rules=(("layernorm.", "embeddings.norm."),) + _TEXT_EMBEDDINGS + _layer_rules("attention"),
+    drop_ours=_NO_LM_HEAD,
+)
+"""``Blip2QFormerModel`` keys; the text embeddings of ``Blip2ForImageTextRetrieval`` (its
+top-level ``embeddings.*``) under ``embeddings.``."""
+
+TRANSFORMERS_INSTRUCTBLIP_QFORMER = RenameTable(
+    rules=(("embeddings.layernorm.", "embeddings.norm."),) + _TEXT_EMBEDDINGS + _layer_rules("attention"),
+    drop_ours=_NO_LM_HEAD,
+)
+
+_TABLES: dict[str, RenameTable] = {"blip2": TRANSFORMERS_BLIP2_QFORMER, "instructblip": TRANSFORMERS_INSTRUCTBLIP_QFORMER}
+
+_SHARED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "layer_norm_eps",
+    "initializer_range",
+    "pad_token_id",
+    "cross_attention_frequency",
+    "encoder_hidden_size",
+)
+
+
+def qformer_config_from_transformers(config: Any, layout: TransformersLayout = "blip2") -> QFormerConfig:
+    """Our config from a ``Blip2QFormerConfig`` / ``InstructBlipQFormerConfig`` (object or dict)."""
+    values = config if isinstance(config, Mapping) else config.to_dict()
+    fields = {name: values[name] for name in _SHARED_FIELDS}
+    use_text = bool(values.get("use_qformer_text_input", False)) if layout == "blip2" else True
+    bos = QFormerConfig.bos_token_id if fields["vocab_size"] > QFormerConfig.bos_token_id else None
+    return QFormerConfig(**fields, use_text_input=use_text, use_lm_head=False, bos_token_id=bos)
+
+
+def _table(layout: str) -> RenameTable:
+    if layout not in _TABLES:
+        raise ValueError(f"unknown transformers layout {layout!r}; expected one of {sorted(_TABLES)}")
+    return _TABLES[layout]
+
+
+def qformer_from_transformers(
+    state_dict: Mapping[str, Tensor], config: QFormerConfig, layout: TransformersLayout = "blip2"
+) -> QFormer:
+    """A :class:`QFormer` holding a transformers Q-Former's weights. Fails naming every key that
+    is unknown, missing or mis-shaped."""
+    ours, report = _table(layout).to_ours(state_dict)
+    report.raise_if_unmatched(f"transformers {layout} Q-Former")
+    model = QFormer(config)
+    load_state_dict_strict(model, ours)
+    return model
+
+
+def qformer_to_transformers(
+    model: QFormer, layout: TransformersLayout = "blip2"
+) -> tuple[dict[str, Tensor], ConversionReport]:
+    """Our Q-Former's weights in a transformers layout, and what had no place there."""
+    theirs, report = _table(layout).to_theirs(model.state_dict())
+    report.raise_if_unmatched("qformer")
+    return theirs, report
+
+
+def load_transformers_qformer(
+    qformer: nn.Module, text_embeddings: nn.Module | None = None, layout: TransformersLayout = "blip2"
+) -> QFormer:
+    """Convert a live transformers Q-Former module (and, for BLIP-2's retrieval model, its
+    separate ``embeddings`` module) into ours."""
+    state_dict = dict(qformer.state_dict())
+    if text_embeddings is not None:
+        state_dict.update({f"embeddings.{k}": v for k, v in text_embeddings.state_dict().items()})
+    config = qformer_config_from_transformers(qformer.config, layout)
+    return qformer_from_transformers(state_dict, config, layout)

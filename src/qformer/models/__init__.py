@@ -1,0 +1,3 @@
+from qformer.models.qformer import QFormer, QFormerCache, QFormerOutput
+
+__all__ = ["QFormer", "QFormerCache", "QFormerOutput"]
