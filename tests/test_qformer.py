@@ -82,6 +82,11 @@ def test_decoder_mask_is_multimodal_causal():
         out2 = model(input_ids=changed, **kwargs).last_hidden_state
         assert_close(out2[:, : Q + t], out[:, : Q + t])  # queries and earlier text unchanged
         assert not torch.allclose(out2[:, Q + t], out[:, Q + t])
+    # queries see each other in both directions: the last query reaches the first
+    later = queries.clone()
+    later[:, -1] += torch.randn_like(later[:, -1])
+    out_q = model(input_ids=ids, query_embeds=later, encoder_hidden_states=image, is_decoder=True)
+    assert not torch.allclose(out_q.last_hidden_state[:, 0], out[:, 0])
     # every text position reads the queries (and through them the image)
     out3 = model(input_ids=ids, query_embeds=queries, encoder_hidden_states=image * 2, is_decoder=True)
     assert not torch.allclose(out3.last_hidden_state[:, Q], out[:, Q])

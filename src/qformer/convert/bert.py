@@ -70,7 +70,11 @@ def qformer_from_bert(path: str | Path, keep_token_types: bool = False, **config
     fields.update(config_overrides)
     config = QFormerConfig(**fields)
 
-    loaded, report = BERT.to_ours(_bert_names(read_weights(path)))
+    weights = _bert_names(read_weights(path))
+    decoder = weights.get("cls.predictions.decoder.weight")
+    if decoder is not None and not torch.equal(decoder, weights["embeddings.word_embeddings.weight"]):
+        raise ValueError(f"{path}: the LM decoder is not tied to the word embeddings; BLIP-2's Q-Former ties them")
+    loaded, report = BERT.to_ours(weights)
     report.raise_if_unmatched(f"BERT ({path})")
     token_types = loaded.pop("embeddings.token_type.weight", None)
     if keep_token_types:
