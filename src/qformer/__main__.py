@@ -1,0 +1,3 @@
+from qformer.cli import main
+
+main()
