@@ -12,25 +12,10 @@ from torch import Tensor
 
 from qformer.checkpoint import load_state_dict_strict, read_weights
 from qformer.config import QFormerConfig
-from qformer.convert.qformer_layouts import BERT
+from qformer.convert.qformer_layouts import BERT, BERT_FIELDS
 from qformer.models.qformer import QFormer
 
 logger = logging.getLogger(__name__)
-
-_BERT_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "hidden_act",
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "max_position_embeddings",
-    "layer_norm_eps",
-    "initializer_range",
-    "pad_token_id",
-)
-
 
 def _bert_names(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """BertModel names whatever head the checkpoint was saved with: drop the ``bert.``
@@ -61,7 +46,7 @@ def qformer_from_bert(path: str | Path, keep_token_types: bool = False, **config
     if bert_config.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{path}: only absolute position embeddings are supported")
     bert_vocab = int(bert_config["vocab_size"])
-    fields: dict[str, Any] = {name: bert_config[name] for name in _BERT_FIELDS if name in bert_config}
+    fields: dict[str, Any] = {name: bert_config[name] for name in BERT_FIELDS if name in bert_config}
     fields.update(
         vocab_size=bert_vocab + 1,
         bos_token_id=bert_vocab,

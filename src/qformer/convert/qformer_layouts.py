@@ -73,8 +73,7 @@ TRANSFORMERS_INSTRUCTBLIP_QFORMER = RenameTable(
 
 _TABLES: dict[str, RenameTable] = {"blip2": TRANSFORMERS_BLIP2_QFORMER, "instructblip": TRANSFORMERS_INSTRUCTBLIP_QFORMER}
 
-_SHARED_FIELDS = (
-    "vocab_size",
+BERT_FIELDS = (
     "hidden_size",
     "num_hidden_layers",
     "num_attention_heads",
@@ -86,9 +85,10 @@ _SHARED_FIELDS = (
     "layer_norm_eps",
     "initializer_range",
     "pad_token_id",
-    "cross_attention_frequency",
-    "encoder_hidden_size",
 )
+"""Config fields that BERT, transformers' Q-Formers and ours name alike."""
+
+_SHARED_FIELDS = BERT_FIELDS + ("vocab_size", "cross_attention_frequency", "encoder_hidden_size")
 
 
 def qformer_config_from_transformers(config: Any, layout: TransformersLayout = "blip2") -> QFormerConfig:
