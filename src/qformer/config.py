@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,11 +21,17 @@ class ConfigBase:
 
     @classmethod
     def from_dict(cls: type[T], values: dict[str, Any]) -> T:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """Build from a dict; fields typed as another config are built from nested dicts."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**values)
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(fields)}")
+        nested = typing.get_type_hints(cls)
+        built = {}
+        for name, value in values.items():
+            sub = _config_class(nested[name])
+            built[name] = sub.from_dict(value) if sub is not None and isinstance(value, dict) else value
+        return cls(**built)
 
     def replace(self: T, **changes: Any) -> T:
         return type(self).from_dict({**self.to_dict(), **changes})
@@ -35,6 +42,14 @@ class ConfigBase:
     @classmethod
     def load(cls: type[T], path: str | Path) -> T:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _config_class(hint: Any) -> type[ConfigBase] | None:
+    """The ConfigBase subclass in a type hint such as ``VisionConfig | None``, if any."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if isinstance(candidate, type) and issubclass(candidate, ConfigBase):
+            return candidate
+    return None
 
 
 @dataclass
@@ -87,3 +102,62 @@ class QFormerConfig(ConfigBase):
     def has_cross_attention(self, layer: int) -> bool:
         """BLIP-2 puts cross-attention in layers where ``layer % cross_attention_frequency == 0``."""
         return layer % self.cross_attention_frequency == 0
+
+
+@dataclass
+class VisionConfig(ConfigBase):
+    """BLIP-2's frozen image encoder: EVA ViT-g/14 without its last block (39 of 40), all
+    tokens out. Same fields and weights as transformers' ``Blip2VisionConfig``."""
+
+    hidden_size: int = 1408
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 39
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of {self.num_attention_heads} heads")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@dataclass
+class Blip2Stage1Config(ConfigBase):
+    """BLIP-2's first stage: frozen image encoder, ``ln_vision``, learned queries, the Q-Former
+    with its text path and LM head, 256-d projections, ITM head and temperature.
+
+    ``vision`` None means image features come precomputed (width ``qformer.encoder_hidden_size``).
+    ``ln_vision_eps`` is LAVIS's 1e-5; transformers' checkpoints use 1e-6 (set on conversion).
+    """
+
+    vision: VisionConfig | None = dataclasses.field(default_factory=VisionConfig)
+    qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
+    num_query_tokens: int = 32
+    embed_dim: int = 256
+    temperature: float = 0.07
+    min_temperature: float = 0.001
+    max_temperature: float = 0.5
+    ln_vision_eps: float = 1e-5
+    vision_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.vision is not None and self.vision.hidden_size != self.qformer.encoder_hidden_size:
+            raise ValueError(
+                f"the image encoder is {self.vision.hidden_size} wide but the Q-Former cross-attends to "
+                f"encoder_hidden_size={self.qformer.encoder_hidden_size}"
+            )
+        if not self.qformer.use_text_input or not self.qformer.use_lm_head:
+            raise ValueError("stage 1 needs the Q-Former's text input and LM head (ITC, ITM, ITG)")
+        if self.vision_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"vision_dtype must be float32, float16 or bfloat16, got {self.vision_dtype!r}")
+        if not 0 < self.min_temperature <= self.temperature <= self.max_temperature:
+            raise ValueError("need 0 < min_temperature <= temperature <= max_temperature")

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from qformer.checkpoint import load_state_dict_strict, read_weights
 from qformer.config import QFormerConfig
-from qformer.convert.qformer_layouts import BERT, BERT_FIELDS
+from qformer.convert.qformer_layouts import BERT, BERT_FIELDS, check_tied_decoder
 from qformer.models.qformer import QFormer
 
 logger = logging.getLogger(__name__)
@@ -56,9 +56,7 @@ def qformer_from_bert(path: str | Path, keep_token_types: bool = False, **config
     config = QFormerConfig(**fields)
 
     weights = _bert_names(read_weights(path))
-    decoder = weights.get("cls.predictions.decoder.weight")
-    if decoder is not None and not torch.equal(decoder, weights["embeddings.word_embeddings.weight"]):
-        raise ValueError(f"{path}: the LM decoder is not tied to the word embeddings; BLIP-2's Q-Former ties them")
+    check_tied_decoder(weights)
     loaded, report = BERT.to_ours(weights)
     report.raise_if_unmatched(f"BERT ({path})")
     token_types = loaded.pop("embeddings.token_type.weight", None)

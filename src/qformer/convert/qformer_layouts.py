@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from qformer.checkpoint import load_state_dict_strict
@@ -16,7 +17,7 @@ from qformer.models.qformer import QFormer
 TransformersLayout = Literal["blip2", "instructblip"]
 
 
-def _layer_rules(attention: str) -> tuple[tuple[str, str], ...]:
+def layer_rules(attention: str) -> tuple[tuple[str, str], ...]:
     """Per-layer renames; ``attention`` is ``self`` in BERT/LAVIS and ``attention`` in transformers."""
     rules = []
     for theirs, ours in (("attention", "self_attn"), ("crossattention", "cross_attn")):
@@ -31,43 +32,64 @@ def _layer_rules(attention: str) -> tuple[tuple[str, str], ...]:
     return tuple(rules)
 
 
-_TEXT_EMBEDDINGS = (
+TEXT_EMBEDDINGS = (
     ("embeddings.word_embeddings.", "embeddings.word."),
     ("embeddings.position_embeddings.", "embeddings.position."),
 )
 
-BERT = RenameTable(
-    rules=_TEXT_EMBEDDINGS
+BERT_ENCODER = RenameTable(
+    rules=TEXT_EMBEDDINGS
     + (
         ("embeddings.token_type_embeddings.", "embeddings.token_type."),
         ("embeddings.LayerNorm.", "embeddings.norm."),
     )
-    + _layer_rules("self")
-    + (
+    + layer_rules("self"),
+    drop=(
+        ("embeddings.position_ids", "a buffer of position indices, rebuilt at run time"),
+        ("pooler.", "BLIP-2's Q-Former has no pooler"),
+    ),
+)
+"""``BertModel`` (LAVIS: ``Qformer.bert.*``)."""
+
+BERT_LM_HEAD = RenameTable(
+    rules=(
         ("cls.predictions.transform.dense.", "lm_head.dense."),
         ("cls.predictions.transform.LayerNorm.", "lm_head.norm."),
         ("cls.predictions.bias", "lm_head.bias"),
     ),
     drop=(
-        ("embeddings.position_ids", "a buffer of position indices, rebuilt at run time"),
-        ("pooler.", "BLIP-2's Q-Former has no pooler"),
         ("cls.predictions.decoder.weight", "tied to the word embeddings"),
         ("cls.predictions.decoder.bias", "the same tensor as cls.predictions.bias"),
         ("cls.seq_relationship.", "BERT's next-sentence head is not used"),
     ),
 )
+"""BERT's ``cls.predictions`` head (LAVIS: ``Qformer.cls.*``)."""
+
+BERT = BERT_ENCODER + BERT_LM_HEAD
+
+
+def check_tied_decoder(state_dict: Mapping[str, Tensor], prefix: str = "") -> None:
+    """BLIP-2 ties the LM decoder to the word embeddings; a checkpoint that does not cannot be
+    held without losing its decoder, so it is refused."""
+    decoder = state_dict.get(f"{prefix}cls.predictions.decoder.weight")
+    word = state_dict.get(f"{prefix}bert.embeddings.word_embeddings.weight")
+    if word is None:
+        word = state_dict.get(f"{prefix}embeddings.word_embeddings.weight")
+    if decoder is not None and word is not None and not torch.equal(decoder, word):
+        raise ValueError(f"{prefix}cls.predictions.decoder.weight is not tied to the word embeddings")
+
 
 _NO_LM_HEAD = (("lm_head.", "transformers' Q-Former has no LM head"),)
 
 TRANSFORMERS_BLIP2_QFORMER = RenameTable(
-    rules=(("layernorm.", "embeddings.norm."),) + _TEXT_EMBEDDINGS + _layer_rules("attention"),
+    rules=(("layernorm.", "embeddings.norm."),) + TEXT_EMBEDDINGS + layer_rules("attention"),
     drop_ours=_NO_LM_HEAD,
 )
 """``Blip2QFormerModel`` keys; the text embeddings of ``Blip2ForImageTextRetrieval`` (its
 top-level ``embeddings.*``) under ``embeddings.``."""
 
 TRANSFORMERS_INSTRUCTBLIP_QFORMER = RenameTable(
-    rules=(("embeddings.layernorm.", "embeddings.norm."),) + _TEXT_EMBEDDINGS + _layer_rules("attention"),
+    rules=(("embeddings.layernorm.", "embeddings.norm."),) + TEXT_EMBEDDINGS + layer_rules("attention"),
     drop_ours=_NO_LM_HEAD,
 )
 

@@ -10,8 +10,10 @@ from torch import Tensor
 
 
 def _compile(template: str) -> re.Pattern[str]:
-    """``"encoder.layer.{i}.attention."`` -> a regex matching it as a prefix, ``{i}`` a layer index."""
-    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)"))
+    """``"encoder.layer.{i}.attention."`` -> a regex; ``{i}`` is a layer index. A template ending
+    in "." matches as a prefix, any other one matches a whole key."""
+    pattern = "^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)")
+    return re.compile(pattern if template.endswith(".") else pattern + "$")
 
 
 @dataclass
@@ -46,6 +48,15 @@ class RenameTable:
 
     def __add__(self, other: RenameTable) -> RenameTable:
         return RenameTable(self.rules + other.rules, self.drop + other.drop, self.drop_ours + other.drop_ours)
+
+    def under(self, theirs: str, ours: str) -> RenameTable:
+        """The same table for a sub-module: every prefix of theirs under ``theirs``, of ours
+        under ``ours``."""
+        return RenameTable(
+            tuple((theirs + a, ours + b) for a, b in self.rules),
+            tuple((theirs + a, why) for a, why in self.drop),
+            tuple((ours + a, why) for a, why in self.drop_ours),
+        )
 
     @staticmethod
     def _apply(
