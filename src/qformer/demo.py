@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from qformer.generate import qformer_greedy_decode
+from qformer.generate import qformer_generate
 from qformer.losses import IGNORE_INDEX
 from qformer.models.qformer import QFormer
 from qformer.tokenizer import load_tokenizer
@@ -109,8 +109,11 @@ def run_demo(config: DemoConfig = DemoConfig(), log=print) -> dict:
     eval_rng = torch.Generator().manual_seed(config.seed + 2)
     all_pairs = [(c, s) for c in COLOURS for s in SHAPES]
     images = scenes.images(all_pairs, eval_rng)
-    tokens = qformer_greedy_decode(
-        model, queries.expand(len(all_pairs), -1, -1), images, eos_token_id=tokenizer.sep_token_id
+    tokens = qformer_generate(
+        model,
+        queries.expand(len(all_pairs), -1, -1),
+        model.encoder_key_values(images),
+        eos_token_id=tokenizer.sep_token_id,
     )
     generated = tokenizer.batch_decode(tokens, skip_special_tokens=True)
     rows = [

@@ -70,9 +70,8 @@ TRANSFORMERS_STAGE1 = (
 )
 """``Blip2ForImageTextRetrieval``: the Q-Former's text embeddings sit at the top level."""
 
-LAVIS_STAGE1 = (
-    LAVIS_VISION.under("visual_encoder.", "vision.")
-    + RenameTable(
+_LAVIS_STAGE1_WITHOUT_VISION = (
+    RenameTable(
         rules=(("ln_vision.", "ln_vision."), ("temp", "temp"), ("vision_proj.", "vision_proj."),
                ("text_proj.", "text_proj."))
         + _HEADS
@@ -80,6 +79,10 @@ LAVIS_STAGE1 = (
     + BERT_LM_HEAD.under("Qformer.", "qformer.")
     + BERT_ENCODER.under("Qformer.bert.", "qformer.")
 )
+
+LAVIS_STAGE1 = LAVIS_VISION.under("visual_encoder.", "vision.") + _LAVIS_STAGE1_WITHOUT_VISION
+"""LAVIS's ``Blip2Qformer``: ``visual_encoder.*``, ``ln_vision``, ``query_tokens``, ``Qformer.*``,
+``vision_proj``, ``text_proj``, ``itm_head``, ``temp``."""
 
 
 def fuse_lavis_qkv_bias(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -163,7 +166,8 @@ def stage1_from_lavis(
     ``.pth``). Without an image encoder in ``config``, ``visual_encoder.*`` is dropped."""
     table = LAVIS_STAGE1
     if config.vision is None:
-        table = table + RenameTable((), (("visual_encoder.", "config.vision is None: images come as features"),))
+        dropped = (("visual_encoder.", "config.vision is None: images come as features"),)
+        table = _LAVIS_STAGE1_WITHOUT_VISION + RenameTable((), dropped)
     check_tied_decoder(state_dict, prefix="Qformer.")
     ours, report = table.to_ours(fuse_lavis_qkv_bias(state_dict))
     return _load(ours, report, config, "LAVIS Blip2Qformer")

@@ -73,6 +73,11 @@ class EvaViT(nn.Module):
         self.gradient_checkpointing = False
         nn.init.trunc_normal_(self.class_embedding, std=0.02)
         nn.init.trunc_normal_(self.position_embedding, std=0.02)
+        for module in self.modules():  # EVA's init; the key bias starts (and stays, frozen) zero
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, 1 + H/p * W/p, D)."""
