@@ -133,3 +133,25 @@ def test_temperature_is_kept_in_range():
     with torch.no_grad():
         model.temp.fill_(-1.0)
     assert model.temperature() == 0.001
+
+
+def test_any_transformers_vision_tower():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from qformer.models.blip2 import Blip2Stage1
+    from qformer.models.vision import TransformersVisionTower
+    from stage1_helpers import tiny_stage1_config
+
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                                            num_attention_heads=4, image_size=IMAGE, patch_size=14))
+    config = tiny_stage1_config(vision=False)
+    model = Blip2Stage1(config, vision=TransformersVisionTower(clip)).train()
+    assert not model.vision.training and all(not p.requires_grad for p in model.vision.parameters())
+    ids, mask, _ = tiny_batch(B)
+    pixels = torch.randn(B, 3, IMAGE, IMAGE)
+    assert_close(model.encode_image(pixels), clip(pixel_values=pixels).last_hidden_state)
+    Stage1Objective(model)(ids, mask, pixel_values=pixels).loss.backward()
+    assert all(p.grad is None for p in model.vision.parameters())
+    with pytest.raises(ValueError, match="24 wide"):
+        Blip2Stage1(config.replace(qformer=config.qformer.replace(encoder_hidden_size=16)),
+                    vision=TransformersVisionTower(clip))

@@ -54,6 +54,12 @@ class Blip2Stage1(nn.Module):
         hidden = config.qformer.hidden_size
         if vision is None and config.vision is not None:
             vision = EvaViT(config.vision)
+        width = getattr(vision, "width", config.qformer.encoder_hidden_size)
+        if width != config.qformer.encoder_hidden_size:
+            raise ValueError(
+                f"the image encoder is {width} wide but the Q-Former cross-attends to "
+                f"encoder_hidden_size={config.qformer.encoder_hidden_size}"
+            )
         self.vision = None if vision is None else freeze(vision, _DTYPES[config.vision_dtype])
         self.ln_vision = nn.LayerNorm(config.qformer.encoder_hidden_size, eps=config.ln_vision_eps)
         self.query_tokens = nn.Parameter(torch.randn(1, config.num_query_tokens, hidden) * 0.02)
