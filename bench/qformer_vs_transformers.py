@@ -9,24 +9,13 @@ ours is faster). BLIP-2 sizes by default: 768 wide, 32 queries, 257 image tokens
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from transformers import Blip2QFormerConfig
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings
 
 from qformer.convert.qformer_layouts import load_transformers_qformer
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds
 
 
 def main() -> None:

@@ -11,30 +11,19 @@ that both give the same losses.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
 from stage1_helpers import reference_step  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 from qformer.config import Blip2Stage1Config, QFormerConfig  # noqa: E402
 from qformer.losses import HardNegatives  # noqa: E402
 from qformer.models.blip2 import Blip2Stage1  # noqa: E402
 from qformer.stage1 import Stage1Objective  # noqa: E402
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
