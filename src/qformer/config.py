@@ -161,3 +161,59 @@ class Blip2Stage1Config(ConfigBase):
             raise ValueError(f"vision_dtype must be float32, float16 or bfloat16, got {self.vision_dtype!r}")
         if not 0 < self.min_temperature <= self.temperature <= self.max_temperature:
             raise ValueError("need 0 < min_temperature <= temperature <= max_temperature")
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ImageConfig(ConfigBase):
+    """Evaluation preprocessing: bicubic resize to ``size`` (224; 364 for the COCO fine-tuned
+    models), scale to [0, 1], normalise with CLIP's mean and std."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self) -> None:
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+
+
+def _stage2_qformer() -> QFormerConfig:
+    return QFormerConfig(use_text_input=False, use_lm_head=False, bos_token_id=None)
+
+
+@dataclass
+class Blip2Config(ConfigBase):
+    """BLIP-2's second stage: frozen image encoder, ``ln_vision``, queries, the Q-Former (no
+    text path), ``language_projection`` and a frozen LLM, decoder-only or encoder-decoder.
+
+    ``text_config`` is the LLM's transformers config as a dict (with its ``model_type``).
+    ``text_suffix`` ends every decoder-only caption and is a stop token for generation (BLIP-2's
+    OPT models use "\\n"). ``image_token_index`` is the LLM vocabulary id that transformers'
+    layout uses as the queries' placeholder; our forward needs none.
+    """
+
+    vision: VisionConfig | None = dataclasses.field(default_factory=VisionConfig)
+    qformer: QFormerConfig = dataclasses.field(default_factory=_stage2_qformer)
+    text_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    num_query_tokens: int = 32
+    ln_vision_eps: float = 1e-5
+    vision_dtype: str = "float32"
+    llm_dtype: str = "float32"
+    image_token_index: int | None = None
+    text_suffix: str = "\n"
+    image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
+
+    def __post_init__(self) -> None:
+        if self.vision is not None and self.vision.hidden_size != self.qformer.encoder_hidden_size:
+            raise ValueError(
+                f"the image encoder is {self.vision.hidden_size} wide but the Q-Former cross-attends to "
+                f"encoder_hidden_size={self.qformer.encoder_hidden_size}"
+            )
+        for name in ("vision_dtype", "llm_dtype"):
+            if getattr(self, name) not in ("float32", "float16", "bfloat16"):
+                raise ValueError(f"{name} must be float32, float16 or bfloat16, got {getattr(self, name)!r}")
+        if "model_type" not in self.text_config:
+            raise ValueError("text_config must be a transformers config dict with a model_type")

@@ -1,20 +1,23 @@
-"""BLIP-2 models: the stage-1 model (frozen image encoder, queries, Q-Former and its heads)."""
+"""BLIP-2 models: the shared image side, the stage-1 model and the stage-2 model (the bridge to a
+frozen LLM)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
-from qformer.config import Blip2Stage1Config
+from qformer.config import Blip2Config, Blip2Stage1Config, QFormerConfig, VisionConfig
 from qformer.models.qformer import KeyValue, QFormer, QFormerOutput
 from qformer.models.vision import EvaViT
 
 ImageKeyValues = tuple[KeyValue | None, ...]
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def freeze(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -39,41 +42,36 @@ def concat_key_values(*parts: ImageKeyValues) -> ImageKeyValues:
     )
 
 
-class Blip2Stage1(nn.Module):
-    """BLIP-2's first stage (``Blip2Qformer`` in LAVIS, ``Blip2ForImageTextRetrieval`` in
-    transformers). Computes features; the losses are in :mod:`qformer.stage1`.
+class Blip2Base(nn.Module):
+    """What every BLIP-2 model shares: the frozen image encoder, ``ln_vision``, the learned
+    queries and the Q-Former's query pass over the image."""
 
-    ``vision`` replaces the EVA ViT with another frozen tower (e.g.
-    :class:`~qformer.models.vision.TransformersVisionTower`); with ``config.vision = None`` and
-    no tower, images come as precomputed encoder outputs.
-    """
-
-    def __init__(self, config: Blip2Stage1Config, vision: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        vision_config: VisionConfig | None,
+        qformer_config: QFormerConfig,
+        num_query_tokens: int,
+        ln_vision_eps: float,
+        vision_dtype: str,
+        vision: nn.Module | None = None,
+    ) -> None:
         super().__init__()
-        self.config = config
-        hidden = config.qformer.hidden_size
-        if vision is None and config.vision is not None:
-            vision = EvaViT(config.vision)
-        width = getattr(vision, "width", config.qformer.encoder_hidden_size)
-        if width != config.qformer.encoder_hidden_size:
+        if vision is None and vision_config is not None:
+            vision = EvaViT(vision_config)
+        width = getattr(vision, "width", qformer_config.encoder_hidden_size)
+        if width != qformer_config.encoder_hidden_size:
             raise ValueError(
                 f"the image encoder is {width} wide but the Q-Former cross-attends to "
-                f"encoder_hidden_size={config.qformer.encoder_hidden_size}"
+                f"encoder_hidden_size={qformer_config.encoder_hidden_size}"
             )
-        self.vision = None if vision is None else freeze(vision, _DTYPES[config.vision_dtype])
-        self.ln_vision = nn.LayerNorm(config.qformer.encoder_hidden_size, eps=config.ln_vision_eps)
-        self.query_tokens = nn.Parameter(torch.randn(1, config.num_query_tokens, hidden) * 0.02)
-        self.qformer = QFormer(config.qformer)
-        self.vision_proj = nn.Linear(hidden, config.embed_dim)
-        self.text_proj = nn.Linear(hidden, config.embed_dim)
-        self.itm_head = nn.Linear(hidden, 2)
-        self.temp = nn.Parameter(torch.tensor(config.temperature))
-        for head in (self.vision_proj, self.text_proj, self.itm_head):
-            nn.init.normal_(head.weight, std=config.qformer.initializer_range)
-            nn.init.zeros_(head.bias)
+        self.num_query_tokens = num_query_tokens
+        self.vision = None if vision is None else freeze(vision, DTYPES[vision_dtype])
+        self.ln_vision = nn.LayerNorm(qformer_config.encoder_hidden_size, eps=ln_vision_eps)
+        self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, qformer_config.hidden_size) * 0.02)
+        self.qformer = QFormer(qformer_config)
 
-    def train(self, mode: bool = True) -> Blip2Stage1:
-        """The frozen image encoder stays in eval mode."""
+    def train(self, mode: bool = True) -> Blip2Base:
+        """Frozen parts stay in eval mode."""
         super().train(mode)
         if self.vision is not None:
             self.vision.eval()
@@ -93,16 +91,40 @@ class Blip2Stage1(nn.Module):
         features = self.encode_image(pixel_values) if image_features is None else image_features
         return self.ln_vision(features.to(self.ln_vision.weight.dtype))
 
-    def temperature(self) -> Tensor:
-        return self.temp.clamp(self.config.min_temperature, self.config.max_temperature)
-
     def queries(self, batch: int) -> Tensor:
         return self.query_tokens.expand(batch, -1, -1)  # (B, Q, D)
 
     def query_pass(self, image_key_values: ImageKeyValues, use_cache: bool = False) -> QFormerOutput:
-        """Queries alone, cross-attending to the image (ITC image side, captioning prefix)."""
+        """Queries alone, cross-attending to the image (ITC image side, the LLM's prefix)."""
         batch = next(kv for kv in image_key_values if kv is not None)[0].shape[0]
         return self.qformer(query_embeds=self.queries(batch), encoder_key_values=image_key_values, use_cache=use_cache)
+
+
+class Blip2Stage1(Blip2Base):
+    """BLIP-2's first stage (``Blip2Qformer`` in LAVIS, ``Blip2ForImageTextRetrieval`` in
+    transformers). Computes features; the losses are in :mod:`qformer.stage1`.
+
+    ``vision`` replaces the EVA ViT with another frozen tower (e.g.
+    :class:`~qformer.models.vision.TransformersVisionTower`); with ``config.vision = None`` and
+    no tower, images come as precomputed encoder outputs.
+    """
+
+    def __init__(self, config: Blip2Stage1Config, vision: nn.Module | None = None) -> None:
+        super().__init__(
+            config.vision, config.qformer, config.num_query_tokens, config.ln_vision_eps, config.vision_dtype, vision
+        )
+        self.config = config
+        hidden = config.qformer.hidden_size
+        self.vision_proj = nn.Linear(hidden, config.embed_dim)
+        self.text_proj = nn.Linear(hidden, config.embed_dim)
+        self.itm_head = nn.Linear(hidden, 2)
+        self.temp = nn.Parameter(torch.tensor(config.temperature))
+        for head in (self.vision_proj, self.text_proj, self.itm_head):
+            nn.init.normal_(head.weight, std=config.qformer.initializer_range)
+            nn.init.zeros_(head.bias)
+
+    def temperature(self) -> Tensor:
+        return self.temp.clamp(self.config.min_temperature, self.config.max_temperature)
 
     def image_features(self, query_hidden: Tensor) -> Tensor:
         """(B, Q, D) query outputs -> (B, Q, E) L2-normalised image features."""
@@ -121,7 +143,7 @@ class Blip2Stage1(nn.Module):
     ) -> QFormerOutput:
         """[queries; text] in one bidirectional pass, queries reading the image (ITM)."""
         batch = input_ids.shape[0]
-        query_mask = attention_mask.new_ones(batch, self.config.num_query_tokens)
+        query_mask = attention_mask.new_ones(batch, self.num_query_tokens)
         return self.qformer(
             input_ids=input_ids,
             attention_mask=torch.cat([query_mask, attention_mask], dim=1),
@@ -131,7 +153,7 @@ class Blip2Stage1(nn.Module):
 
     def itm_logits(self, multimodal_hidden: Tensor) -> Tensor:
         """ITM head averaged over the query positions: (B, Q + T, D) -> (B, 2)."""
-        return self.itm_head(multimodal_hidden[:, : self.config.num_query_tokens]).mean(dim=1)
+        return self.itm_head(multimodal_hidden[:, : self.num_query_tokens]).mean(dim=1)
 
     @staticmethod
     def similarity(image_feats: Tensor, text_feats: Tensor) -> Tensor:
@@ -149,3 +171,139 @@ class Blip2Stage1(nn.Module):
         from qformer.checkpoint import load_model
 
         return load_model(cls, Blip2Stage1Config, directory)
+
+
+@dataclass
+class Blip2Output:
+    loss: Tensor | None
+    logits: Tensor  # decoder-only: the text positions (B, T, V); encoder-decoder: the decoder's
+    language_model_inputs: Tensor  # (B, Q, H) projected query outputs
+
+
+def build_language_model(text_config: dict) -> PreTrainedModel:
+    """A randomly initialised transformers LLM from its config dict (weights load afterwards)."""
+    config = AutoConfig.for_model(**text_config)
+    if config.is_encoder_decoder:
+        return AutoModelForSeq2SeqLM.from_config(config)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def move_padding(input_ids: Tensor, attention_mask: Tensor, side: str) -> tuple[Tensor, Tensor]:
+    """Move each row's padding to the ``left`` or ``right`` keeping the token order: (B, T)."""
+    key = attention_mask if side == "left" else 1 - attention_mask
+    order = torch.sort(key.long(), dim=1, stable=True).indices
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+class Blip2Stage2(Blip2Base):
+    """BLIP-2's second stage: the queries' outputs, projected, in front of a frozen LLM
+    (``AutoModelForCausalLM`` or ``AutoModelForSeq2SeqLM``). ``input_ids`` are text only; the
+    model puts the queries in front, no image placeholder tokens."""
+
+    def __init__(
+        self, config: Blip2Config, language_model: PreTrainedModel | None = None, vision: nn.Module | None = None
+    ) -> None:
+        super().__init__(
+            config.vision, config.qformer, config.num_query_tokens, config.ln_vision_eps, config.vision_dtype, vision
+        )
+        self.config = config
+        if language_model is None:
+            language_model = build_language_model(config.text_config)
+        self.language_model = freeze(language_model, DTYPES[config.llm_dtype])
+        self.is_encoder_decoder = bool(language_model.config.is_encoder_decoder)
+        width = language_model.get_input_embeddings().weight.shape[1]
+        self.language_projection = nn.Linear(config.qformer.hidden_size, width)
+
+    def train(self, mode: bool = True) -> Blip2Stage2:
+        """The LLM stays in eval mode unless it has trainable (e.g. LoRA) parameters."""
+        super().train(mode)
+        if not any(p.requires_grad for p in self.language_model.parameters()):
+            self.language_model.eval()
+        return self
+
+    def language_model_inputs(self, image_embeds: Tensor) -> Tensor:
+        """(B, S, W) image embeddings -> (B, Q, H) projected queries, in the LLM's dtype."""
+        queries = self.query_pass(self.qformer.encoder_key_values(image_embeds)).last_hidden_state
+        dtype = self.language_model.get_input_embeddings().weight.dtype
+        return self.language_projection(queries).to(dtype)
+
+    def _text(self, input_ids: Tensor | None, attention_mask: Tensor | None, batch: int, device: torch.device):
+        """Text ids and mask; a decoder-only LLM without a prompt starts from its bos token."""
+        if input_ids is None:
+            bos = self.language_model.config.bos_token_id
+            if self.is_encoder_decoder or bos is None:
+                return None, None
+            input_ids = torch.full((batch, 1), bos, dtype=torch.long, device=device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return input_ids, attention_mask
+
+    def _inputs_embeds(self, queries: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None):
+        """[queries; text] embeddings and mask: (B, Q + T, H), (B, Q + T)."""
+        query_mask = torch.ones(queries.shape[:2], dtype=torch.long, device=queries.device)
+        if input_ids is None:
+            return queries, query_mask
+        text = self.language_model.get_input_embeddings()(input_ids)  # (B, T, H)
+        return torch.cat([queries, text], dim=1), torch.cat([query_mask, attention_mask.to(query_mask)], dim=1)
+
+    def forward(
+        self,
+        pixel_values: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        image_features: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+    ) -> Blip2Output:
+        """Decoder-only: ``labels`` (B, T) align with ``input_ids``, -100 ignored; logits of the
+        text positions. Encoder-decoder: ``input_ids`` go to the encoder after the queries,
+        ``labels`` are the decoder's targets."""
+        image_embeds = self.image_embeds(pixel_values, image_features)
+        queries = self.language_model_inputs(image_embeds)  # (B, Q, H)
+        batch, num_queries = queries.shape[:2]
+        input_ids, attention_mask = self._text(input_ids, attention_mask, batch, queries.device)
+        inputs_embeds, mask = self._inputs_embeds(queries, input_ids, attention_mask)
+        if self.is_encoder_decoder:
+            if labels is None and decoder_input_ids is None:
+                raise ValueError("an encoder-decoder LLM needs labels or decoder_input_ids (or use generate)")
+            out = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                labels=labels,
+            )
+            return Blip2Output(out.loss, out.logits, queries)
+        if labels is not None:
+            ignore = labels.new_full((batch, num_queries), -100)
+            labels = torch.cat([ignore, labels], dim=1)  # (B, Q + T)
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels)
+        return Blip2Output(out.loss, out.logits[:, num_queries:], queries)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_features: Tensor | None = None,
+        **generation_kwargs,
+    ) -> Tensor:
+        """The new tokens only (B, N), for a text-only prompt per image (any padding side: the
+        batch is re-padded so that each row generates as it would alone)."""
+        if input_ids is not None and self.config.image_token_index is not None:
+            count = int((input_ids == self.config.image_token_index).sum())
+            if count:
+                raise ValueError(
+                    f"input_ids hold {count} image placeholder tokens (id {self.config.image_token_index}); "
+                    "pass the text only: the model puts the queries in front itself"
+                )
+        queries = self.language_model_inputs(self.image_embeds(pixel_values, image_features))
+        input_ids, attention_mask = self._text(input_ids, attention_mask, queries.shape[0], queries.device)
+        if input_ids is not None:
+            side = "right" if self.is_encoder_decoder else "left"
+            input_ids, attention_mask = move_padding(input_ids, attention_mask, side)
+        inputs_embeds, mask = self._inputs_embeds(queries, input_ids, attention_mask)
+        out = self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **generation_kwargs)
+        return out[:, 1:] if self.is_encoder_decoder else out  # drop the decoder start token

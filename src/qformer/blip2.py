@@ -1,0 +1,156 @@
+"""``qformer.Blip2``: a stage-2 BLIP-2 with its tokenizer and image preprocessing, loaded from
+and saved to transformers' layout, for captioning and visual question answering."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from qformer.config import Blip2Config
+from qformer.convert.transformers_blip2 import load_transformers_blip2, save_transformers_blip2
+from qformer.data.transforms import eval_transform
+from qformer.models.blip2 import Blip2Stage1, Blip2Stage2
+from qformer.models.qformer import QFormer
+
+logger = logging.getLogger(__name__)
+
+CAPTION_DEFAULTS = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1}
+VQA_DEFAULTS = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
+ImageInput = str | Path | Image.Image
+
+
+def resolve_checkpoint(path_or_hub_id: str | Path) -> Path:
+    """A local directory as is; otherwise a hub id, downloaded unless the hub is offline."""
+    path = Path(path_or_hub_id)
+    if path.is_dir():
+        return path
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise FileNotFoundError(
+            f"{path_or_hub_id} is not a local directory and HF_HUB_OFFLINE is set: point to a directory holding "
+            "config.json and the weights, or unset HF_HUB_OFFLINE to download a hub id"
+        )
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_hub_id)))
+
+
+class Blip2(Blip2Stage2):
+    """BLIP-2 with an LLM, ready to caption and answer. ``Blip2.from_pretrained`` takes a
+    transformers-layout directory (``Salesforce/blip2-opt-2.7b``, ``blip2-flan-t5-xl``, ...)."""
+
+    def __init__(
+        self,
+        config: Blip2Config,
+        language_model: PreTrainedModel | None = None,
+        vision: Any = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        super().__init__(config, language_model, vision)
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | Path) -> Blip2:
+        directory = resolve_checkpoint(path_or_hub_id)
+        model, report = load_transformers_blip2(directory, cls)
+        if report.dropped:
+            logger.info("loaded %s\n%s", directory, report.summary())
+        if (directory / "tokenizer_config.json").is_file():
+            model.tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        return model.eval()
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """transformers' layout (``Blip2ForConditionalGeneration.from_pretrained`` loads it),
+        with the tokenizer; every file is written atomically."""
+        directory = Path(directory)
+        save_transformers_blip2(self, self.config, directory)
+        if self.tokenizer is not None:
+            with tempfile.TemporaryDirectory(dir=directory) as tmp:
+                for name in self.tokenizer.save_pretrained(tmp):
+                    os.replace(name, directory / Path(name).name)
+
+    @classmethod
+    def from_stage1(
+        cls,
+        stage1: Blip2Stage1,
+        language_model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        **config_overrides: Any,
+    ) -> Blip2:
+        """Stage 2 from a stage-1 model: image encoder, ``ln_vision``, queries and the
+        Q-Former's query path carry over; its text path and heads are dropped, as in BLIP-2."""
+        qformer = stage1.config.qformer.replace(use_text_input=False, use_lm_head=False, bos_token_id=None)
+        config = Blip2Config(
+            vision=stage1.config.vision,
+            qformer=qformer,
+            text_config=language_model.config.to_dict(),
+            num_query_tokens=stage1.config.num_query_tokens,
+            ln_vision_eps=stage1.config.ln_vision_eps,
+            vision_dtype=stage1.config.vision_dtype,
+            **config_overrides,
+        )
+        model = cls(config, language_model, vision=stage1.vision, tokenizer=tokenizer)
+        model.ln_vision.load_state_dict(stage1.ln_vision.state_dict())
+        model.query_tokens.data.copy_(stage1.query_tokens.data)
+        kept = QFormer(qformer).state_dict().keys()
+        model.qformer.load_state_dict({k: v for k, v in stage1.qformer.state_dict().items() if k in kept})
+        return model
+
+    def add_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules: Any = None) -> None:
+        """LoRA adapters on the LLM (peft); only they train there. ``target_modules`` defaults
+        to peft's choice for the architecture."""
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
+        self.language_model = get_peft_model(self.language_model, config)
+
+    def preprocess(self, images: Sequence[ImageInput]):
+        """Images (paths or PIL) -> pixel values (B, 3, S, S) on the model's device."""
+        pixels = eval_transform(images, self.config.image)
+        return pixels.to(self.ln_vision.weight.device)
+
+    def _tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass tokenizer= or load a directory that has one")
+        return self.tokenizer
+
+    def stop_token_ids(self) -> list[int]:
+        """The LLM's eos, and the last token of ``config.text_suffix`` ("\\n" for OPT)."""
+        tokenizer = self._tokenizer()
+        ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        if self.config.text_suffix and not self.is_encoder_decoder:
+            suffix = tokenizer(self.config.text_suffix, add_special_tokens=False).input_ids
+            ids += suffix[-1:]
+        return ids
+
+    def generate_text(self, images: Sequence[ImageInput], prompts: Sequence[str], **generation: Any) -> list[str]:
+        """One prompt per image; returns the decoded new text."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+        tokenizer = self._tokenizer()
+        text = tokenizer(list(prompts), padding=True, return_tensors="pt").to(self.ln_vision.weight.device)
+        generation.setdefault("eos_token_id", self.stop_token_ids())
+        generation.setdefault("pad_token_id", tokenizer.pad_token_id)
+        tokens = self.generate(self.preprocess(images), text.input_ids, text.attention_mask, **generation)
+        return [t.strip() for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    def caption(self, images: Sequence[ImageInput], prompt: str | None = None, **generation: Any) -> list[str]:
+        """A caption per image (beam search, 5 beams, as BLIP-2), after an optional prompt."""
+        return self.generate_text(images, [prompt or ""] * len(images), **{**CAPTION_DEFAULTS, **generation})
+
+    def answer(
+        self,
+        images: Sequence[ImageInput],
+        questions: Sequence[str],
+        prompt: str = "Question: {} Answer:",
+        **generation: Any,
+    ) -> list[str]:
+        """Short answers, one question per image, in BLIP-2's VQA prompt."""
+        prompts = [prompt.format(q) for q in questions]
+        return self.generate_text(images, prompts, **{**VQA_DEFAULTS, **generation})

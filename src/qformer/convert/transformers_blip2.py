@@ -1,0 +1,179 @@
+"""transformers' ``Blip2ForConditionalGeneration`` directories: config, weights, processor
+settings and tokenizer, to and from :class:`~qformer.models.blip2.Blip2Stage2`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from qformer.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, load_state_dict_strict, read_weights
+from qformer.config import CLIP_MEAN, CLIP_STD, Blip2Config, ImageConfig, VisionConfig
+from qformer.convert.blip2_layouts import TRANSFORMERS_VISION
+from qformer.convert.qformer_layouts import TRANSFORMERS_BLIP2_QFORMER, qformer_config_from_transformers
+from qformer.convert.rename import ConversionReport, RenameTable
+
+logger = logging.getLogger(__name__)
+
+PREPROCESSOR_NAME = "preprocessor_config.json"
+
+TRANSFORMERS_BLIP2 = (
+    TRANSFORMERS_VISION.under("vision_model.", "vision.")
+    + RenameTable(
+        (
+            ("vision_model.post_layernorm.", "ln_vision."),
+            ("query_tokens", "query_tokens"),
+            ("language_projection.", "language_projection."),
+            ("language_model.", "language_model."),
+        )
+    )
+    + TRANSFORMERS_BLIP2_QFORMER.under("qformer.", "qformer.")
+)
+"""``Blip2ForConditionalGeneration``: vision, Q-Former, projection, and the LLM's own keys."""
+
+_VISION_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "qkv_bias",
+)
+
+
+def tied_groups(module: nn.Module) -> list[list[str]]:
+    """State-dict keys that share one tensor (tied embeddings), in state-dict order."""
+    groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        groups.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append(key)
+    return [keys for keys in groups.values() if len(keys) > 1]
+
+
+def fill_tied(module: nn.Module, state_dict: dict[str, Tensor], report: ConversionReport) -> None:
+    """A checkpoint stores one tensor of each tied group: give the others the same one."""
+    for group in tied_groups(module):
+        present = [k for k in group if k in state_dict]
+        if not present:
+            continue
+        for key in group:
+            if key not in state_dict:
+                state_dict[key] = state_dict[present[0]]
+                report.dropped[key] = f"tied to {present[0]}: not stored"
+
+
+def blip2_config_from_transformers(values: Mapping[str, Any], image: ImageConfig | None = None) -> Blip2Config:
+    """Our config from a transformers ``Blip2Config`` dict (``config.json``)."""
+    if values.get("model_type") != "blip-2":
+        raise ValueError(f"not a BLIP-2 config: model_type is {values.get('model_type')!r}")
+    vision = values["vision_config"]
+    text = dict(values["text_config"])
+    return Blip2Config(
+        vision=VisionConfig(**{f: vision[f] for f in _VISION_FIELDS if f in vision}),
+        qformer=qformer_config_from_transformers(values["qformer_config"]),
+        text_config=text,
+        num_query_tokens=values.get("num_query_tokens", 32),
+        ln_vision_eps=vision.get("layer_norm_eps", 1e-6),
+        image_token_index=values.get("image_token_index"),
+        text_suffix="\n" if text.get("model_type") == "opt" else "",
+        image=image or ImageConfig(size=vision.get("image_size", 224)),
+    )
+
+
+def blip2_config_to_transformers(config: Blip2Config) -> dict[str, Any]:
+    """A transformers ``Blip2Config`` dict for :func:`save_transformers_blip2`."""
+    from transformers import Blip2Config as TransformersBlip2Config
+
+    if config.vision is None:
+        raise ValueError("transformers' layout needs the image encoder: config.vision is None")
+    if config.image_token_index is None:
+        raise ValueError(
+            "transformers' layout marks the queries with an image token: set config.image_token_index to an id "
+            "of the LLM vocabulary reserved for it"
+        )
+    q = config.qformer
+    qformer = {name: getattr(q, name) for name in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+        "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "initializer_range",
+        "layer_norm_eps", "pad_token_id", "cross_attention_frequency", "encoder_hidden_size")}
+    qformer["use_qformer_text_input"] = q.use_text_input
+    vision = {f: getattr(config.vision, f) for f in _VISION_FIELDS}
+    if config.ln_vision_eps != config.vision.layer_norm_eps:
+        raise ValueError(
+            f"transformers uses one LayerNorm eps for the encoder and ln_vision: {config.vision.layer_norm_eps} vs "
+            f"{config.ln_vision_eps}"
+        )
+    tf = TransformersBlip2Config(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=config.text_config,
+        num_query_tokens=config.num_query_tokens,
+        image_token_index=config.image_token_index,
+    )
+    return tf.to_dict()
+
+
+def image_config_from_preprocessor(path: Path) -> ImageConfig | None:
+    """Size, mean and std from a ``BlipImageProcessor`` ``preprocessor_config.json``."""
+    file = path / PREPROCESSOR_NAME
+    if not file.is_file():
+        return None
+    values = json.loads(file.read_text())
+    size = values.get("size", {})
+    side = size.get("height", size.get("shortest_edge", 224)) if isinstance(size, dict) else int(size)
+    return ImageConfig(size=side, mean=tuple(values.get("image_mean", CLIP_MEAN)), std=tuple(values.get("image_std", CLIP_STD)))
+
+
+def preprocessor_dict(image: ImageConfig) -> dict[str, Any]:
+    return {
+        "image_processor_type": "BlipImageProcessor",
+        "do_resize": True,
+        "size": {"height": image.size, "width": image.size},
+        "resample": 3,  # bicubic
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(image.mean),
+        "image_std": list(image.std),
+        "do_convert_rgb": True,
+    }
+
+
+def load_transformers_blip2(directory: str | Path, model_cls: type, **model_kwargs: Any):
+    """Build ``model_cls(config, **model_kwargs)`` (a :class:`Blip2Stage2`) from a transformers
+    BLIP-2 directory and load its weights strictly; returns the model and the report."""
+    directory = Path(directory)
+    values = json.loads((directory / CONFIG_NAME).read_text())
+    config = blip2_config_from_transformers(values, image_config_from_preprocessor(directory))
+    model = model_cls(config, **model_kwargs)
+    ours, report = TRANSFORMERS_BLIP2.to_ours(read_weights(directory))
+    report.raise_if_unmatched(f"transformers BLIP-2 ({directory})")
+    fill_tied(model, ours, report)
+    load_state_dict_strict(model, ours)
+    return model, report
+
+
+def save_transformers_blip2(model: nn.Module, config: Blip2Config, directory: str | Path) -> ConversionReport:
+    """Write ``config.json``, ``model.safetensors`` and ``preprocessor_config.json`` in
+    transformers' layout, each file atomically; one tensor per tied group."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tf_config = blip2_config_to_transformers(config)
+    state = model.state_dict()
+    tied = {key: group[0] for group in tied_groups(model) for key in group[1:]}
+    theirs, report = TRANSFORMERS_BLIP2.to_theirs({k: v for k, v in state.items() if k not in tied})
+    report.raise_if_unmatched("qformer BLIP-2")
+    report.dropped.update({key: f"tied to {kept}: stored once" for key, kept in tied.items()})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in theirs.items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(tf_config, indent=2) + "\n"))
+    preprocessor = json.dumps(preprocessor_dict(config.image), indent=2) + "\n"
+    atomic_write(directory / PREPROCESSOR_NAME, lambda tmp: Path(tmp).write_text(preprocessor))
+    return report

@@ -1,0 +1,1 @@
+"""Data: image transforms (datasets and collation land with the training issue)."""
