@@ -4,7 +4,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig, PreTrainedTokenizerFast, T5Config
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    LlamaConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+    T5Config,
+)
 
 IMAGE = 28
 QUERIES = 4
@@ -35,6 +42,10 @@ def tiny_blip2_config(llm: str) -> Blip2Config:
         text = OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
                          max_position_embeddings=64, word_embed_proj_dim=16, pad_token_id=0, bos_token_id=1,
                          eos_token_id=1)
+    elif llm == "llama":
+        text = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=1)
     else:
         text = T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2,
                         num_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=1, decoder_start_token_id=0,
@@ -66,7 +77,7 @@ def save_tiny_blip2(directory: Path, llm: str) -> Blip2ForConditionalGeneration:
     """A transformers-saved tiny BLIP-2 with tokenizer and preprocessing config."""
     model = tiny_transformers_blip2(llm)
     model.save_pretrained(directory)
-    tiny_tokenizer(add_bos=llm == "opt").save_pretrained(directory)
+    tiny_tokenizer(add_bos=llm != "t5").save_pretrained(directory)
     (directory / "preprocessor_config.json").write_text(
         '{"image_processor_type": "BlipImageProcessor", "size": {"height": 28, "width": 28}, '
         '"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}'

@@ -17,7 +17,7 @@ from qformer.data.text import decoder_only_batch, encoder_decoder_batch, prefix_
 PROMPTS = ["a photo of", "what colour is the ball", "two"]
 
 
-@pytest.fixture(scope="module", params=["opt", "t5"])
+@pytest.fixture(scope="module", params=["opt", "llama", "t5"])
 def saved(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     ref = save_tiny_blip2(directory, request.param)
@@ -44,7 +44,7 @@ def test_logits_match(saved):
     text = tokenizer(PROMPTS, padding=True, return_tensors="pt")
     ids, mask = with_image_tokens(text.input_ids, text.attention_mask)
     images = pixels()
-    if llm == "opt":
+    if llm != "t5":
         expected = ref(pixel_values=images, input_ids=ids, attention_mask=mask).logits[:, QUERIES:]
         got = ours(images, text.input_ids, text.attention_mask).logits
         keep = text.attention_mask.bool()
@@ -65,7 +65,7 @@ def test_generated_tokens_match(saved, kwargs):
         text = tokenizer([prompt] * 2, return_tensors="pt")
         ids, mask = with_image_tokens(text.input_ids, text.attention_mask)
         expected = ref.generate(pixel_values=pixels(2), input_ids=ids, attention_mask=mask, **kwargs)
-        expected = expected[:, ids.shape[1]:] if llm == "opt" else expected[:, 1:]
+        expected = expected[:, ids.shape[1]:] if llm != "t5" else expected[:, 1:]
         got = ours.generate(pixels(2), text.input_ids, text.attention_mask, **kwargs)
         assert torch.equal(got, expected), (prompt, got, expected)
 
@@ -99,7 +99,7 @@ def test_round_trip_through_transformers(saved, tmp_path):
     labels = text.input_ids if llm == "t5" else None
     theirs = reloaded(pixel_values=pixels(), input_ids=ids, attention_mask=mask, labels=labels).logits
     mine = ours(pixels(), text.input_ids, text.attention_mask, labels=labels).logits
-    if llm == "opt":
+    if llm != "t5":
         theirs = theirs[:, QUERIES:]
     assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
     again = Blip2.from_pretrained(tmp_path)
@@ -163,7 +163,7 @@ def test_decoder_only_labels_mask_prompt_and_padding():
 
 def test_decoder_only_loss_is_on_targets_only(saved):
     llm, _, _, ours = saved
-    if llm != "opt":
+    if llm == "t5":
         pytest.skip("decoder-only")
     batch = decoder_only_batch(ours.tokenizer, ["a photo of", "two"], ["a red ball", "cats"])
     out = ours(pixels(2), batch.input_ids, batch.attention_mask, labels=batch.labels)
@@ -207,12 +207,16 @@ def test_frozen_llm_gets_no_gradient_and_qformer_does(saved):
 def test_lora_trains_only_adapters_in_the_llm(saved):
     llm, directory, _, _ = saved
     model = Blip2.from_pretrained(directory)
-    model.add_lora(r=2, alpha=4, target_modules=["q_proj", "v_proj"] if llm == "opt" else ["q", "v"])
+    model.add_lora(r=2, alpha=4, target_modules=["q", "v"] if llm == "t5" else ["q_proj", "v_proj"])
     lora = {n: p for n, p in model.language_model.named_parameters() if p.requires_grad}
     assert lora and all("lora_" in n for n in lora)
-    # 2 layers x (q, v) x (A: r x 16 + B: 16 x r), and the T5 decoder's self- and cross-attention too
-    blocks = 2 * 2 if llm == "opt" else 2 * 2 + 2 * 2 * 2
-    assert sum(p.numel() for p in lora.values()) == blocks * (2 * 16 + 16 * 2)
+    # 2 layers x (q, v) x (A: r x 16 + B: out x r); T5's decoder adds cross-attention; LLaMA's
+    # v_proj is 8 wide (one key/value head of 8)
+    if llm == "llama":
+        expected = 2 * ((2 * 16 + 16 * 2) + (2 * 16 + 8 * 2))
+    else:
+        expected = (2 * 2 if llm == "opt" else 2 * 2 + 2 * 2 * 2) * (2 * 16 + 16 * 2)
+    assert sum(p.numel() for p in lora.values()) == expected
     model.train()
     text = model.tokenizer(PROMPTS, padding=True, return_tensors="pt")
     model(pixels(), text.input_ids, text.attention_mask, labels=text.input_ids).loss.backward()
