@@ -12,7 +12,23 @@ from collections.abc import Sequence
 def _demo(args: argparse.Namespace) -> None:
     from qformer.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(steps=args.steps, seed=args.seed, out_dir=args.out_dir))
+    run_demo(DemoConfig(out_dir=args.out_dir, seed=args.seed))
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from qformer.train.config import load_train_config
+    from qformer.train.loop import train
+
+    result = train(load_train_config(args.recipe, overrides), resume=args.resume)
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
+
+
+def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
+    from qformer.train.config import load_train_config
+    from qformer.train.evaluation import evaluate_checkpoint
+
+    result = evaluate_checkpoint(load_train_config(args.recipe, overrides), args.checkpoint, args.out)
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
 
 
 def _generation(args: argparse.Namespace) -> dict:
@@ -62,8 +78,7 @@ def _model_command(commands, name: str, help: str, run) -> argparse.ArgumentPars
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qformer", description="BLIP-2 and its Q-Former.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train and caption on built-in data, no download")
-    demo.add_argument("--steps", type=int, default=150)
+    demo = commands.add_parser("demo", help="BLIP-2's two stages on built-in drawn scenes, no download")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out-dir", default="runs/demo")
     demo.set_defaults(run=_demo)
@@ -72,14 +87,29 @@ def build_parser() -> argparse.ArgumentParser:
     vqa = _model_command(commands, "vqa", "answer a question about each image", _vqa)
     vqa.add_argument("--question", required=True)
     vqa.add_argument("--prompt", default="Question: {} Answer:", help="the question's template")
+    train = commands.add_parser("train", help="train from a YAML recipe; --section.key value overrides it")
+    train.add_argument("recipe", help="a YAML recipe, e.g. configs/stage1.yaml")
+    train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    train.set_defaults(run=_train, takes_overrides=True)
+    evaluate = commands.add_parser("eval", help="evaluate a training checkpoint on the recipe's held-out data")
+    evaluate.add_argument("recipe")
+    evaluate.add_argument("--checkpoint", required=True, help="a step_XXXXXXX folder of a run")
+    evaluate.add_argument("--out", default=None, help="where to write the results JSON")
+    evaluate.set_defaults(run=_eval, takes_overrides=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     try:
-        args.run(args)
+        if getattr(args, "takes_overrides", False):
+            args.run(args, overrides)
+        else:
+            args.run(args)
     except (FileNotFoundError, ValueError) as err:
         print(f"qformer {args.command}: {err}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,10 @@ class ConfigBase:
         built = {}
         for name, value in values.items():
             sub = _config_class(nested[name])
-            built[name] = sub.from_dict(value) if sub is not None and isinstance(value, dict) else value
+            if sub is not None and isinstance(value, dict):
+                built[name] = sub.from_dict(value)
+            else:
+                built[name] = _coerce(cls.__name__, name, nested[name], value)
         return cls(**built)
 
     def replace(self: T, **changes: Any) -> T:
@@ -42,6 +46,23 @@ class ConfigBase:
     @classmethod
     def load(cls: type[T], path: str | Path) -> T:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
+    """Numbers written as text (YAML reads "3e-4" as a string) become numbers where the field
+    is a number; anything else of the wrong kind is refused."""
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = typing.get_args(hint) if is_union else (hint,)
+    if value is None or not any(t in (int, float) for t in options):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"{owner}.{name} must be a number, got {value!r}")
+    try:
+        if float in options:
+            return float(value)
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}.{name} must be a number, got {value!r}") from None
 
 
 def _config_class(hint: Any) -> type[ConfigBase] | None:

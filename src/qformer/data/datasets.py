@@ -1,0 +1,397 @@
+"""Training data for BLIP-2: captions (COCO JSON, JSONL, CSV), VQA, and webdataset-style tar
+shards read without the webdataset package.
+
+Images are decoded when a sample is read, so in DataLoader worker processes, then passed to
+the dataset's ``transform`` (None keeps the RGB PIL image, to augment later). A sample that
+cannot be read (missing file, corrupt or truncated image, not an image) is skipped: map-style
+datasets return None and the tar dataset yields a ``Skipped`` sentinel, which the collate counts
+(a worker's own ``skipped`` counter never reaches the main process). With ``strict=True`` such
+a sample raises a ValueError naming it instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from qformer.data.transforms import clean_caption, clean_question, load_image
+
+ImageTransform = Callable[[Image.Image], Tensor]  # an RGB image -> (3, S, S); None keeps the image
+Sample = dict[str, Any]
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    image: str  # path relative to the dataset's image_root
+    caption: str
+    image_id: str | int | None = None
+
+
+@dataclass
+class VQARecord:
+    image: str  # path relative to the dataset's image_root
+    question: str
+    answers: list[str]
+    question_id: str | int | None = None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Stands in for a sample that could not be read, so that the collate can count it."""
+
+    name: str
+
+
+def _require(entry: Any, keys: Sequence[str], where: str) -> None:
+    """Fail naming ``where`` unless ``entry`` is a mapping with a non-empty value for each key."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
+    missing = [key for key in keys if entry.get(key) in (None, "")]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}")
+
+
+def _strings(value: Any, key: str, where: str) -> list[str]:
+    """A string or a non-empty list of strings, as a list."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{where}: {key!r} must be a string or a non-empty list of strings")
+    return values
+
+
+def _caption_records(entry: Any, where: str) -> list[CaptionRecord]:
+    """One record per caption of an ``{"image", "caption", "image_id"?}`` entry."""
+    _require(entry, ("image", "caption"), where)
+    image_id = entry.get("image_id")
+    if image_id == "":  # an empty CSV cell
+        image_id = None
+    return [CaptionRecord(str(entry["image"]), c, image_id) for c in _strings(entry["caption"], "caption", where)]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON: {err}") from err
+
+
+def read_coco_captions(path: str | Path) -> list[CaptionRecord]:
+    """Captions from COCO's official ``{"images": [{"id", "file_name"}], "annotations":
+    [{"image_id", "caption"}]}`` or LAVIS/BLIP's ``[{"image", "caption", "image_id"?}]``
+    (a list caption gives one record per caption)."""
+    path = Path(path)
+    data = _read_json(path)
+    if isinstance(data, list):
+        return [record for i, entry in enumerate(data) for record in _caption_records(entry, f"{path}: entry {i}")]
+    if not (isinstance(data, dict) and "images" in data and "annotations" in data):
+        raise ValueError(f"{path}: expected COCO's {{'images', 'annotations'}} or a list of {{'image', 'caption'}}")
+    files = {}
+    for i, image in enumerate(data["images"]):
+        _require(image, ("id", "file_name"), f"{path}: images[{i}]")
+        files[image["id"]] = image["file_name"]
+    records = []
+    for i, annotation in enumerate(data["annotations"]):
+        where = f"{path}: annotations[{i}]"
+        _require(annotation, ("image_id", "caption"), where)
+        image_id = annotation["image_id"]
+        if image_id not in files:
+            raise ValueError(f"{where}: image_id {image_id!r} is not in 'images'")
+        captions = _strings(annotation["caption"], "caption", where)
+        records.extend(CaptionRecord(files[image_id], caption, image_id) for caption in captions)
+    return records
+
+
+def read_jsonl_captions(path: str | Path) -> list[CaptionRecord]:
+    """Captions from one ``{"image", "caption", "image_id"?}`` JSON object per line."""
+    path = Path(path)
+    records = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {number}"
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: invalid JSON: {err}") from err
+            records.extend(_caption_records(entry, where))
+    return records
+
+
+def read_csv_captions(path: str | Path) -> list[CaptionRecord]:
+    """Captions from a CSV file with a header naming columns ``image``, ``caption`` and
+    optionally ``image_id`` (an empty cell means none)."""
+    path = Path(path)
+    records = []
+    with path.open(newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        missing = sorted({"image", "caption"} - set(reader.fieldnames or ()))
+        if missing:
+            raise ValueError(f"{path}: the header lacks column(s) {missing}")
+        for row in reader:
+            records.extend(_caption_records(row, f"{path}: line {reader.line_num}"))
+    return records
+
+
+def read_captions(path: str | Path) -> list[CaptionRecord]:
+    """Captions from a .json (COCO), .jsonl or .csv file."""
+    readers = {".json": read_coco_captions, ".jsonl": read_jsonl_captions, ".csv": read_csv_captions}
+    suffix = Path(path).suffix.lower()
+    if suffix not in readers:
+        raise ValueError(f"{path}: unknown caption file type {suffix!r}; expected one of {sorted(readers)}")
+    return readers[suffix](path)
+
+
+def read_vqa(path: str | Path) -> list[VQARecord]:
+    """Questions from LAVIS's ``[{"image", "question", "answer": str or list, "question_id"?}]``."""
+    path = Path(path)
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of {{'image', 'question', 'answer'}}")
+    records = []
+    for i, entry in enumerate(data):
+        where = f"{path}: entry {i}"
+        _require(entry, ("image", "question", "answer"), where)
+        answers = _strings(entry["answer"], "answer", where)
+        records.append(VQARecord(str(entry["image"]), entry["question"], answers, entry.get("question_id")))
+    return records
+
+
+class _Skipping:
+    """Skip-or-raise policy shared by the datasets; ``skipped`` counts in this process only."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.skipped = 0
+
+    def _skip(self, name: str, reason: object) -> Skipped:
+        if self.strict:
+            raise ValueError(f"cannot read sample {name}: {reason}")
+        self.skipped += 1
+        return Skipped(name)
+
+
+class _ImageFolderDataset(_Skipping, Dataset):
+    """Map-style records whose images lie under ``image_root``."""
+
+    def __init__(
+        self,
+        records: Sequence[Any],
+        image_root: str | Path,
+        transform: ImageTransform | None = None,
+        strict: bool = False,
+        max_words: int = 50,
+    ) -> None:
+        super().__init__(strict)
+        self.records = list(records)
+        self.image_root = Path(image_root)
+        self.transform = transform
+        self.max_words = max_words
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _image(self, path: str, index: int) -> Tensor | Image.Image | None:
+        """The transformed image of sample ``index``, or None (counted) when it cannot be read."""
+        file = self.image_root / path
+        try:
+            image = load_image(file)
+        except ValueError as err:
+            self._skip(f"{index} ({file})", err)
+            return None
+        return image if self.transform is None else self.transform(image)
+
+
+def _image_key(record: CaptionRecord) -> str:
+    """The record's image id, or its path when it has none, so that captions of one image match."""
+    return str(record.image if record.image_id is None else record.image_id)
+
+
+class CaptionDataset(_ImageFolderDataset):
+    """Image-caption pairs: ``{"image": (3, S, S) (or the PIL image without a transform), "text":
+    cleaned caption, "image_id": int}``, or None for an unreadable image. ``image_index`` maps
+    each image's id (or, without one, its path) to that int."""
+
+    records: list[CaptionRecord]
+
+    def __init__(
+        self,
+        records: Sequence[CaptionRecord],
+        image_root: str | Path,
+        transform: ImageTransform | None = None,
+        strict: bool = False,
+        max_words: int = 50,
+    ) -> None:
+        super().__init__(records, image_root, transform, strict, max_words)
+        self.image_index: dict[str, int] = {}
+        for record in self.records:
+            self.image_index.setdefault(_image_key(record), len(self.image_index))
+
+    def __getitem__(self, index: int) -> Sample | None:
+        record = self.records[index]
+        image = self._image(record.image, index)
+        if image is None:
+            return None
+        text = clean_caption(record.caption, self.max_words)
+        return {"image": image, "text": text, "image_id": self.image_index[_image_key(record)]}
+
+
+class VQADataset(_ImageFolderDataset):
+    """Questions: ``{"image", "question" (cleaned), "answers" (distinct, first-seen order),
+    "weights" (each answer's count / number of answers), "question_id"}``, or None for an
+    unreadable image. A record without a question id gets its index."""
+
+    records: list[VQARecord]
+
+    def __getitem__(self, index: int) -> Sample | None:
+        record = self.records[index]
+        image = self._image(record.image, index)
+        if image is None:
+            return None
+        counts = Counter(record.answers)
+        return {
+            "image": image,
+            "question": clean_question(record.question, self.max_words),
+            "answers": list(counts),
+            "weights": [count / len(record.answers) for count in counts.values()],
+            "question_id": index if record.question_id is None else record.question_id,
+        }
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """``dir/000001.seg.jpg`` -> (``dir/000001``, ``seg.jpg``): the key ends at the basename's first dot."""
+    folder, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def _tar_groups(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The files of a tar, streamed and grouped by key: consecutive members sharing a key."""
+    key, group = "", {}
+    with tarfile.open(shard, mode="r|*") as tar:
+        for member in tar:
+            file = tar.extractfile(member) if member.isfile() else None
+            if file is None:
+                continue
+            member_key, extension = _split_name(member.name)
+            if member_key != key and group:
+                yield key, group
+                group = {}
+            key = member_key
+            group[extension] = file.read()
+    if group:
+        yield key, group
+
+
+def _stable_id(image_id: Any) -> int:
+    """An int id: ints as they are, anything else hashed to 63 bits (the same in every process)."""
+    if isinstance(image_id, int) and not isinstance(image_id, bool):
+        return image_id
+    digest = hashlib.blake2b(str(image_id).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+class TarShardDataset(_Skipping, IterableDataset):
+    """Image-caption pairs streamed from webdataset-style tar shards (``000001.jpg``,
+    ``000001.txt``, optional ``000001.json`` with an ``image_id``), as ``CaptionDataset``'s
+    samples. Shards are split across distributed ranks and then DataLoader workers: worker ``w``
+    of rank ``r`` reads every ``world_size * num_workers``-th shard from ``r * num_workers + w``.
+    ``image_id`` is the json's int id, or a stable hash of its string id or of the sample key.
+    An unreadable sample, or an unreadable rest of a shard, yields ``Skipped``."""
+
+    def __init__(
+        self,
+        shards: Sequence[str | Path],
+        transform: ImageTransform | None = None,
+        caption_key: str = "txt",
+        image_keys: Sequence[str] = IMAGE_KEYS,
+        rank: int = 0,
+        world_size: int = 1,
+        strict: bool = False,
+        max_words: int = 50,
+    ) -> None:
+        super().__init__(strict)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.shards = [Path(shard) for shard in shards]
+        self.transform = transform
+        self.caption_key = caption_key
+        self.image_keys = tuple(image_keys)
+        self.rank = rank
+        self.world_size = world_size
+        self.max_words = max_words
+
+    def local_shards(self) -> list[Path]:
+        """The shards this rank and DataLoader worker read."""
+        info = get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return self.shards[self.rank * num_workers + worker :: self.world_size * num_workers]
+
+    def __iter__(self) -> Iterator[Sample | Skipped]:
+        for shard in self.local_shards():
+            try:
+                for key, group in _tar_groups(shard):
+                    yield self._sample(f"{shard}:{key}", key, group)
+            except (tarfile.TarError, OSError) as err:
+                yield self._skip(str(shard), err)
+
+    def _sample(self, name: str, key: str, group: dict[str, bytes]) -> Sample | Skipped:
+        image_key = next((k for k in self.image_keys if k in group), None)
+        if image_key is None or self.caption_key not in group:
+            return self._skip(name, f"needs one of {self.image_keys} and {self.caption_key!r}, has {sorted(group)}")
+        try:
+            image = load_image(io.BytesIO(group[image_key]))
+            caption = group[self.caption_key].decode("utf-8")
+            meta = json.loads(group["json"]) if "json" in group else {}
+        except ValueError as err:  # also UnicodeDecodeError and JSONDecodeError
+            return self._skip(name, err)
+        image_id = meta.get("image_id", key) if isinstance(meta, dict) else key
+        text = clean_caption(caption, self.max_words)
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"image": image, "text": text, "image_id": _stable_id(image_id)}
+
+
+def _encode(extension: str, value: Any) -> bytes:
+    """A member's bytes: bytes as they are, str as UTF-8, a PIL image in the extension's format,
+    anything else as JSON."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, Image.Image):
+        buffer = io.BytesIO()
+        value.save(buffer, format=Image.registered_extensions()[f".{extension}"])
+        return buffer.getvalue()
+    return json.dumps(value).encode("utf-8")
+
+
+def write_tar_shard(path: str | Path, samples: Iterable[dict[str, Any]]) -> Path:
+    """Write samples like ``{"__key__": "000001", "jpg": PIL image or bytes, "txt": str,
+    "json": dict}`` to a tar shard, one member per ``key.extension``."""
+    path = Path(path)
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            if "__key__" not in sample:
+                raise ValueError(f"sample without '__key__': has {sorted(sample)}")
+            for extension, value in sample.items():
+                if extension == "__key__":
+                    continue
+                data = _encode(extension, value)
+                info = tarfile.TarInfo(f"{sample['__key__']}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path

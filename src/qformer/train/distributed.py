@@ -1,0 +1,47 @@
+"""Process-group set-up from torchrun's environment (one process needs none)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        return dist.group.WORLD if self.world_size > 1 else None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device: str = "auto") -> Runtime:
+    """Reads RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun); NCCL on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    target = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
+    if target.type == "cuda":
+        torch.cuda.set_device(target)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if target.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    return Runtime(rank, world, local_rank, target)
+
+
+def teardown_runtime(runtime: Runtime) -> None:
+    if runtime.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()

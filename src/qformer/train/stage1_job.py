@@ -1,0 +1,86 @@
+"""Stage 1 for the trainer: the model, its objective, collation and held-out retrieval."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from qformer.config import ImageConfig
+from qformer.data.collate import CaptionCollator
+from qformer.models.blip2 import Blip2Stage1
+from qformer.models.qformer import QFormer
+from qformer.retrieval import retrieval_recall, retrieval_scores
+from qformer.stage1 import Stage1Objective
+from qformer.tokenizer import load_tokenizer
+from qformer.train.build import Job, eval_pixels, resolve_bert
+from qformer.train.config import TrainConfig
+from qformer.train.distributed import Runtime
+
+
+def build_model(config: TrainConfig) -> tuple[Blip2Stage1, Any]:
+    """The stage-1 model; the Q-Former from BERT when ``model.bert`` is set (as BLIP-2)."""
+    spec = config.model
+    stage1 = spec.stage1
+    tokenizer_path = spec.tokenizer or (resolve_bert(spec.bert) if spec.bert else None)
+    if tokenizer_path is None:
+        raise ValueError("stage 1 needs a Q-Former tokenizer: set model.bert or model.tokenizer")
+    tokenizer = load_tokenizer(resolve_bert(tokenizer_path))
+    if spec.bert is None:
+        return Blip2Stage1(stage1), tokenizer
+    q = stage1.qformer
+    qformer = QFormer.from_bert(
+        resolve_bert(spec.bert),
+        encoder_hidden_size=q.encoder_hidden_size,
+        cross_attention_frequency=q.cross_attention_frequency,
+        lm_label_smoothing=q.lm_label_smoothing,
+    )
+    model = Blip2Stage1(stage1.replace(qformer=qformer.config))
+    model.qformer.load_state_dict(qformer.state_dict())
+    return model, tokenizer
+
+
+def build(config: TrainConfig, runtime: Runtime, dataset: Dataset, evaluation: Dataset | None, image: ImageConfig) -> Job:
+    model, tokenizer = build_model(config)
+    objective = Stage1Objective(model, group=runtime.group)
+
+    def losses(module: nn.Module, batch: dict, generator: torch.Generator) -> dict:
+        out = module(
+            batch["input_ids"],
+            batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            image_ids=batch["image_ids"],
+            generator=generator,
+        )
+        return {"loss": out.loss, "itc": out.itc, "itm": out.itm, "itg": out.itg}
+
+    evaluate = None
+    if evaluation is not None:
+        def evaluate(module: Blip2Stage1) -> dict[str, Any]:
+            return evaluate_retrieval(module, evaluation, tokenizer, image, config.data.max_text_length)
+
+    # the objective gathers token ids across processes: one text length for every batch there
+    collate = CaptionCollator(tokenizer, config.data.max_text_length, pad_to_max_length=runtime.world_size > 1)
+    return Job(model, objective, dataset, collate, losses, evaluate, tokenizer, save_final=Blip2Stage1.save_pretrained)
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    model: Blip2Stage1, data: Dataset, tokenizer, image: ImageConfig, max_length: int, k: int = 16, chunk: int = 64
+) -> dict[str, Any]:
+    """Image<->text recall@1/5/10 over a held-out set (one caption per image: its canonical or
+    first caption), ITC top-k re-ranked by ITM."""
+    device = model.ln_vision.weight.device
+    samples = [s for s in (data[i] for i in range(len(data))) if s is not None]
+    texts = [s.get("canonical", s["text"]) for s in samples]
+    embeds = torch.cat(
+        [model.image_embeds(eval_pixels(samples[i : i + chunk], image).to(device)) for i in range(0, len(samples), chunk)]
+    )
+    text = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt").to(device)
+    i2t, t2i = retrieval_scores(model, embeds, text.input_ids, text.attention_mask, k=k)
+    metrics = retrieval_recall(i2t, t2i, torch.arange(len(samples), device=device))
+    metrics["chance_r1"] = 100.0 / len(samples)
+    metrics["pairs"] = len(samples)
+    return metrics

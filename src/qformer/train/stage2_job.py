@@ -1,0 +1,111 @@
+"""Stage 2 for the trainer: the LLM bridge, its collation and held-out captioning."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from qformer.blip2 import Blip2
+from qformer.config import ImageConfig
+from qformer.data.text import decoder_only_batch, encoder_decoder_batch, prefix_lm_split
+from qformer.models.blip2 import Blip2Stage1
+from qformer.train.build import Job, eval_pixels
+from qformer.train.config import TrainConfig
+from qformer.train.distributed import Runtime
+
+
+def build_model(config: TrainConfig) -> Blip2:
+    spec = config.model
+    if spec.blip2:
+        model = Blip2.from_pretrained(spec.blip2)
+    else:
+        if not (spec.init_from and spec.language_model):
+            raise ValueError("stage 2 needs model.blip2, or model.init_from (stage 1) and model.language_model")
+        llm_config = AutoConfig.from_pretrained(spec.language_model)
+        auto = AutoModelForSeq2SeqLM if llm_config.is_encoder_decoder else AutoModelForCausalLM
+        llm = auto.from_pretrained(spec.language_model)
+        tokenizer = AutoTokenizer.from_pretrained(spec.language_model)
+        model = Blip2.from_stage1(Blip2Stage1.from_pretrained(spec.init_from), llm, tokenizer, llm_dtype=spec.llm_dtype)
+    if spec.lora_r:
+        model.add_lora(r=spec.lora_r, alpha=2 * spec.lora_r)
+    return model
+
+
+class Stage2Collator:
+    """Pixels plus the LLM's inputs and labels: decoder-only [bos prompt caption suffix];
+    encoder-decoder: prompt -> caption, or a prefix-LM split of the caption when there is no
+    prompt (seeded by the sample, so the split is reproducible). Skipped samples are handled
+    by the trainer's :class:`~qformer.train.build.RefillSkipped`."""
+
+    def __init__(self, model: Blip2, prompt: str, max_length: int, seed: int) -> None:
+        self.tokenizer, self.prompt, self.max_length, self.seed = model.tokenizer, prompt, max_length, seed
+        self.encoder_decoder = model.is_encoder_decoder
+        self.suffix = model.config.text_suffix or (model.tokenizer.eos_token or "")
+
+    def __call__(self, kept: list[dict]) -> dict:
+        texts = [s["text"] for s in kept]
+        batch: dict[str, Any] = {"texts": texts}
+        if self.encoder_decoder:
+            if self.prompt:
+                inputs, outputs = [self.prompt] * len(texts), texts
+            else:
+                pairs = [prefix_lm_split(t, random.Random(self.seed * 7919 + int(s["image_id"]))) for s, t in zip(kept, texts)]
+                inputs, outputs = [p for p, _ in pairs], [o for _, o in pairs]
+            text = encoder_decoder_batch(self.tokenizer, inputs, outputs, self.max_length)
+        else:
+            text = decoder_only_batch(self.tokenizer, [self.prompt] * len(texts), texts, self.suffix, self.max_length)
+        batch.update(pixel_values=torch.stack([s["image"] for s in kept]), input_ids=text.input_ids,
+                     attention_mask=text.attention_mask, labels=text.labels)
+        return batch
+
+
+def build(config: TrainConfig, runtime: Runtime, dataset: Dataset, evaluation: Dataset | None, image: ImageConfig) -> Job:
+    model = build_model(config)
+
+    def losses(module: nn.Module, batch: dict, generator: torch.Generator) -> dict:
+        out = module(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+        return {"loss": out.loss}
+
+    evaluate = None
+    if evaluation is not None:
+        def evaluate(module: Blip2) -> dict[str, Any]:
+            return evaluate_captions(module, evaluation, image, config.model.prompt)
+
+    collate = Stage2Collator(model, config.model.prompt, config.data.max_text_length, config.seed)
+    return Job(model, model, dataset, collate, losses, evaluate, model.tokenizer)
+
+
+@torch.no_grad()
+def evaluate_captions(
+    model: Blip2, data: Dataset, image: ImageConfig, prompt: str = "", chunk: int = 32, **generation: Any
+) -> dict[str, Any]:
+    """Greedy captions of a held-out set against its references (for scenes: every paraphrase):
+    exact match of the canonical caption and CIDEr."""
+    from qformer.data.scenes import all_scenes, captions
+    from qformer.evaluate.captions import caption_metrics, exact_match
+
+    device = model.ln_vision.weight.device
+    samples = [s for s in (data[i] for i in range(len(data))) if s is not None]
+    predictions: dict[int, str] = {}
+    references: dict[int, list[str]] = {}
+    scenes = all_scenes()
+    tokenizer = model.tokenizer
+    generation = {"max_new_tokens": 20, "num_beams": 1, "eos_token_id": model.stop_token_ids(),
+                  "pad_token_id": tokenizer.pad_token_id, **generation}
+    for start in range(0, len(samples), chunk):
+        part = samples[start : start + chunk]
+        text = tokenizer([prompt] * len(part), padding=True, return_tensors="pt").to(device)
+        tokens = model.generate(eval_pixels(part, image).to(device), text.input_ids, text.attention_mask, **generation)
+        for offset, (sample, caption) in enumerate(zip(part, tokenizer.batch_decode(tokens, skip_special_tokens=True))):
+            key = start + offset
+            predictions[key] = caption.strip()
+            references[key] = captions(scenes[sample["scene_id"]]) if "scene_id" in sample else [sample["text"]]
+    canonical = {k: [samples[k].get("canonical", samples[k]["text"])] for k in predictions}
+    metrics = caption_metrics(predictions, references, metrics=("CIDEr",))
+    return {"exact_match": exact_match(predictions, canonical), "cider": metrics["CIDEr"],
+            "samples": [{"prediction": predictions[k], "reference": canonical[k][0]} for k in list(predictions)[:16]]}

@@ -1,0 +1,86 @@
+"""Training checkpoints: trainable weights (safetensors), optimiser, scheduler, RNG states and
+data position, written atomically into ``step_XXXXXXX/``; the last k kept."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+STATE_NAME = "trainer.pt"
+WEIGHTS_NAME = "trainable.safetensors"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (and every buffer is rebuilt from the config)."""
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: nn.Module, trainer: dict[str, Any], rank: int, keep_last: int
+) -> Path | None:
+    """Rank 0 writes weights and trainer state; every rank writes its RNG state. The folder is
+    renamed into place when complete, so a crash never leaves half a checkpoint."""
+    final = run_dir / f"step_{step:07d}"
+    staging = run_dir / f".staging_step_{step:07d}"
+    if rank == 0:
+        staging.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier() if torch.distributed.is_initialized() else None
+    torch.save(rng_state(), staging / f"rng_rank{rank}.pt")
+    if rank == 0:
+        save_file(trainable_state(model), staging / WEIGHTS_NAME, metadata={"step": str(step)})
+        torch.save(trainer, staging / STATE_NAME)
+    torch.distributed.barrier() if torch.distributed.is_initialized() else None
+    if rank != 0:
+        return None
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    for old in sorted(run_dir.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = sorted(p for p in run_dir.glob("step_*") if (p / STATE_NAME).is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model: nn.Module, rank: int) -> dict[str, Any]:
+    """Restore trainable weights and this rank's RNG; returns the trainer state (optimiser,
+    scheduler, step, data position)."""
+    weights = load_file(path / WEIGHTS_NAME)
+    trainable = dict(model.named_parameters())
+    expected = {n for n, p in trainable.items() if p.requires_grad}
+    if set(weights) != expected:
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ValueError(f"{path} does not fit this model: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            trainable[name].copy_(tensor)
+    rng_file = path / f"rng_rank{rank}.pt"
+    if not rng_file.is_file():
+        raise ValueError(f"{path} has no RNG state for rank {rank}: resume with the world size it was saved with")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return torch.load(path / STATE_NAME, weights_only=False)

@@ -1,0 +1,178 @@
+"""The trainer: recipes, optimiser groups, schedule, checkpoints, exact resume, skip-and-count,
+the CLI, and torchrun (2 processes; 2 nodes on loopback)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from qformer.models.blip2 import Blip2Stage1
+from qformer.train.config import OptimSpec, load_train_config
+from qformer.train.loop import train
+from qformer.train.optim import lr_factor, parameter_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def tiny(tmp_path: Path, *overrides: str):
+    return load_train_config(TINY, ["--output_dir", str(tmp_path), *overrides])
+
+
+def weights(run: Path, step: int) -> dict:
+    return load_file(run / f"step_{step:07d}" / "trainable.safetensors")
+
+
+def test_every_recipe_loads():
+    for recipe in sorted((ROOT / "configs").glob("*.yaml")):
+        config = load_train_config(recipe)
+        assert config.steps > 0, recipe
+
+
+def test_overrides_are_typed_and_checked(tmp_path):
+    config = tiny(tmp_path, "--optim.lr", "3e-4", "--data.batch_size=8", "--precision", "bf16")
+    assert config.optim.lr == 3e-4 and config.data.batch_size == 8 and config.precision == "bf16"
+    with pytest.raises(ValueError, match="OptimSpec.lr must be a number"):
+        tiny(tmp_path, "--optim.lr", "fast")
+    with pytest.raises(ValueError, match="unknown field"):
+        tiny(tmp_path, "--optim.learning_rate", "1")
+    with pytest.raises(ValueError, match="precision"):
+        tiny(tmp_path, "--precision", "fp8")
+
+
+def test_weight_decay_only_on_trainable_matrices():
+    from stage1_helpers import tiny_stage1
+
+    model = tiny_stage1()
+    decay, no_decay = parameter_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 and p.requires_grad for p in decay["params"])
+    assert all(p.ndim < 2 and p.requires_grad for p in no_decay["params"])
+    frozen = {id(p) for p in model.vision.parameters()}
+    assert not frozen & {id(p) for p in decay["params"] + no_decay["params"]}
+    assert any(p is model.temp for p in no_decay["params"]) and any(p is model.query_tokens for p in decay["params"])
+
+
+def test_warmup_then_cosine_to_min_lr():
+    spec = OptimSpec(lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_factor(0, 110, spec) == pytest.approx(0.1)
+    assert lr_factor(9, 110, spec) == pytest.approx(1.0)
+    assert lr_factor(60, 110, spec) == pytest.approx(0.55)  # halfway down the cosine
+    assert lr_factor(110, 110, spec) == pytest.approx(0.1)
+
+
+def test_run_writes_checkpoints_metrics_and_plots(tmp_path):
+    result = train(tiny(tmp_path, "--keep_last", "1"))
+    assert result["step"] == 6 and torch.isfinite(torch.tensor(result["loss"]))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "itc", "itm", "itg", "lr", "samples_per_second", "skipped"} <= set(lines[0])
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000006"]  # keep_last 1
+    assert not list(tmp_path.glob(".staging*"))
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert load_train_config(tmp_path / "config.yaml") == tiny(tmp_path, "--keep_last", "1")
+    final = Blip2Stage1.from_pretrained(tmp_path / "final")
+    trained = weights(tmp_path, 6)
+    assert torch.equal(final.state_dict()["query_tokens"], trained["query_tokens"])
+
+
+def test_resumed_run_reaches_the_same_weights(tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train(tiny(whole))
+    train(tiny(part, "--steps", "6"))
+    for name in ("step_0000006", "final"):  # as if the run had died after step 3
+        import shutil
+
+        shutil.rmtree(part / name)
+    train(tiny(part), resume=True)
+    a, b = weights(whole, 6), weights(part, 6)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    # and the run really changed the weights
+    assert not torch.equal(weights(whole, 3)["query_tokens"], a["query_tokens"])
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i in range(8):
+        name = f"{i}.png"
+        if i == 5:
+            (data / name).write_text("not an image")
+        elif i != 6:  # 6 is missing
+            Image.new("RGB", (40, 40), (30 * i, 20, 200)).save(data / name)
+        rows.append(json.dumps({"image": name, "caption": f"a picture number {i}", "image_id": i}))
+    (data / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    config = tiny(tmp_path / "run", "--data.source", "captions", "--data.path", str(data / "captions.jsonl"),
+                  "--data.image_root", str(data), "--steps", "2")
+    train(config)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["skipped"] == 2  # two batches of 4 cover all 8 samples once
+    strict = tiny(tmp_path / "strict", "--data.source", "captions", "--data.path", str(data / "captions.jsonl"),
+                  "--data.image_root", str(data), "--steps", "2", "--data.strict", "true")
+    with pytest.raises(ValueError, match=r"cannot read sample \d \(.*[56]\.png\)"):
+        train(strict)
+
+
+def test_cli_train_and_eval(tmp_path):
+    run = [sys.executable, "-m", "qformer"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(run + ["train", str(TINY), "--output_dir", str(tmp_path), "--steps", "3"],
+                         capture_output=True, text=True, env=env, check=True)
+    assert json.loads(out.stdout)["step"] == 3
+    out = subprocess.run(run + ["eval", str(TINY), "--checkpoint", str(tmp_path / "step_0000003"),
+                                "--data.eval_scenes_per_combination", "1"],
+                         capture_output=True, text=True, env=env, check=True)
+    result = json.loads(out.stdout)
+    assert 0 <= result["txt_r1"] <= 100 and result["pairs"] == 32
+    assert json.loads((tmp_path / "step_0000003" / "eval.json").read_text())["pairs"] == 32
+    bad = subprocess.run(run + ["train", str(TINY), "--nonsense"], capture_output=True, text=True, env=env)
+    assert bad.returncode != 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [str(Path(sys.executable).parent / "torchrun"), *args, "-m", "qformer", "train", str(TINY)]
+    return subprocess.Popen(command + list(kwargs["overrides"]), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_and_two_nodes_on_loopback(tmp_path):
+    overrides = ["--data.batch_size", "2"]
+    single = torchrun("--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                      overrides=overrides + ["--output_dir", str(tmp_path / "one_node")])
+    output = single.communicate(timeout=300)[0]
+    assert single.returncode == 0, output[-3000:]
+    port = str(free_port())
+    nodes = [
+        torchrun("--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
+                 "--master_port", port, overrides=overrides + ["--output_dir", str(tmp_path / "two_nodes")])
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        output = node.communicate(timeout=300)[0]
+        assert node.returncode == 0, output[-3000:]
+    a, b = weights(tmp_path / "one_node", 6), weights(tmp_path / "two_nodes", 6)
+    assert sorted(a) == sorted(b)
+    for key in a:  # gloo may sum in another order across nodes: equal to float rounding
+        assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert sorted(p.name for p in (tmp_path / "two_nodes").glob("step_*")) == ["step_0000003", "step_0000006"]
+    # every rank saved its RNG state for an exact resume
+    assert sorted(p.name for p in (tmp_path / "two_nodes" / "step_0000006").glob("rng_rank*")) == [
+        "rng_rank0.pt", "rng_rank1.pt"]
