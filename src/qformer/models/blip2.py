@@ -99,6 +99,19 @@ class Blip2Base(nn.Module):
         batch = next(kv for kv in image_key_values if kv is not None)[0].shape[0]
         return self.qformer(query_embeds=self.queries(batch), encoder_key_values=image_key_values, use_cache=use_cache)
 
+    def multimodal_pass(
+        self, input_ids: Tensor, attention_mask: Tensor, image_key_values: ImageKeyValues
+    ) -> QFormerOutput:
+        """[queries; text] in one bidirectional pass, queries reading the image (ITM; InstructBLIP)."""
+        batch = input_ids.shape[0]
+        query_mask = attention_mask.new_ones(batch, self.num_query_tokens)
+        return self.qformer(
+            input_ids=input_ids,
+            attention_mask=torch.cat([query_mask, attention_mask], dim=1),
+            query_embeds=self.queries(batch),
+            encoder_key_values=image_key_values,
+        )
+
 
 class Blip2Stage1(Blip2Base):
     """BLIP-2's first stage (``Blip2Qformer`` in LAVIS, ``Blip2ForImageTextRetrieval`` in
@@ -137,19 +150,6 @@ class Blip2Stage1(Blip2Base):
     def text_features(self, text_hidden: Tensor) -> Tensor:
         """(B, T, D) text outputs -> (B, E) L2-normalised [CLS] features."""
         return F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)
-
-    def multimodal_pass(
-        self, input_ids: Tensor, attention_mask: Tensor, image_key_values: ImageKeyValues
-    ) -> QFormerOutput:
-        """[queries; text] in one bidirectional pass, queries reading the image (ITM)."""
-        batch = input_ids.shape[0]
-        query_mask = attention_mask.new_ones(batch, self.num_query_tokens)
-        return self.qformer(
-            input_ids=input_ids,
-            attention_mask=torch.cat([query_mask, attention_mask], dim=1),
-            query_embeds=self.queries(batch),
-            encoder_key_values=image_key_values,
-        )
 
     def itm_logits(self, multimodal_hidden: Tensor) -> Tensor:
         """ITM head averaged over the query positions: (B, Q + T, D) -> (B, 2)."""
@@ -221,9 +221,17 @@ class Blip2Stage2(Blip2Base):
             self.language_model.eval()
         return self
 
-    def language_model_inputs(self, image_embeds: Tensor) -> Tensor:
-        """(B, S, W) image embeddings -> (B, Q, H) projected queries, in the LLM's dtype."""
-        queries = self.query_pass(self.qformer.encoder_key_values(image_embeds)).last_hidden_state
+    def language_model_inputs(
+        self, image_embeds: Tensor, qformer_input_ids: Tensor | None = None, qformer_attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """(B, S, W) image embeddings -> (B, Q, H) projected queries, in the LLM's dtype.
+        BLIP-2's Q-Former reads no text (InstructBLIP's does)."""
+        if qformer_input_ids is not None:
+            raise ValueError("BLIP-2's Q-Former reads no instruction; use InstructBlipStage2")
+        return self.project(self.query_pass(self.qformer.encoder_key_values(image_embeds)).last_hidden_state)
+
+    def project(self, queries: Tensor) -> Tensor:
+        """(B, Q, D) query outputs -> (B, Q, H) LLM inputs, in the LLM's dtype."""
         dtype = self.language_model.get_input_embeddings().weight.dtype
         return self.language_projection(queries).to(dtype)
 
@@ -255,12 +263,14 @@ class Blip2Stage2(Blip2Base):
         image_features: Tensor | None = None,
         decoder_input_ids: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
+        qformer_input_ids: Tensor | None = None,
+        qformer_attention_mask: Tensor | None = None,
     ) -> Blip2Output:
         """Decoder-only: ``labels`` (B, T) align with ``input_ids``, -100 ignored; logits of the
         text positions. Encoder-decoder: ``input_ids`` go to the encoder after the queries,
         ``labels`` are the decoder's targets."""
         image_embeds = self.image_embeds(pixel_values, image_features)
-        queries = self.language_model_inputs(image_embeds)  # (B, Q, H)
+        queries = self.language_model_inputs(image_embeds, qformer_input_ids, qformer_attention_mask)  # (B, Q, H)
         batch, num_queries = queries.shape[:2]
         input_ids, attention_mask = self._text(input_ids, attention_mask, batch, queries.device)
         inputs_embeds, mask = self._inputs_embeds(queries, input_ids, attention_mask)
@@ -288,6 +298,8 @@ class Blip2Stage2(Blip2Base):
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         image_features: Tensor | None = None,
+        qformer_input_ids: Tensor | None = None,
+        qformer_attention_mask: Tensor | None = None,
         **generation_kwargs,
     ) -> Tensor:
         """The new tokens only (B, N), for a text-only prompt per image (any padding side: the
@@ -299,7 +311,8 @@ class Blip2Stage2(Blip2Base):
                     f"input_ids hold {count} image placeholder tokens (id {self.config.image_token_index}); "
                     "pass the text only: the model puts the queries in front itself"
                 )
-        queries = self.language_model_inputs(self.image_embeds(pixel_values, image_features))
+        image_embeds = self.image_embeds(pixel_values, image_features)
+        queries = self.language_model_inputs(image_embeds, qformer_input_ids, qformer_attention_mask)
         input_ids, attention_mask = self._text(input_ids, attention_mask, queries.shape[0], queries.device)
         if input_ids is not None:
             side = "right" if self.is_encoder_decoder else "left"
