@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from qformer.convert.command import add_convert_command
+
 
 def _demo(args: argparse.Namespace) -> None:
     from qformer.demo import DemoConfig, run_demo
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="a step_XXXXXXX folder of a run")
     evaluate.add_argument("--out", default=None, help="where to write the results JSON")
     evaluate.set_defaults(run=_eval, takes_overrides=True)
+    add_convert_command(commands)
     return parser
 
 

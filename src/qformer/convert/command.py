@@ -1,0 +1,378 @@
+"""``qformer convert``: BLIP-2 checkpoints between LAVIS (``.pth``), transformers and qformer's
+layouts, stage 1 and stage 2 (OPT, T5), every key accounted for."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from qformer.blip2 import Blip2
+from qformer.checkpoint import CONFIG_NAME, WEIGHTS_NAME, StateDictMismatchError, atomic_write, read_weights
+from qformer.config import Blip2Config, Blip2Stage1Config, ImageConfig
+from qformer.convert.blip2_layouts import (
+    LAVIS_VISION,
+    TRANSFORMERS_VISION,
+    fuse_lavis_qkv_bias,
+    split_lavis_qkv_bias,
+    stage1_config_from_transformers,
+    stage1_from_lavis,
+    stage1_from_transformers,
+    stage1_to_lavis,
+    stage1_to_transformers,
+)
+from qformer.convert.lavis_pth import (
+    VISION_PREFIX,
+    LavisStage2Layout,
+    lavis_layout,
+    read_lavis_pth,
+    save_lavis_pth,
+    stage2_from_lavis,
+    stage2_to_lavis,
+)
+from qformer.convert.qformer_layouts import BERT_FIELDS
+from qformer.convert.rename import ConversionReport, RenameTable
+from qformer.convert.transformers_blip2 import blip2_config_from_transformers, load_transformers_blip2, tied_groups
+from qformer.models.blip2 import DTYPES, Blip2Stage1
+
+Format = Literal["lavis", "transformers", "qformer"]
+FORMATS: tuple[Format, ...] = ("transformers", "lavis", "qformer")
+Model = Blip2Stage1 | Blip2
+PTH_SUFFIXES = (".pth", ".pt")
+_VISION_LAYER = re.compile(r"vision\.layers\.(\d+)\.")
+
+
+def _config_json(directory: Path) -> dict[str, Any]:
+    file = directory / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: expected a checkpoint directory with a config.json")
+    return json.loads(file.read_text())
+
+
+def detect_format(path: Path) -> Format:
+    """A file is a LAVIS checkpoint; a directory is transformers' (``model_type`` "blip-2", also
+    what ``Blip2.save_pretrained`` writes) or qformer's stage-1 layout (``Blip2Stage1Config``)."""
+    if path.is_file():
+        return "lavis"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} not found")
+    values = _config_json(path)
+    model_type = values.get("model_type")
+    if model_type == "blip-2":
+        return "transformers"
+    if model_type is None and "embed_dim" in values:
+        return "qformer"
+    raise ValueError(
+        f"{path}: config.json has model_type {model_type!r}; expected a transformers BLIP-2 directory ('blip-2') "
+        "or a qformer stage-1 directory (Blip2Stage1Config fields)"
+    )
+
+
+def _tokenizer(directory: Path):
+    """The directory's tokenizer, if it has one."""
+    if not (directory / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def _llm_config(directory: Path) -> dict[str, Any]:
+    values = _config_json(directory)
+    if "model_type" not in values:
+        raise ValueError(f"--llm {directory}: config.json has no model_type; expected a transformers LLM directory")
+    return values
+
+
+def _lavis_config(
+    path: Path | None, layout: LavisStage2Layout | None, text_config: dict[str, Any] | None
+) -> Blip2Stage1Config | Blip2Config:
+    """Our config for a LAVIS checkpoint: from ``path`` (qformer's JSON, whose missing fields
+    take BLIP-2's official values, or a transformers BLIP-2 config.json), the LLM's from
+    ``text_config``; without ``path``, BLIP-2's official shapes."""
+    values = json.loads(path.read_text()) if path is not None else {}
+    from_transformers = values.get("model_type") == "blip-2"
+    if layout is None:
+        return stage1_config_from_transformers(values) if from_transformers else Blip2Stage1Config.from_dict(values)
+    if from_transformers:
+        config = blip2_config_from_transformers(values)
+    else:
+        if text_config is None and not values.get("text_config"):
+            raise ValueError(
+                f"the LLM's architecture is unknown: pass --llm DIR (the transformers directory of the "
+                f"{'/'.join(layout.model_types)} LLM) or a --config with a text_config"
+            )
+        config = Blip2Config.from_dict({**values, "text_config": text_config or values["text_config"]})
+        if "image" not in values and config.vision is not None:
+            config = config.replace(image=ImageConfig(size=config.vision.image_size))
+    if text_config is not None:
+        config = config.replace(text_config=text_config)
+    model_type = config.text_config.get("model_type")
+    if model_type not in layout.model_types:
+        raise ValueError(f"LAVIS's {layout.name} holds a {'/'.join(layout.model_types)} LLM, not {model_type!r}")
+    return config.replace(qformer=layout.qformer_config(config.qformer))
+
+
+def _layer(key: str) -> int:
+    """The block index of an image encoder key (ours), -1 outside the blocks."""
+    match = _VISION_LAYER.match(key)
+    return -1 if match is None else int(match.group(1))
+
+
+def _vision_weights(path: Path, num_layers: int) -> tuple[dict[str, Tensor], ConversionReport]:
+    """The image encoder of another checkpoint, in LAVIS's names (``visual_encoder.*``): a LAVIS
+    ``.pth`` holding one or LAVIS's bare EVA ViT-g file (``eva_vit_g.pth``), a transformers
+    BLIP-2 directory or a qformer stage-1 directory. What has no place in an encoder of
+    ``num_layers`` blocks (EVA's 40th block, ...) is reported as dropped."""
+    source = detect_format(path)
+    if source == "lavis":
+        state = read_lavis_pth(path)
+        if not any(key.startswith(VISION_PREFIX) for key in state):  # a bare EVA ViT
+            state = {VISION_PREFIX + key: value for key, value in state.items()}
+        state, prefix, table = fuse_lavis_qkv_bias(state), VISION_PREFIX, LAVIS_VISION.under(VISION_PREFIX, "vision.")
+    elif source == "transformers":
+        state, prefix = read_weights(path), "vision_model."
+        table = TRANSFORMERS_VISION.under(prefix, "vision.")
+    else:
+        state, prefix, table = load_file(path / WEIGHTS_NAME), "vision.", RenameTable((("vision.", "vision."),))
+    ours, report = table.to_ours({key: value for key, value in state.items() if key.startswith(prefix)})
+    report.dropped.update({key: f"from --vision {path}: not part of the image encoder" for key in report.unmatched})
+    report.unmatched = []
+    for key in [k for k in ours if _layer(k) >= num_layers]:
+        del ours[key]
+        report.dropped[key] = f"from --vision {path}: the config's image encoder has {num_layers} blocks"
+    lavis, _ = LAVIS_VISION.under(VISION_PREFIX, "vision.").to_theirs(ours)
+    return split_lavis_qkv_bias(lavis), report
+
+
+def _stored_dtypes(state: dict[str, Tensor], layout: LavisStage2Layout | None) -> dict[str, str]:
+    """``vision_dtype`` / ``llm_dtype`` as stored, so that the frozen parts keep their precision."""
+    prefixes = {"vision_dtype": VISION_PREFIX} | ({} if layout is None else {"llm_dtype": f"{layout.llm}."})
+    dtypes = {}
+    for field, prefix in prefixes.items():
+        tensor = next((v for k, v in state.items() if k.startswith(prefix) and v.is_floating_point()), None)
+        name = None if tensor is None else str(tensor.dtype).removeprefix("torch.")
+        if name in DTYPES:
+            dtypes[field] = name
+    return dtypes
+
+
+def _read_lavis(
+    path: Path, config: Path | None, llm: Path | None, vision: Path | None
+) -> tuple[Model, ConversionReport]:
+    """A LAVIS checkpoint; the frozen parts it lacks come from ``vision`` and ``llm``."""
+    state = read_lavis_pth(path)
+    try:
+        layout = lavis_layout(state)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if layout is None and llm is not None:
+        raise ValueError(f"--llm: {path} is a stage-1 LAVIS checkpoint (Blip2Qformer), it has no LLM")
+    our_config = _lavis_config(config, layout, None if llm is None else _llm_config(llm))
+    supplied = ConversionReport()
+    if our_config.vision is not None and not any(key.startswith(VISION_PREFIX) for key in state):
+        if vision is None:
+            raise ValueError(
+                f"{path} holds no image encoder weights ({VISION_PREFIX}*): LAVIS leaves the frozen encoder out of its "
+                "checkpoints. Pass --vision SRC (LAVIS's eva_vit_g.pth, or a LAVIS, transformers or qformer checkpoint "
+                'that has it), or a --config with "vision": null to convert without it'
+            )
+        weights, supplied = _vision_weights(vision, our_config.vision.num_hidden_layers)
+        state.update(weights)
+    elif vision is not None:
+        raise ValueError(f"--vision is for LAVIS files without image encoder weights; {path} needs none")
+    if layout is not None and not any(key.startswith(f"{layout.llm}.") for key in state):
+        if llm is None:
+            raise ValueError(
+                f"{path} holds no LLM weights ({layout.llm}.*): LAVIS leaves the frozen LLM out of its checkpoints. "
+                f"Pass --llm DIR, the transformers directory of its {'/'.join(layout.model_types)} LLM"
+            )
+        state.update({f"{layout.llm}.{key}": value for key, value in read_weights(llm).items()})
+    our_config = our_config.replace(**_stored_dtypes(state, layout))
+    try:
+        if layout is None:
+            model, report = stage1_from_lavis(state, our_config)
+        else:
+            tokenizer = None if llm is None else _tokenizer(llm)
+            model, report = stage2_from_lavis(state, our_config, layout, Blip2, tokenizer=tokenizer)
+    except StateDictMismatchError as err:
+        if config is not None:
+            raise
+        hint = "without --config, BLIP-2's official shapes are assumed (EVA ViT-g, BERT-base Q-Former, 32 queries)"
+        raise StateDictMismatchError(f"{hint}; pass --config for others. The {err}") from None
+    report.dropped.update(supplied.dropped)
+    return model, report
+
+
+def read_checkpoint(
+    src: str | Path, config: Path | None = None, llm: Path | None = None, vision: Path | None = None
+) -> tuple[Model, ConversionReport]:
+    """A stage-1 or stage-2 model from any layout (detected), and what did not carry over.
+    ``config``, ``llm`` and ``vision`` complete LAVIS checkpoints (see ``qformer convert -h``)."""
+    src = Path(src)
+    source = detect_format(src)
+    if source == "lavis":
+        return _read_lavis(src, config, llm, vision)
+    given = [f"--{name}" for name, value in (("config", config), ("llm", llm), ("vision", vision)) if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only for LAVIS .pth sources; {src} is a {source} directory")
+    if source == "qformer":
+        return Blip2Stage1.from_pretrained(src), ConversionReport()
+    values = _config_json(src)
+    if "Blip2ForImageTextRetrieval" in (values.get("architectures") or []):
+        return stage1_from_transformers(read_weights(src), stage1_config_from_transformers(values))
+    model, report = load_transformers_blip2(src, Blip2)
+    model.tokenizer = _tokenizer(src)
+    return model, report
+
+
+def stage1_config_to_transformers(config: Blip2Stage1Config) -> dict[str, Any]:
+    """A transformers ``Blip2Config`` dict for ``Blip2ForImageTextRetrieval``."""
+    from transformers import Blip2Config as TransformersBlip2Config
+
+    if config.vision is None:
+        raise ValueError("transformers' layout needs the image encoder: config.vision is None")
+    fields = BERT_FIELDS + ("vocab_size", "cross_attention_frequency", "encoder_hidden_size")
+    qformer = {name: getattr(config.qformer, name) for name in fields} | {"use_qformer_text_input": True}
+    values = TransformersBlip2Config(
+        vision_config=config.vision.to_dict(),
+        qformer_config=qformer,
+        num_query_tokens=config.num_query_tokens,
+        image_text_hidden_size=config.embed_dim,
+    ).to_dict()
+    return values | {"architectures": ["Blip2ForImageTextRetrieval"]}
+
+
+def _align_ln_vision_eps(model: Model) -> ConversionReport:
+    """transformers keeps one LayerNorm eps for the image encoder and ``ln_vision`` (its
+    ``post_layernorm``): ``ln_vision`` takes the encoder's, and the report says so."""
+    report = ConversionReport()
+    config = model.config
+    if config.vision is not None and config.ln_vision_eps != config.vision.layer_norm_eps:
+        eps = config.vision.layer_norm_eps
+        report.dropped["config.ln_vision_eps"] = (
+            f"{config.ln_vision_eps} becomes {eps}: transformers uses the image encoder's eps for ln_vision"
+        )
+        model.config = config.replace(ln_vision_eps=eps)
+        model.ln_vision.eps = eps
+    return report
+
+
+def save_transformers_stage1(model: Blip2Stage1, directory: str | Path) -> ConversionReport:
+    """``config.json`` and ``model.safetensors`` of a ``Blip2ForImageTextRetrieval``, each
+    written atomically; the report lists what that layout has no place for."""
+    directory = Path(directory)
+    report = _align_ln_vision_eps(model)
+    theirs, dropped = stage1_to_transformers(model)
+    report.dropped.update(dropped.dropped)
+    text = json.dumps(stage1_config_to_transformers(model.config), indent=2) + "\n"
+    tensors = {key: value.detach().contiguous().cpu() for key, value in theirs.items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    return report
+
+
+def default_target(dst: Path) -> Format:
+    return "lavis" if dst.suffix in PTH_SUFFIXES else "qformer"
+
+
+def _check_target(dst: Path, to: Format) -> None:
+    if to == "lavis" and dst.is_dir():
+        raise ValueError(f"{dst} is a directory: --to lavis writes one .pth file")
+    if to != "lavis" and dst.is_file():
+        raise ValueError(f"{dst} is a file: --to {to} writes a directory")
+
+
+def write_checkpoint(model: Model, dst: str | Path, to: Format) -> ConversionReport:
+    """Write ``model`` in layout ``to``; returns what that layout has no place for. Stage 2's
+    qformer layout is transformers' (``Blip2.save_pretrained``)."""
+    dst = Path(dst)
+    _check_target(dst, to)
+    if to == "lavis":
+        state, report = stage1_to_lavis(model) if isinstance(model, Blip2Stage1) else stage2_to_lavis(model)
+        save_lavis_pth(state, dst)
+        return report
+    if isinstance(model, Blip2Stage1):
+        if to == "transformers":
+            return save_transformers_stage1(model, dst)
+        model.save_pretrained(dst)
+        return ConversionReport()
+    report = _align_ln_vision_eps(model)
+    model.save_pretrained(dst)
+    tied = {key: group[0] for group in tied_groups(model) for key in group[1:]}
+    report.dropped.update({key: f"tied to {kept}: stored once" for key, kept in tied.items()})
+    return report
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    to: Format | None = None,
+    config: Path | None = None,
+    llm: Path | None = None,
+    vision: Path | None = None,
+) -> tuple[ConversionReport, ConversionReport]:
+    """Read ``src`` (layout detected), write ``dst`` in layout ``to`` (default: lavis for a
+    ``.pth``/``.pt`` path, else qformer). Returns what reading and what writing left out; a key
+    with no place anywhere fails the conversion."""
+    dst = Path(dst)
+    to = to or default_target(dst)
+    _check_target(dst, to)
+    model, read = read_checkpoint(src, config, llm, vision)
+    return read, write_checkpoint(model, dst, to)
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    """The CLI: convert, then print both reports."""
+    to = args.to or default_target(args.dst)
+    try:
+        read, written = convert(args.src, args.dst, to, args.config, args.llm, args.vision)
+    except KeyError as err:  # a key with no place: ConversionReport.raise_if_unmatched names them
+        raise ValueError(err.args[0]) from None
+    print(f"read {args.src}\n{read.summary()}\nwrote {args.dst} ({to})\n{written.summary()}")
+
+
+_EPILOG = """\
+examples:
+  qformer convert blip2_pretrained.pth out/stage1 --vision eva_vit_g.pth
+  qformer convert blip2_pretrained_opt2.7b.pth out/blip2-opt --to transformers \\
+      --llm opt-2.7b/ --vision eva_vit_g.pth --config image_token.json
+  qformer convert out/blip2-opt blip2_opt.pth
+"""
+
+
+def add_convert_command(subparsers: Any) -> None:
+    """Register ``convert`` on an argparse subparsers object (``run`` set to :func:`run_convert`)."""
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert BLIP-2 checkpoints between LAVIS (.pth), transformers and qformer",
+        description="Convert a BLIP-2 checkpoint (stage 1, or stage 2 with an OPT or T5 LLM); prints what was "
+        "dropped on purpose and fails on any key that has no place.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", type=Path, help=(
+        "a LAVIS .pth file (read with weights_only=True), a transformers BLIP-2 directory or a qformer stage-1 "
+        "directory: detected"))
+    parser.add_argument("dst", type=Path, help="a directory, or a .pth file for --to lavis")
+    parser.add_argument("--to", choices=FORMATS, help=(
+        "transformers and qformer write safetensors (for stage 2 both are transformers' layout); lavis writes "
+        "{'model': state_dict} with torch.save, a pickle of plain tensors. Default: lavis when DST ends in .pth "
+        "or .pt, else qformer"))
+    parser.add_argument("--config", type=Path, metavar="JSON", help=(
+        "LAVIS sources: the architecture, as qformer's JSON config (fields left out take BLIP-2's official "
+        'values: EVA ViT-g, BERT-base Q-Former, 32 queries; e.g. {"image_token_index": 50265} for --to '
+        "transformers) or a transformers BLIP-2 config.json. Default: the official values"))
+    parser.add_argument("--llm", type=Path, metavar="DIR", help=(
+        "LAVIS stage-2 sources: the transformers directory of the LLM; its config.json gives the LLM's "
+        "architecture, its weights fill language_model.* when the .pth has none (as LAVIS's released files), "
+        "its tokenizer is kept"))
+    parser.add_argument("--vision", type=Path, metavar="SRC", help=(
+        "LAVIS sources without visual_encoder.* weights: where the image encoder comes from (LAVIS's "
+        "eva_vit_g.pth, or a LAVIS, transformers or qformer checkpoint that has it)"))
+    parser.set_defaults(run=run_convert)

@@ -1,0 +1,164 @@
+"""LAVIS ``.pth`` checkpoints: read without running pickled code, written atomically, and the
+key layouts of LAVIS's stage-2 models (``Blip2OPT``, ``Blip2T5``)."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from qformer.checkpoint import atomic_write, load_state_dict_strict
+from qformer.config import Blip2Config, QFormerConfig
+from qformer.convert.blip2_layouts import LAVIS_VISION, fuse_lavis_qkv_bias, split_lavis_qkv_bias
+from qformer.convert.qformer_layouts import BERT_ENCODER
+from qformer.convert.rename import ConversionReport, RenameTable
+from qformer.convert.transformers_blip2 import fill_tied
+from qformer.models.blip2 import Blip2Stage2
+
+VISION_PREFIX = "visual_encoder."
+STAGE1_MARKER = "itm_head.weight"
+"""Only LAVIS's stage-1 ``Blip2Qformer`` has an ITM head."""
+
+
+def read_lavis_pth(path: str | Path) -> dict[str, Tensor]:
+    """The state dict of a LAVIS checkpoint: its ``"model"`` entry (the other entries, such as
+    ``optimizer`` or ``epoch``, are ignored), or the whole file when it is a bare state dict.
+    Loaded with ``weights_only=True``: a pickle that would run code is refused."""
+    path = Path(path)
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise ValueError(
+            f"{path}: refused to unpickle it. Only plain tensors and containers (dict, list, numbers, strings) are "
+            f"accepted, read with torch.load(weights_only=True); this file asks for something else, which could run "
+            f"code. ({reason})"
+        ) from None
+    state = content.get("model", content) if isinstance(content, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a LAVIS checkpoint, a dict whose 'model' entry maps names to tensors")
+    return state
+
+
+def _compact(tensor: Tensor) -> Tensor:
+    """A view (e.g. one third of a fused qkv bias) copied out, so that torch.save stores only it."""
+    tensor = tensor.detach().cpu().contiguous()
+    return tensor if tensor.untyped_storage().nbytes() == tensor.nbytes else tensor.clone()
+
+
+def save_lavis_pth(state_dict: Mapping[str, Tensor], path: str | Path) -> None:
+    """``{"model": state_dict}`` with ``torch.save``, as LAVIS writes and reads it: a pickle, of
+    plain tensors only. Tied tensors stay shared."""
+    content = {"model": {key: _compact(tensor) for key, tensor in state_dict.items()}}
+    atomic_write(path, lambda tmp: torch.save(content, tmp))
+
+
+_QFORMER_TEXT_PATH = "LAVIS's stage-2 Q-Former does not use its text path (LAVIS sets it to None)"
+
+
+def _without_text_path(table: RenameTable) -> RenameTable:
+    """``table`` with its text embeddings and text FFN rules turned into drops."""
+    is_text = [ours.startswith(("embeddings.word.", "embeddings.position.")) or ".text_ffn." in ours
+               for _, ours in table.rules]
+    kept = tuple(rule for rule, text in zip(table.rules, is_text) if not text)
+    dropped = tuple((theirs, _QFORMER_TEXT_PATH) for (theirs, _), text in zip(table.rules, is_text) if text)
+    return RenameTable(kept, table.drop + dropped, table.drop_ours)
+
+
+@dataclass(frozen=True)
+class LavisStage2Layout:
+    """One of LAVIS's stage-2 models: where it keeps the projection into the LLM and the LLM,
+    which LLMs (transformers ``model_type``) it holds, whether its Q-Former keeps the text path,
+    and the keys that tell its checkpoints apart."""
+
+    name: str
+    projection: str
+    llm: str
+    model_types: tuple[str, ...]
+    markers: tuple[str, ...]
+    qformer_text: bool = False
+
+    def matches(self, state_dict: Mapping[str, Tensor]) -> bool:
+        return all(key in state_dict for key in self.markers)
+
+    def qformer_config(self, config: QFormerConfig) -> QFormerConfig:
+        """The Q-Former this layout holds: without the text path unless it keeps it; never an LM head."""
+        if self.qformer_text:
+            return config.replace(use_text_input=True, use_lm_head=False)
+        return config.replace(use_text_input=False, use_lm_head=False, bos_token_id=None)
+
+    def table(self, vision: bool = True) -> RenameTable:
+        """LAVIS keys <-> :class:`Blip2Stage2` keys; without ``vision``, ``visual_encoder.*`` is dropped."""
+        if vision:
+            image = LAVIS_VISION.under(VISION_PREFIX, "vision.")
+        else:
+            image = RenameTable((), ((VISION_PREFIX, "config.vision is None: images come as features"),))
+        qformer = BERT_ENCODER if self.qformer_text else _without_text_path(BERT_ENCODER)
+        heads = RenameTable(
+            rules=(
+                ("ln_vision.", "ln_vision."),
+                ("query_tokens", "query_tokens"),
+                (f"{self.projection}.", "language_projection."),
+                (f"{self.llm}.", "language_model."),
+            ),
+            drop=(("Qformer.cls.", "a stage-2 Q-Former has no LM head (LAVIS sets it to None)"),),
+        )
+        return image + heads + qformer.under("Qformer.bert.", "qformer.")
+
+
+BLIP2_OPT = LavisStage2Layout("Blip2OPT", "opt_proj", "opt_model", ("opt",), ("opt_proj.weight",))
+BLIP2_T5 = LavisStage2Layout("Blip2T5", "t5_proj", "t5_model", ("t5",), ("t5_proj.weight",))
+
+STAGE2_LAYOUTS: tuple[LavisStage2Layout, ...] = (BLIP2_OPT, BLIP2_T5)
+"""Tried in order: a layout whose markers are a superset of another's comes first."""
+
+
+def lavis_layout(state_dict: Mapping[str, Tensor]) -> LavisStage2Layout | None:
+    """The stage-2 layout of a LAVIS state dict; None for a stage-1 ``Blip2Qformer``."""
+    if STAGE1_MARKER in state_dict:
+        return None
+    for layout in STAGE2_LAYOUTS:
+        if layout.matches(state_dict):
+            return layout
+    markers = [STAGE1_MARKER] + [" + ".join(layout.markers) for layout in STAGE2_LAYOUTS]
+    raise ValueError(f"not a LAVIS BLIP-2 state dict I know: it has none of {', '.join(markers)}")
+
+
+def layout_for_llm(model_type: str) -> LavisStage2Layout:
+    """The LAVIS BLIP-2 layout that holds an LLM of this transformers ``model_type``."""
+    for layout in STAGE2_LAYOUTS:
+        if model_type in layout.model_types:
+            return layout
+    known = sorted(t for layout in STAGE2_LAYOUTS for t in layout.model_types)
+    raise ValueError(f"LAVIS has no BLIP-2 layout for a {model_type!r} LLM; it has one for {known}")
+
+
+def stage2_from_lavis(
+    state_dict: Mapping[str, Tensor],
+    config: Blip2Config,
+    layout: LavisStage2Layout,
+    model_cls: type[Blip2Stage2] = Blip2Stage2,
+    **model_kwargs,
+) -> tuple[Blip2Stage2, ConversionReport]:
+    """``model_cls(config, **model_kwargs)`` holding a LAVIS stage-2 state dict (the ``model``
+    entry of its ``.pth``): every key must find its place, and every weight of the model must be
+    there (LAVIS's released files leave the frozen LLM and image encoder out: add them first)."""
+    table = layout.table(vision=config.vision is not None)
+    ours, report = table.to_ours(fuse_lavis_qkv_bias(state_dict))
+    report.raise_if_unmatched(f"LAVIS {layout.name}")
+    model = model_cls(config, **model_kwargs)
+    fill_tied(model, ours, report)
+    load_state_dict_strict(model, ours)
+    return model, report
+
+
+def stage2_to_lavis(model: Blip2Stage2) -> tuple[dict[str, Tensor], ConversionReport]:
+    """A stage-2 model's weights in the LAVIS layout of its LLM, frozen parts included."""
+    layout = layout_for_llm(model.config.text_config["model_type"])
+    theirs, report = layout.table(vision=model.vision is not None).to_theirs(model.state_dict())
+    report.raise_if_unmatched("qformer BLIP-2")
+    return split_lavis_qkv_bias(theirs), report
