@@ -133,8 +133,9 @@ def test_cli_train_and_eval(tmp_path):
                                 "--data.eval_scenes_per_combination", "1"],
                          capture_output=True, text=True, env=env, check=True)
     result = json.loads(out.stdout)
-    assert 0 <= result["txt_r1"] <= 100 and result["pairs"] == 32
-    assert json.loads((tmp_path / "step_0000003" / "eval.json").read_text())["pairs"] == 32
+    assert 0 <= result["new_combinations/txt_r1"] <= 100 and result["new_combinations/pairs"] == 32
+    assert result["new_images/pairs"] == 184
+    assert json.loads((tmp_path / "step_0000003" / "eval.json").read_text())["new_combinations/pairs"] == 32
     bad = subprocess.run(run + ["train", str(TINY), "--nonsense"], capture_output=True, text=True, env=env)
     assert bad.returncode != 0
 

@@ -49,8 +49,11 @@ class TrainImages(Dataset):
     """Samples with their image augmented (BLIP-2's train transform), seeded by the sample's
     (epoch, index): the same augmentation whichever worker or process decodes it."""
 
-    def __init__(self, base: Dataset, image: ImageConfig, seed: int, same_image_key: str = "image_id") -> None:
+    def __init__(
+        self, base: Dataset, image: ImageConfig, seed: int, same_image_key: str = "image_id", augment: bool = True
+    ) -> None:
         self.base, self.image, self.seed, self.same_image_key = base, image, seed, same_image_key
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.base)
@@ -61,7 +64,7 @@ class TrainImages(Dataset):
         if sample is None or not hasattr(sample.get("image"), "convert"):
             return sample  # skipped (counted by the collate) or already a tensor
         rng = random.Random((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
-        image = train_transform(sample["image"], self.image, rng)
+        image = train_transform(sample["image"], self.image, rng) if self.augment else eval_image(sample["image"], self.image)
         return {**sample, "image": image, "image_id": sample[self.same_image_key]}
 
 
@@ -85,26 +88,41 @@ class RefillSkipped:
         return batch
 
 
-def scene_sets(data: DataSpec, seed: int) -> tuple[Dataset, Dataset]:
-    """The built-in scenes: training combinations and held-out ones (one image each for eval)."""
+def scene_sets(data: DataSpec, seed: int) -> tuple[Dataset, dict[str, Dataset]]:
+    """The built-in scenes: drawings of the training combinations; for evaluation, new drawings
+    of those combinations and drawings of the held-out combinations (one image each)."""
     from qformer.data.scenes import SceneDataset, split_scenes
 
     train, held_out = split_scenes(seed)
     size = max(64, data.image_size)
-    return (
-        SceneDataset(train, data.scenes_per_combination, seed, size),
-        SceneDataset(held_out, data.eval_scenes_per_combination, seed + 1, size),
-    )
+    evaluation = {
+        "new_images": SceneDataset(train, data.eval_scenes_per_combination, seed + 1, size),
+        "new_combinations": SceneDataset(held_out, data.eval_scenes_per_combination, seed + 1, size),
+    }
+    return SceneDataset(train, data.scenes_per_combination, seed, size), evaluation
 
 
-def file_sets(data: DataSpec) -> tuple[Dataset, Dataset | None]:
+def file_sets(data: DataSpec) -> tuple[Dataset, dict[str, Dataset]]:
     from qformer.data.datasets import CaptionDataset, read_captions
 
     train = CaptionDataset(read_captions(data.path), data.image_root, transform=None, strict=data.strict)
-    evaluation = None
-    if data.eval_path:
-        evaluation = CaptionDataset(read_captions(data.eval_path), data.image_root, transform=None, strict=data.strict)
-    return train, evaluation
+    if not data.eval_path:
+        return train, {}
+    return train, {"eval": CaptionDataset(read_captions(data.eval_path), data.image_root, strict=data.strict)}
+
+
+def evaluate_sets(evaluate: Callable[[nn.Module, Dataset], dict[str, Any]], sets: dict[str, Dataset]):
+    """One evaluation over named held-out sets: metrics prefixed with the set's name."""
+    if not sets:
+        return None
+
+    def run(model: nn.Module) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        for name, data in sets.items():
+            results.update({f"{name}/{key}": value for key, value in evaluate(model, data).items()})
+        return results
+
+    return run
 
 
 def build_job(config: TrainConfig, runtime: Runtime) -> Job:
@@ -119,7 +137,8 @@ def build_job(config: TrainConfig, runtime: Runtime) -> Job:
                                   "the trainer takes map-style data (scenes, captions) for now")
     image = ImageConfig(size=config.data.image_size)
     # scenes: drawings of one colour/shape/count/position combination count as the same image
-    dataset = TrainImages(train, image, config.seed, "scene_id" if config.data.source == "scenes" else "image_id")
+    same_image = "scene_id" if config.data.source == "scenes" else "image_id"
+    dataset = TrainImages(train, image, config.seed, same_image, config.data.augment)
     build = stage1_job.build if config.model.stage == "stage1" else stage2_job.build
     job = build(config, runtime, dataset, evaluation, image)
     job.collate = RefillSkipped(job.collate)

@@ -40,7 +40,8 @@ class ModelSpec(ConfigBase):
 class DataSpec(ConfigBase):
     """Where the image-text pairs come from. ``source``: "scenes" (built-in, no download),
     "captions" (COCO JSON / JSONL / CSV at ``path``, images under ``image_root``) or "shards"
-    (tar shards matching ``path``, a glob)."""
+    (tar shards matching ``path``, a glob). ``augment`` turns BLIP-2's training augmentation
+    (random resized crop, horizontal flip) on; captions that name left and right need it off."""
 
     source: str = "scenes"
     path: str | None = None
@@ -51,6 +52,7 @@ class DataSpec(ConfigBase):
     batch_size: int = 32
     eval_batch_size: int = 64
     num_workers: int = 2
+    augment: bool = True
     strict: bool = False
     scenes_per_combination: int = 8
     eval_scenes_per_combination: int = 1

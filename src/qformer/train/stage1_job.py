@@ -15,7 +15,7 @@ from qformer.models.qformer import QFormer
 from qformer.retrieval import retrieval_recall, retrieval_scores
 from qformer.stage1 import Stage1Objective
 from qformer.tokenizer import load_tokenizer
-from qformer.train.build import Job, eval_pixels, resolve_bert
+from qformer.train.build import Job, eval_pixels, evaluate_sets, resolve_bert
 from qformer.train.config import TrainConfig
 from qformer.train.distributed import Runtime
 
@@ -42,7 +42,9 @@ def build_model(config: TrainConfig) -> tuple[Blip2Stage1, Any]:
     return model, tokenizer
 
 
-def build(config: TrainConfig, runtime: Runtime, dataset: Dataset, evaluation: Dataset | None, image: ImageConfig) -> Job:
+def build(
+    config: TrainConfig, runtime: Runtime, dataset: Dataset, evaluation: dict[str, Dataset], image: ImageConfig
+) -> Job:
     model, tokenizer = build_model(config)
     objective = Stage1Objective(model, group=runtime.group)
 
@@ -56,10 +58,10 @@ def build(config: TrainConfig, runtime: Runtime, dataset: Dataset, evaluation: D
         )
         return {"loss": out.loss, "itc": out.itc, "itm": out.itm, "itg": out.itg}
 
-    evaluate = None
-    if evaluation is not None:
-        def evaluate(module: Blip2Stage1) -> dict[str, Any]:
-            return evaluate_retrieval(module, evaluation, tokenizer, image, config.data.max_text_length)
+    def retrieval(module: Blip2Stage1, data: Dataset) -> dict[str, Any]:
+        return evaluate_retrieval(module, data, tokenizer, image, config.data.max_text_length)
+
+    evaluate = evaluate_sets(retrieval, evaluation)
 
     # the objective gathers token ids across processes: one text length for every batch there
     collate = CaptionCollator(tokenizer, config.data.max_text_length, pad_to_max_length=runtime.world_size > 1)
@@ -68,7 +70,7 @@ def build(config: TrainConfig, runtime: Runtime, dataset: Dataset, evaluation: D
 
 @torch.no_grad()
 def evaluate_retrieval(
-    model: Blip2Stage1, data: Dataset, tokenizer, image: ImageConfig, max_length: int, k: int = 16, chunk: int = 64
+    model: Blip2Stage1, data: Dataset, tokenizer, image: ImageConfig, max_length: int, k: int = 8, chunk: int = 64
 ) -> dict[str, Any]:
     """Image<->text recall@1/5/10 over a held-out set (one caption per image: its canonical or
     first caption), ITC top-k re-ranked by ITM."""

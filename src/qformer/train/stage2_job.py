@@ -14,7 +14,7 @@ from qformer.blip2 import Blip2
 from qformer.config import ImageConfig
 from qformer.data.text import decoder_only_batch, encoder_decoder_batch, prefix_lm_split
 from qformer.models.blip2 import Blip2Stage1
-from qformer.train.build import Job, eval_pixels
+from qformer.train.build import Job, eval_pixels, evaluate_sets
 from qformer.train.config import TrainConfig
 from qformer.train.distributed import Runtime
 
@@ -64,17 +64,19 @@ class Stage2Collator:
         return batch
 
 
-def build(config: TrainConfig, runtime: Runtime, dataset: Dataset, evaluation: Dataset | None, image: ImageConfig) -> Job:
+def build(
+    config: TrainConfig, runtime: Runtime, dataset: Dataset, evaluation: dict[str, Dataset], image: ImageConfig
+) -> Job:
     model = build_model(config)
 
     def losses(module: nn.Module, batch: dict, generator: torch.Generator) -> dict:
         out = module(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
         return {"loss": out.loss}
 
-    evaluate = None
-    if evaluation is not None:
-        def evaluate(module: Blip2) -> dict[str, Any]:
-            return evaluate_captions(module, evaluation, image, config.model.prompt)
+    def captioning(module: Blip2, data: Dataset) -> dict[str, Any]:
+        return evaluate_captions(module, data, image, config.model.prompt)
+
+    evaluate = evaluate_sets(captioning, evaluation)
 
     collate = Stage2Collator(model, config.model.prompt, config.data.max_text_length, config.seed)
     return Job(model, model, dataset, collate, losses, evaluate, model.tokenizer)
@@ -84,8 +86,8 @@ def build(config: TrainConfig, runtime: Runtime, dataset: Dataset, evaluation: D
 def evaluate_captions(
     model: Blip2, data: Dataset, image: ImageConfig, prompt: str = "", chunk: int = 32, **generation: Any
 ) -> dict[str, Any]:
-    """Greedy captions of a held-out set against its references (for scenes: every paraphrase):
-    exact match of the canonical caption and CIDEr."""
+    """Greedy captions of a held-out set against its references (for scenes: every paraphrase
+    of the scene's caption): exact match (equal to any reference) and CIDEr."""
     from qformer.data.scenes import all_scenes, captions
     from qformer.evaluate.captions import caption_metrics, exact_match
 
@@ -105,7 +107,7 @@ def evaluate_captions(
             key = start + offset
             predictions[key] = caption.strip()
             references[key] = captions(scenes[sample["scene_id"]]) if "scene_id" in sample else [sample["text"]]
-    canonical = {k: [samples[k].get("canonical", samples[k]["text"])] for k in predictions}
     metrics = caption_metrics(predictions, references, metrics=("CIDEr",))
-    return {"exact_match": exact_match(predictions, canonical), "cider": metrics["CIDEr"],
-            "samples": [{"prediction": predictions[k], "reference": canonical[k][0]} for k in list(predictions)[:16]]}
+    keys = list(predictions)[:: max(1, len(predictions) // 16)][:16]  # spread over the set
+    shown = [{"index": k, "prediction": predictions[k], "reference": references[k][0]} for k in keys]
+    return {"exact_match": exact_match(predictions, references), "cider": metrics["CIDEr"], "samples": shown}
