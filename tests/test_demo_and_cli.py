@@ -1,4 +1,4 @@
-"""The built-in demo learns, and the CLI runs it."""
+"""The built-in demo reaches its figures, and the CLI answers."""
 
 import json
 import subprocess
@@ -10,18 +10,26 @@ from qformer.demo import DemoConfig, run_demo
 
 
 @pytest.mark.slow
-def test_demo_learns_to_caption(tmp_path):
+def test_demo_reaches_its_figures(tmp_path):
+    """The demo as `make demo` runs it (about 6 minutes on 2 cores). Thresholds sit well below
+    what it reaches (README) and far above chance: a broken loss, mask or cache fails them."""
     lines = []
-    summary = run_demo(DemoConfig(steps=80, out_dir=str(tmp_path)), log=lines.append)
-    assert summary["first_loss"] > 5 and summary["final_loss"] < 2.0
-    # far above chance (1/12) on the scenes it trained on; a broken mask or cache fails this
-    assert summary["train_exact_match"] >= 0.9
-    assert json.loads((tmp_path / "summary.json").read_text())["final_loss"] == summary["final_loss"]
-    assert any("exact-match captions" in line for line in lines)
+    summary = run_demo(DemoConfig(out_dir=str(tmp_path)), log=lines.append)
+    stage1, stage2 = summary["stage1"], summary["stage2"]
+    assert stage1["new_combinations/chance_r1"] == pytest.approx(100 / 32)
+    assert stage1["new_combinations/txt_r1"] >= 15 and stage1["new_combinations/img_r1"] >= 15
+    assert stage1["new_images/txt_r1"] >= 3 and stage1["new_images/img_r1"] >= 3  # chance 0.5
+    assert stage2["new_images/cider"] >= 1.5
+    assert stage2["new_images/exact_match"] >= 2.0  # chance 0.5
+    for name in ("report.md", "held_out_captions.png", "stage1/curves.png", "stage2/curves.png", "summary.json"):
+        assert (tmp_path / name).stat().st_size > 100, name
+    assert json.loads((tmp_path / "summary.json").read_text())["stage1"]["step"] == 150
+    assert any("report:" in line for line in lines)
 
 
-def test_cli_help_lists_demo():
+def test_cli_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "qformer", "--help"], capture_output=True, text=True, check=True)
-    assert "demo" in out.stdout
+    for command in ("demo", "caption", "vqa", "train", "eval", "convert"):
+        assert command in out.stdout
     bad = subprocess.run([sys.executable, "-m", "qformer", "nonsense"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr

@@ -47,7 +47,7 @@ def _stage_config(demo: DemoConfig, stage: str, steps: int, **model: Any) -> Tra
             "bert": "minilm",
             "stage1": {
                 "vision": {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 2,
-                           "num_attention_heads": 4, "image_size": demo.image_size, "patch_size": 16},
+                           "num_attention_heads": 4, "image_size": demo.image_size, "patch_size": 8},
                 "qformer": {"encoder_hidden_size": width},
                 "num_query_tokens": demo.num_query_tokens,
             },
