@@ -3,6 +3,7 @@ and saved to transformers' layout, for captioning and visual question answering.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -15,8 +16,10 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from qformer.config import Blip2Config
 from qformer.convert.transformers_blip2 import load_transformers_blip2, save_transformers_blip2
+from qformer.convert.transformers_instructblip import load_transformers_instructblip, save_transformers_instructblip
 from qformer.data.transforms import eval_transform
 from qformer.models.blip2 import Blip2Stage1, Blip2Stage2
+from qformer.models.instructblip import InstructBlipStage2
 from qformer.models.qformer import QFormer
 
 logger = logging.getLogger(__name__)
@@ -24,6 +27,16 @@ logger = logging.getLogger(__name__)
 CAPTION_DEFAULTS = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1}
 VQA_DEFAULTS = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
 ImageInput = str | Path | Image.Image
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase | None, directory: Path) -> None:
+    """Tokenizer files written beside the weights, each moved into place whole."""
+    if tokenizer is None:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        for name in tokenizer.save_pretrained(tmp):
+            os.replace(name, directory / Path(name).name)
 
 
 def resolve_checkpoint(path_or_hub_id: str | Path) -> Path:
@@ -57,23 +70,32 @@ class Blip2(Blip2Stage2):
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path) -> Blip2:
+        """A transformers-layout directory of BLIP-2 (``Blip2ForConditionalGeneration``) or of
+        InstructBLIP (``InstructBlipForConditionalGeneration``, returned as :class:`InstructBlip`)."""
         directory = resolve_checkpoint(path_or_hub_id)
-        model, report = load_transformers_blip2(directory, cls)
+        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+        target = InstructBlip if model_type == "instructblip" else cls
+        model, report = target.load_weights(directory)
         if report.dropped:
             logger.info("loaded %s\n%s", directory, report.summary())
         if (directory / "tokenizer_config.json").is_file():
             model.tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        model.load_extra_tokenizers(directory)
         return model.eval()
+
+    @classmethod
+    def load_weights(cls, directory: Path):
+        return load_transformers_blip2(directory, cls)
+
+    def load_extra_tokenizers(self, directory: Path) -> None:
+        """BLIP-2 has one tokenizer (InstructBLIP adds the Q-Former's)."""
 
     def save_pretrained(self, directory: str | Path) -> None:
         """transformers' layout (``Blip2ForConditionalGeneration.from_pretrained`` loads it),
         with the tokenizer; every file is written atomically."""
         directory = Path(directory)
         save_transformers_blip2(self, self.config, directory)
-        if self.tokenizer is not None:
-            with tempfile.TemporaryDirectory(dir=directory) as tmp:
-                for name in self.tokenizer.save_pretrained(tmp):
-                    os.replace(name, directory / Path(name).name)
+        save_tokenizer(self.tokenizer, directory)
 
     @classmethod
     def from_stage1(
@@ -137,8 +159,13 @@ class Blip2(Blip2Stage2):
         text = tokenizer(list(prompts), padding=True, return_tensors="pt").to(self.ln_vision.weight.device)
         generation.setdefault("eos_token_id", self.stop_token_ids())
         generation.setdefault("pad_token_id", tokenizer.pad_token_id)
-        tokens = self.generate(self.preprocess(images), text.input_ids, text.attention_mask, **generation)
+        pixels = self.preprocess(images)
+        tokens = self.generate(pixels, text.input_ids, text.attention_mask, **self.instruction(prompts), **generation)
         return [t.strip() for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    def instruction(self, prompts: Sequence[str]) -> dict[str, Any]:
+        """What the Q-Former reads of the prompts: nothing for BLIP-2 (see :class:`InstructBlip`)."""
+        return {}
 
     def caption(self, images: Sequence[ImageInput], prompt: str | None = None, **generation: Any) -> list[str]:
         """A caption per image (beam search, 5 beams, as BLIP-2), after an optional prompt."""
@@ -154,3 +181,38 @@ class Blip2(Blip2Stage2):
         """Short answers, one question per image, in BLIP-2's VQA prompt."""
         prompts = [prompt.format(q) for q in questions]
         return self.generate_text(images, prompts, **{**VQA_DEFAULTS, **generation})
+
+
+class InstructBlip(Blip2, InstructBlipStage2):
+    """InstructBLIP ready to caption and answer: the prompt goes to the LLM and, through the
+    Q-Former's tokenizer (``qformer_tokenizer``, truncating on the left), to the Q-Former too.
+    ``Blip2.from_pretrained`` returns one for an ``InstructBlipForConditionalGeneration``
+    directory (the Q-Former's tokenizer in its ``qformer_tokenizer/`` folder, as transformers'
+    processor saves it)."""
+
+    qformer_tokenizer: PreTrainedTokenizerBase | None = None
+    qformer_max_length: int = 256
+
+    @classmethod
+    def load_weights(cls, directory: Path):
+        return load_transformers_instructblip(directory, cls)
+
+    def load_extra_tokenizers(self, directory: Path) -> None:
+        folder = directory / "qformer_tokenizer"
+        if (folder / "tokenizer_config.json").is_file():
+            self.qformer_tokenizer = AutoTokenizer.from_pretrained(str(folder), truncation_side="left")
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """transformers' InstructBLIP layout, with both tokenizers; files written atomically."""
+        directory = Path(directory)
+        save_transformers_instructblip(self, self.config, directory)
+        save_tokenizer(self.tokenizer, directory)
+        save_tokenizer(self.qformer_tokenizer, directory / "qformer_tokenizer")
+
+    def instruction(self, prompts: Sequence[str]) -> dict[str, Any]:
+        if self.qformer_tokenizer is None:
+            raise ValueError("this InstructBLIP model has no Q-Former tokenizer: set model.qformer_tokenizer")
+        text = self.qformer_tokenizer(
+            list(prompts), padding=True, truncation=True, max_length=self.qformer_max_length, return_tensors="pt"
+        ).to(self.ln_vision.weight.device)
+        return {"qformer_input_ids": text.input_ids, "qformer_attention_mask": text.attention_mask}

@@ -1,0 +1,76 @@
+"""InstructBLIP through qformer.Blip2.from_pretrained, answer() and `qformer vqa`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from stage2_helpers import tiny_tokenizer, with_image_tokens
+from test_instructblip import tiny_transformers_instructblip
+
+from qformer.blip2 import Blip2, InstructBlip
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("instructblip-llama")
+    ref = tiny_transformers_instructblip("llama")
+    ref.save_pretrained(directory)
+    tiny_tokenizer(add_bos=True).save_pretrained(directory)
+    tiny_tokenizer(add_bos=False).save_pretrained(directory / "qformer_tokenizer")
+    return directory, ref
+
+
+def images(tmp_path):
+    paths = []
+    for i, colour in enumerate(["red", "blue"]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (40, 30), colour).save(paths[-1])
+    return paths
+
+
+def test_from_pretrained_recognises_instructblip(saved):
+    directory, _ = saved
+    model = Blip2.from_pretrained(directory)
+    assert isinstance(model, InstructBlip) and isinstance(model, Blip2)
+    assert model.config.qformer.use_text_input
+    assert model.qformer_tokenizer is not None and model.qformer_tokenizer.truncation_side == "left"
+
+
+def test_answer_equals_transformers_with_the_instruction(saved, tmp_path):
+    directory, ref = saved
+    model = Blip2.from_pretrained(directory)
+    paths = images(tmp_path)
+    questions = ["what colour is it", "is it a red ball"]
+    answers = model.answer(paths, questions, max_new_tokens=4, num_beams=1, min_new_tokens=0)
+    prompts = [f"Question: {q} Answer:" for q in questions]
+    for row, prompt in enumerate(prompts):  # transformers, one image at a time, same pixels and ids
+        text = model.tokenizer([prompt], return_tensors="pt")
+        ids, mask = with_image_tokens(text.input_ids, text.attention_mask)
+        q = model.qformer_tokenizer([prompt], return_tensors="pt")
+        expected = ref.generate(pixel_values=model.preprocess(paths[row : row + 1]), input_ids=ids, attention_mask=mask,
+                                qformer_input_ids=q.input_ids, qformer_attention_mask=q.attention_mask,
+                                max_new_tokens=4, eos_token_id=model.stop_token_ids(), pad_token_id=0)
+        decoded = model.tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        assert answers[row] == decoded
+
+
+def test_save_and_reload_keeps_both_tokenizers(saved, tmp_path):
+    directory, _ = saved
+    model = Blip2.from_pretrained(directory)
+    model.save_pretrained(tmp_path / "copy")
+    again = Blip2.from_pretrained(tmp_path / "copy")
+    assert isinstance(again, InstructBlip) and again.qformer_tokenizer is not None
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+
+def test_cli_vqa_with_an_instruction_model(saved, tmp_path):
+    directory, _ = saved
+    image = images(tmp_path)[0]
+    out = subprocess.run([sys.executable, "-m", "qformer", "vqa", "--model", str(directory), "--question",
+                          "what colour is it", "--json", "--max-new-tokens", "3", str(image)],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)[0]["question"] == "what colour is it"
