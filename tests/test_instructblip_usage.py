@@ -10,6 +10,8 @@ from PIL import Image
 from stage2_helpers import tiny_tokenizer, with_image_tokens
 from test_instructblip import tiny_transformers_instructblip
 
+from safetensors.torch import load_file
+
 from qformer.blip2 import Blip2, InstructBlip
 
 
@@ -74,3 +76,37 @@ def test_cli_vqa_with_an_instruction_model(saved, tmp_path):
                           "what colour is it", "--json", "--max-new-tokens", "3", str(image)],
                          capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)[0]["question"] == "what colour is it"
+
+
+def test_instruction_tuning_run(saved, tmp_path):
+    """`qformer train` on instruction data (JSONL: image, instruction, answer) with an
+    InstructBLIP directory: the loss falls on the answers only and the Q-Former trains."""
+    from qformer.train.config import load_train_config
+    from qformer.train.loop import train
+    from qformer.train.stage2_job import Stage2Collator
+
+    directory, _ = saved
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i, colour in enumerate(["red", "blue", "green", "yellow"]):
+        Image.new("RGB", (28, 28), colour).save(data / f"{i}.png")
+        rows.append(json.dumps({"image": f"{i}.png", "instruction": "what colour is it", "answer": colour}))
+    (data / "train.jsonl").write_text("\n".join(rows) + "\n")
+    config = load_train_config(None, [
+        "--model.stage", "stage2", "--model.blip2", str(directory), "--data.source", "instructions",
+        "--data.path", str(data / "train.jsonl"), "--data.image_root", str(data), "--data.image_size", "28",
+        "--data.batch_size", "2", "--data.num_workers", "0", "--steps", "4", "--optim.warmup_steps", "1",
+        "--optim.lr", "1e-3", "--log_every", "1", "--output_dir", str(tmp_path / "run")])
+    result = train(config)
+    assert result["step"] == 4 and torch.isfinite(torch.tensor(result["loss"]))
+    trained = load_file(tmp_path / "run" / "step_0000004" / "trainable.safetensors")
+    assert "qformer.embeddings.word.weight" in trained  # the instruction path trains
+    assert not any(k.startswith("language_model.") for k in trained)
+    # labels: the LLM's loss covers the answer (and its eos), never the instruction
+    model = Blip2.from_pretrained(directory)
+    batch = Stage2Collator(model, "", 32, 0)([{"image": torch.zeros(3, 28, 28), "instruction": "what colour is it",
+                                               "text": "red", "image_id": 0}])
+    answer = model.tokenizer("red</s>", add_special_tokens=False).input_ids
+    assert [t for t in batch["labels"][0].tolist() if t != -100] == answer
+    assert batch["qformer_input_ids"].shape[0] == 1

