@@ -110,3 +110,34 @@ def test_instruction_tuning_run(saved, tmp_path):
     answer = model.tokenizer("red</s>", add_special_tokens=False).input_ids
     assert [t for t in batch["labels"][0].tolist() if t != -100] == answer
     assert batch["qformer_input_ids"].shape[0] == 1
+
+
+@pytest.mark.parametrize("llm", ["llama", "t5"])
+def test_convert_instructblip_through_lavis_is_exact(llm, tmp_path):
+    """transformers InstructBLIP -> LAVIS .pth (Blip2VicunaInstruct / Blip2T5Instruct layout)
+    -> transformers: every tensor equal."""
+    from transformers import InstructBlipForConditionalGeneration
+
+    from qformer.convert.command import convert
+    from qformer.convert.lavis_pth import read_lavis_pth
+
+    ref = tiny_transformers_instructblip(llm)
+    with torch.no_grad():  # EVA's key bias is zero (LAVIS stores q_bias and v_bias only)
+        for layer in ref.vision_model.encoder.layers:
+            width = layer.self_attn.qkv.bias.shape[0] // 3
+            layer.self_attn.qkv.bias[width : 2 * width] = 0
+    ref.save_pretrained(tmp_path / "hf")
+    tiny_tokenizer(add_bos=llm != "t5").save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "instruct.pth", to="lavis")
+    state = read_lavis_pth(tmp_path / "instruct.pth")
+    projection = "llm_proj.weight" if llm == "llama" else "t5_proj.weight"
+    assert projection in state and "Qformer.bert.embeddings.word_embeddings.weight" in state
+    model = Blip2.from_pretrained(tmp_path / "hf")
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
+    model.language_model.save_pretrained(tmp_path / "llm")
+    convert(tmp_path / "instruct.pth", tmp_path / "back", to="transformers", config=tmp_path / "config.json",
+            llm=tmp_path / "llm")
+    back = InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "back").state_dict()
+    original = ref.state_dict()
+    assert sorted(back) == sorted(original)
+    assert all(torch.equal(back[k], original[k]) for k in original)

@@ -1,6 +1,6 @@
 """qformer: BLIP-2 done right. The Q-Former, its losses, and the models around it."""
 
-from qformer.blip2 import Blip2
+from qformer.blip2 import Blip2, InstructBlip
 from qformer.checkpoint import StateDictMismatchError
 from qformer.config import Blip2Config, Blip2Stage1Config, ImageConfig, QFormerConfig, VisionConfig
 from qformer.models.blip2 import Blip2Stage1
@@ -13,6 +13,7 @@ __all__ = [
     "Blip2",
     "Blip2Config",
     "ImageConfig",
+    "InstructBlip",
     "Blip2Stage1",
     "Blip2Stage1Config",
     "VisionConfig",

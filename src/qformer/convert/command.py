@@ -12,7 +12,7 @@ from typing import Any, Literal
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from qformer.blip2 import Blip2
+from qformer.blip2 import Blip2, InstructBlip
 from qformer.checkpoint import CONFIG_NAME, WEIGHTS_NAME, StateDictMismatchError, atomic_write, read_weights
 from qformer.config import Blip2Config, Blip2Stage1Config, ImageConfig
 from qformer.convert.blip2_layouts import (
@@ -37,7 +37,7 @@ from qformer.convert.lavis_pth import (
 )
 from qformer.convert.qformer_layouts import BERT_FIELDS
 from qformer.convert.rename import ConversionReport, RenameTable
-from qformer.convert.transformers_blip2 import blip2_config_from_transformers, load_transformers_blip2, tied_groups
+from qformer.convert.transformers_blip2 import blip2_config_from_transformers, tied_groups
 from qformer.models.blip2 import DTYPES, Blip2Stage1
 
 Format = Literal["lavis", "transformers", "qformer"]
@@ -63,7 +63,7 @@ def detect_format(path: Path) -> Format:
         raise FileNotFoundError(f"{path} not found")
     values = _config_json(path)
     model_type = values.get("model_type")
-    if model_type == "blip-2":
+    if model_type in ("blip-2", "instructblip"):
         return "transformers"
     if model_type is None and "embed_dim" in values:
         return "qformer"
@@ -167,8 +167,10 @@ def _read_lavis(
 ) -> tuple[Model, ConversionReport]:
     """A LAVIS checkpoint; the frozen parts it lacks come from ``vision`` and ``llm``."""
     state = read_lavis_pth(path)
+    values = json.loads(config.read_text()) if config is not None else {}
+    instruct = values.get("model_type") == "instructblip" or bool(values.get("qformer", {}).get("use_text_input"))
     try:
-        layout = lavis_layout(state)
+        layout = lavis_layout(state, instruct)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     if layout is None and llm is not None:
@@ -199,7 +201,8 @@ def _read_lavis(
             model, report = stage1_from_lavis(state, our_config)
         else:
             tokenizer = None if llm is None else _tokenizer(llm)
-            model, report = stage2_from_lavis(state, our_config, layout, Blip2, tokenizer=tokenizer)
+            model_cls = InstructBlip if layout.qformer_text else Blip2
+            model, report = stage2_from_lavis(state, our_config, layout, model_cls, tokenizer=tokenizer)
     except StateDictMismatchError as err:
         if config is not None:
             raise
@@ -226,8 +229,10 @@ def read_checkpoint(
     values = _config_json(src)
     if "Blip2ForImageTextRetrieval" in (values.get("architectures") or []):
         return stage1_from_transformers(read_weights(src), stage1_config_from_transformers(values))
-    model, report = load_transformers_blip2(src, Blip2)
+    model_cls = InstructBlip if values.get("model_type") == "instructblip" else Blip2
+    model, report = model_cls.load_weights(src)
     model.tokenizer = _tokenizer(src)
+    model.load_extra_tokenizers(src)
     return model, report
 
 

@@ -113,25 +113,37 @@ class LavisStage2Layout:
 BLIP2_OPT = LavisStage2Layout("Blip2OPT", "opt_proj", "opt_model", ("opt",), ("opt_proj.weight",))
 BLIP2_T5 = LavisStage2Layout("Blip2T5", "t5_proj", "t5_model", ("t5",), ("t5_proj.weight",))
 
-STAGE2_LAYOUTS: tuple[LavisStage2Layout, ...] = (BLIP2_OPT, BLIP2_T5)
+# InstructBLIP keeps the Q-Former's text path (it reads the instruction). Blip2T5Instruct has the
+# keys of Blip2T5 (whose files may hold the unused text path too): the config tells them apart.
+BLIP2_T5_INSTRUCT = LavisStage2Layout(
+    "Blip2T5Instruct", "t5_proj", "t5_model", ("t5",), ("t5_proj.weight",), qformer_text=True
+)
+BLIP2_VICUNA_INSTRUCT = LavisStage2Layout(
+    "Blip2VicunaInstruct", "llm_proj", "llm_model", ("llama",), ("llm_proj.weight",), qformer_text=True
+)
+
+STAGE2_LAYOUTS: tuple[LavisStage2Layout, ...] = (BLIP2_OPT, BLIP2_T5, BLIP2_T5_INSTRUCT, BLIP2_VICUNA_INSTRUCT)
 """Tried in order: a layout whose markers are a superset of another's comes first."""
 
 
-def lavis_layout(state_dict: Mapping[str, Tensor]) -> LavisStage2Layout | None:
-    """The stage-2 layout of a LAVIS state dict; None for a stage-1 ``Blip2Qformer``."""
+def lavis_layout(state_dict: Mapping[str, Tensor], instruct: bool = False) -> LavisStage2Layout | None:
+    """The stage-2 layout of a LAVIS state dict; None for a stage-1 ``Blip2Qformer``. ``instruct``
+    picks InstructBLIP where the keys alone cannot (T5)."""
     if STAGE1_MARKER in state_dict:
         return None
-    for layout in STAGE2_LAYOUTS:
-        if layout.matches(state_dict):
+    matching = [layout for layout in STAGE2_LAYOUTS if layout.matches(state_dict)]
+    for layout in matching:
+        if layout.qformer_text == instruct or len(matching) == 1:
             return layout
     markers = [STAGE1_MARKER] + [" + ".join(layout.markers) for layout in STAGE2_LAYOUTS]
     raise ValueError(f"not a LAVIS BLIP-2 state dict I know: it has none of {', '.join(markers)}")
 
 
-def layout_for_llm(model_type: str) -> LavisStage2Layout:
-    """The LAVIS BLIP-2 layout that holds an LLM of this transformers ``model_type``."""
+def layout_for_llm(model_type: str, instruct: bool = False) -> LavisStage2Layout:
+    """The LAVIS BLIP-2 (or, with ``instruct``, InstructBLIP) layout that holds an LLM of this
+    transformers ``model_type``."""
     for layout in STAGE2_LAYOUTS:
-        if model_type in layout.model_types:
+        if model_type in layout.model_types and layout.qformer_text == instruct:
             return layout
     known = sorted(t for layout in STAGE2_LAYOUTS for t in layout.model_types)
     raise ValueError(f"LAVIS has no BLIP-2 layout for a {model_type!r} LLM; it has one for {known}")
@@ -158,7 +170,7 @@ def stage2_from_lavis(
 
 def stage2_to_lavis(model: Blip2Stage2) -> tuple[dict[str, Tensor], ConversionReport]:
     """A stage-2 model's weights in the LAVIS layout of its LLM, frozen parts included."""
-    layout = layout_for_llm(model.config.text_config["model_type"])
+    layout = layout_for_llm(model.config.text_config["model_type"], model.config.qformer.use_text_input)
     theirs, report = layout.table(vision=model.vision is not None).to_theirs(model.state_dict())
     report.raise_if_unmatched("qformer BLIP-2")
     return split_lavis_qkv_bias(theirs), report
