@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +21,25 @@ logger = logging.getLogger(__name__)
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 
-TRANSFORMERS_BLIP2 = (
-    TRANSFORMERS_VISION.under("vision_model.", "vision.")
-    + RenameTable(
-        (
-            ("vision_model.post_layernorm.", "ln_vision."),
-            ("query_tokens", "query_tokens"),
-            ("language_projection.", "language_projection."),
-            ("language_model.", "language_model."),
+def stage2_table(qformer: RenameTable) -> RenameTable:
+    """A stage-2 model's keys: vision, ``ln_vision``, queries, the Q-Former (``qformer``'s
+    layout under ``qformer.``), the projection and the LLM's own keys."""
+    return (
+        TRANSFORMERS_VISION.under("vision_model.", "vision.")
+        + RenameTable(
+            (
+                ("vision_model.post_layernorm.", "ln_vision."),
+                ("query_tokens", "query_tokens"),
+                ("language_projection.", "language_projection."),
+                ("language_model.", "language_model."),
+            )
         )
+        + qformer.under("qformer.", "qformer.")
     )
-    + TRANSFORMERS_BLIP2_QFORMER.under("qformer.", "qformer.")
-)
-"""``Blip2ForConditionalGeneration``: vision, Q-Former, projection, and the LLM's own keys."""
+
+
+TRANSFORMERS_BLIP2 = stage2_table(TRANSFORMERS_BLIP2_QFORMER)
+"""``Blip2ForConditionalGeneration``."""
 
 _VISION_FIELDS = (
     "hidden_size",
@@ -145,35 +151,49 @@ def preprocessor_dict(image: ImageConfig) -> dict[str, Any]:
     }
 
 
-def load_transformers_blip2(directory: str | Path, model_cls: type, **model_kwargs: Any):
-    """Build ``model_cls(config, **model_kwargs)`` (a :class:`Blip2Stage2`) from a transformers
-    BLIP-2 directory and load its weights strictly; returns the model and the report."""
+def load_transformers_layout(
+    directory: str | Path, table: RenameTable, config_from: Callable[..., Blip2Config], model_cls: type, **kwargs: Any
+):
+    """Build ``model_cls(config_from(config.json, preprocessing), **kwargs)`` and load the
+    directory's weights through ``table`` strictly; returns the model and the report."""
     directory = Path(directory)
     values = json.loads((directory / CONFIG_NAME).read_text())
-    config = blip2_config_from_transformers(values, image_config_from_preprocessor(directory))
-    model = model_cls(config, **model_kwargs)
-    ours, report = TRANSFORMERS_BLIP2.to_ours(read_weights(directory))
-    report.raise_if_unmatched(f"transformers BLIP-2 ({directory})")
+    model = model_cls(config_from(values, image_config_from_preprocessor(directory)), **kwargs)
+    ours, report = table.to_ours(read_weights(directory))
+    report.raise_if_unmatched(f"transformers {values.get('model_type')} ({directory})")
     fill_tied(model, ours, report)
     load_state_dict_strict(model, ours)
     return model, report
 
 
-def save_transformers_blip2(model: nn.Module, config: Blip2Config, directory: str | Path) -> ConversionReport:
-    """Write ``config.json``, ``model.safetensors`` and ``preprocessor_config.json`` in
-    transformers' layout, each file atomically; one tensor per tied group."""
+def save_transformers_layout(
+    model: nn.Module, table: RenameTable, transformers_config: dict[str, Any], image: ImageConfig, directory: str | Path
+) -> ConversionReport:
+    """Write ``config.json``, ``model.safetensors`` (keys through ``table``, one tensor per tied
+    group) and ``preprocessor_config.json``, each file atomically."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    tf_config = blip2_config_to_transformers(config)
-    state = model.state_dict()
     tied = {key: group[0] for group in tied_groups(model) for key in group[1:]}
-    theirs, report = TRANSFORMERS_BLIP2.to_theirs({k: v for k, v in state.items() if k not in tied})
-    report.raise_if_unmatched("qformer BLIP-2")
+    theirs, report = table.to_theirs({k: v for k, v in model.state_dict().items() if k not in tied})
+    report.raise_if_unmatched("qformer")
     report.dropped.update({key: f"tied to {kept}: stored once" for key, kept in tied.items()})
     tensors = {k: v.detach().contiguous().cpu() for k, v in theirs.items()}
+    config_text = json.dumps(transformers_config, indent=2) + "\n"
+    preprocessor = json.dumps(preprocessor_dict(image), indent=2) + "\n"
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(tf_config, indent=2) + "\n"))
-    preprocessor = json.dumps(preprocessor_dict(config.image), indent=2) + "\n"
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
     atomic_write(directory / PREPROCESSOR_NAME, lambda tmp: Path(tmp).write_text(preprocessor))
     return report
+
+
+def load_transformers_blip2(directory: str | Path, model_cls: type, **model_kwargs: Any):
+    """A :class:`Blip2Stage2` (``model_cls``) from a transformers BLIP-2 directory, and the report."""
+    return load_transformers_layout(directory, TRANSFORMERS_BLIP2, blip2_config_from_transformers, model_cls,
+                                    **model_kwargs)
+
+
+def save_transformers_blip2(model: nn.Module, config: Blip2Config, directory: str | Path) -> ConversionReport:
+    """transformers' ``Blip2ForConditionalGeneration`` directory (see :func:`save_transformers_layout`)."""
+    return save_transformers_layout(model, TRANSFORMERS_BLIP2, blip2_config_to_transformers(config), config.image,
+                                    directory)
