@@ -155,3 +155,18 @@ def test_any_transformers_vision_tower():
     with pytest.raises(ValueError, match="24 wide"):
         Blip2Stage1(config.replace(qformer=config.qformer.replace(encoder_hidden_size=16)),
                     vision=TransformersVisionTower(clip))
+
+
+def test_position_table_resizes_for_larger_images():
+    """BLIP-2 runs its 224-px encoder at 364 px by resizing the position table bicubically."""
+    from qformer.models.vision import interpolate_position_embedding
+
+    table = torch.randn(1, 1 + 4, 8)  # class position + 2x2 grid
+    assert interpolate_position_embedding(table, 5) is table
+    grown = interpolate_position_embedding(table, 1 + 16)  # 4x4 grid
+    assert grown.shape == (1, 17, 8)
+    assert torch.equal(grown[:, 0], table[:, 0])  # the class position is kept
+    flat = torch.ones(1, 5, 8)
+    assert_close(interpolate_position_embedding(flat, 17), torch.ones(1, 17, 8))  # a constant stays constant
+    with pytest.raises(ValueError, match="square grid"):
+        interpolate_position_embedding(table, 7)

@@ -154,7 +154,3 @@ def build_job(config: TrainConfig, runtime: Runtime) -> Job:
 
 def eval_pixels(samples: list[dict], image: ImageConfig) -> Tensor:
     return torch.stack([eval_image(s["image"], image) for s in samples])
-
-
-def final_dir(config: TrainConfig) -> Path:
-    return Path(config.output_dir) / "final"
