@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 from qformer.models.blip2 import Blip2Stage1
@@ -177,3 +177,29 @@ def test_torchrun_two_processes_and_two_nodes_on_loopback(tmp_path):
     # every rank saved its RNG state for an exact resume
     assert sorted(p.name for p in (tmp_path / "two_nodes" / "step_0000006").glob("rng_rank*")) == [
         "rng_rank0.pt", "rng_rank1.pt"]
+
+
+def test_stage1_image_encoder_from_vision_weights(tmp_path):
+    """``model.vision_weights``: the frozen encoder comes exactly from a safetensors file of
+    ``vision.*`` weights or a stage-1 directory; one of another shape fails, naming the keys."""
+    from qformer.config import VisionConfig
+    from qformer.models.vision import EvaViT
+    from qformer.train.stage1_job import build_model
+
+    config = tiny(tmp_path)
+    torch.manual_seed(11)
+    donor = Blip2Stage1(config.model.stage1)
+    donor.save_pretrained(tmp_path / "stage1_dir")
+    save_file({f"vision.{k}": v for k, v in donor.vision.state_dict().items()}, tmp_path / "encoder.safetensors")
+    default, _ = build_model(config)
+    assert not torch.equal(default.vision.patch_embedding.weight, donor.vision.patch_embedding.weight)
+    for source in (tmp_path / "encoder.safetensors", tmp_path / "stage1_dir"):
+        model, _ = build_model(tiny(tmp_path, "--model.vision_weights", str(source)))
+        for name, tensor in donor.vision.state_dict().items():
+            assert torch.equal(model.vision.state_dict()[name], tensor), (source, name)
+        assert not any(p.requires_grad for p in model.vision.parameters())
+    narrow = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                          image_size=32, patch_size=16)
+    save_file({f"vision.{k}": v for k, v in EvaViT(narrow).state_dict().items()}, tmp_path / "narrow.safetensors")
+    with pytest.raises(ValueError, match=r"(?s)narrow.safetensors does not fit model.stage1.vision.*patch_embedding"):
+        build_model(tiny(tmp_path, "--model.vision_weights", str(tmp_path / "narrow.safetensors")))

@@ -124,30 +124,32 @@ def _layer(key: str) -> int:
     return -1 if match is None else int(match.group(1))
 
 
-def _vision_weights(path: Path, num_layers: int) -> tuple[dict[str, Tensor], ConversionReport]:
-    """The image encoder of another checkpoint, in LAVIS's names (``visual_encoder.*``): a LAVIS
-    ``.pth`` holding one or LAVIS's bare EVA ViT-g file (``eva_vit_g.pth``), a transformers
-    BLIP-2 directory or a qformer stage-1 directory. What has no place in an encoder of
-    ``num_layers`` blocks (EVA's 40th block, ...) is reported as dropped."""
-    source = detect_format(path)
-    if source == "lavis":
+def read_vision_weights(path: str | Path, num_layers: int) -> tuple[dict[str, Tensor], ConversionReport]:
+    """The image encoder of another checkpoint, in qformer's names (``vision.*``): a LAVIS
+    ``.pth`` holding one or LAVIS's bare EVA ViT-g file (``eva_vit_g.pth``), a ``.safetensors``
+    file of qformer's names, a transformers BLIP-2 directory or a qformer stage-1 directory.
+    What has no place in an encoder of ``num_layers`` blocks (EVA's 40th block, ...) is
+    reported as dropped."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state, prefix, table = load_file(path), "vision.", RenameTable((("vision.", "vision."),))
+    elif detect_format(path) == "lavis":
         state = read_lavis_pth(path)
         if not any(key.startswith(VISION_PREFIX) for key in state):  # a bare EVA ViT
             state = {VISION_PREFIX + key: value for key, value in state.items()}
         state, prefix, table = fuse_lavis_qkv_bias(state), VISION_PREFIX, LAVIS_VISION.under(VISION_PREFIX, "vision.")
-    elif source == "transformers":
+    elif detect_format(path) == "transformers":
         state, prefix = read_weights(path), "vision_model."
         table = TRANSFORMERS_VISION.under(prefix, "vision.")
     else:
         state, prefix, table = load_file(path / WEIGHTS_NAME), "vision.", RenameTable((("vision.", "vision."),))
     ours, report = table.to_ours({key: value for key, value in state.items() if key.startswith(prefix)})
-    report.dropped.update({key: f"from --vision {path}: not part of the image encoder" for key in report.unmatched})
+    report.dropped.update({key: f"from {path}: not part of the image encoder" for key in report.unmatched})
     report.unmatched = []
     for key in [k for k in ours if _layer(k) >= num_layers]:
         del ours[key]
-        report.dropped[key] = f"from --vision {path}: the config's image encoder has {num_layers} blocks"
-    lavis, _ = LAVIS_VISION.under(VISION_PREFIX, "vision.").to_theirs(ours)
-    return split_lavis_qkv_bias(lavis), report
+        report.dropped[key] = f"from {path}: the config's image encoder has {num_layers} blocks"
+    return ours, report
 
 
 def _stored_dtypes(state: dict[str, Tensor], layout: LavisStage2Layout | None) -> dict[str, str]:
@@ -184,8 +186,9 @@ def _read_lavis(
                 "checkpoints. Pass --vision SRC (LAVIS's eva_vit_g.pth, or a LAVIS, transformers or qformer checkpoint "
                 'that has it), or a --config with "vision": null to convert without it'
             )
-        weights, supplied = _vision_weights(vision, our_config.vision.num_hidden_layers)
-        state.update(weights)
+        weights, supplied = read_vision_weights(vision, our_config.vision.num_hidden_layers)
+        lavis, _ = LAVIS_VISION.under(VISION_PREFIX, "vision.").to_theirs(weights)
+        state.update(split_lavis_qkv_bias(lavis))
     elif vision is not None:
         raise ValueError(f"--vision is for LAVIS files without image encoder weights; {path} needs none")
     if layout is not None and not any(key.startswith(f"{layout.llm}.") for key in state):

