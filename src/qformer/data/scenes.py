@@ -41,7 +41,7 @@ BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
     (248, 240, 244),
 )
 
-_COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 _POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 _POSITION_REGIONS = {"left": "the left side", "right": "the right side", "top": "the top", "bottom": "the bottom"}
 
@@ -86,7 +86,7 @@ def scene_id(scene: SceneSpec) -> int:
 
 def captions(scene: SceneSpec) -> list[str]:
     """Every caption of ``scene``: the canonical one first, then its paraphrases."""
-    count = _COUNT_WORDS[scene.count]
+    count = COUNT_WORDS[scene.count]
     noun = scene.shape if scene.count == 1 else scene.shape + "s"
     verb = "is" if scene.count == 1 else "are"
     objects = f"{count} {scene.colour} {noun}"
