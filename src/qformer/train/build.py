@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from qformer.config import ImageConfig
 from qformer.data.transforms import eval_image, train_transform
@@ -90,8 +90,9 @@ class RefillSkipped:
 
 def scene_sets(data: DataSpec, seed: int) -> tuple[Dataset, dict[str, Dataset]]:
     """The built-in scenes: drawings of the training combinations; for evaluation, new drawings
-    of those combinations and drawings of the held-out combinations (one image each)."""
-    from qformer.data.scenes import SceneDataset, split_scenes
+    of those combinations and drawings of the held-out combinations (one image each). With
+    ``data.photographs``, crops of real photographs too, and one new crop of each held out."""
+    from qformer.data.scenes import SceneDataset, all_scenes, split_scenes
 
     train, held_out = split_scenes(seed)
     size = max(64, data.image_size)
@@ -99,7 +100,14 @@ def scene_sets(data: DataSpec, seed: int) -> tuple[Dataset, dict[str, Dataset]]:
         "new_images": SceneDataset(train, data.eval_scenes_per_combination, seed + 1, size),
         "new_combinations": SceneDataset(held_out, data.eval_scenes_per_combination, seed + 1, size),
     }
-    return SceneDataset(train, data.scenes_per_combination, seed, size), evaluation
+    scenes = SceneDataset(train, data.scenes_per_combination, seed, size)
+    if not data.photographs:
+        return scenes, evaluation
+    from qformer.data.photos import PhotoDataset
+
+    first_id = len(all_scenes())  # a photograph is one image for ITC, whichever crop shows it
+    evaluation["photographs"] = PhotoDataset(1, seed + 1, size, first_id)
+    return ConcatDataset([scenes, PhotoDataset(data.photographs, seed, size, first_id)]), evaluation
 
 
 def file_sets(data: DataSpec) -> tuple[Dataset, dict[str, Dataset]]:

@@ -50,7 +50,10 @@ class DataSpec(ConfigBase):
     "captions" (COCO JSON / JSONL / CSV at ``path``, images under ``image_root``),
     "instructions" (JSONL of image, instruction, answer: stage 2, the loss on the answer) or "shards"
     (tar shards matching ``path``, a glob). ``augment`` turns BLIP-2's training augmentation
-    (random resized crop, horizontal flip) on; captions that name left and right need it off."""
+    (random resized crop, horizontal flip) on; captions that name left and right need it off.
+    With scenes, ``photographs`` > 0 adds that many random crops of each of the photographs that
+    scikit-image ships (``qformer.data.photos``) to training, and one new crop of each as the
+    held-out set ``photographs``."""
 
     source: str = "scenes"
     path: str | None = None
@@ -65,6 +68,7 @@ class DataSpec(ConfigBase):
     strict: bool = False
     scenes_per_combination: int = 8
     eval_scenes_per_combination: int = 1
+    photographs: int = 0
 
     def __post_init__(self) -> None:
         if self.source not in ("scenes", "captions", "instructions", "shards"):
