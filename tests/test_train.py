@@ -203,3 +203,171 @@ def test_stage1_image_encoder_from_vision_weights(tmp_path):
     save_file({f"vision.{k}": v for k, v in EvaViT(narrow).state_dict().items()}, tmp_path / "narrow.safetensors")
     with pytest.raises(ValueError, match=r"(?s)narrow.safetensors does not fit model.stage1.vision.*patch_embedding"):
         build_model(tiny(tmp_path, "--model.vision_weights", str(tmp_path / "narrow.safetensors")))
+
+
+def caption_shards(root: Path, shards: int = 4, per_shard: int = 5, broken: tuple[int, ...] = ()) -> str:
+    """Tar shards of coloured pictures with numbered captions (sample n of shard n // per_shard);
+    the samples in ``broken`` alternate between a non-image and a missing caption. Returns the glob."""
+    from qformer.data.datasets import write_tar_shard
+
+    root.mkdir(parents=True)
+    for s in range(shards):
+        samples = []
+        for i in range(per_shard):
+            n = s * per_shard + i
+            sample = {"__key__": f"{n:06d}", "png": Image.new("RGB", (40, 36), (50 * s, 40 * i, 200 - 7 * n)),
+                      "txt": f"a picture number {n}"}
+            if n in broken[::2]:
+                sample["png"] = b"not an image"
+            elif n in broken:
+                del sample["txt"]
+            samples.append(sample)
+        write_tar_shard(root / f"part-{s:03d}.tar", samples)
+    return str(root / "part-*.tar")
+
+
+def losses_logged(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def without_speed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "samples_per_second"} for r in records]
+
+
+def test_shards_train_count_skipped_and_evaluate(tmp_path):
+    """`data.source: shards`: stage 1 from a glob of tar shards, unreadable samples counted,
+    epochs that loop, held-out shards evaluated."""
+    train_glob = caption_shards(tmp_path / "train", broken=(7, 12))
+    held_out = caption_shards(tmp_path / "held_out", shards=1, per_shard=6, broken=(2,))
+    run = tmp_path / "run"
+    result = train(tiny(run, "--data.source", "shards", "--data.path", train_glob, "--data.eval_path", held_out,
+                        "--eval_every", "6"))
+    assert result["step"] == 6 and torch.isfinite(torch.tensor(result["loss"]))
+    lines = losses_logged(run)
+    # one reader, 20 samples: 5 batches of 4 in epoch 0 (the 2 broken ones among them), then epoch 1
+    assert [r["epoch"] for r in lines] == [0, 0, 0, 0, 0, 1]
+    assert lines[4]["skipped"] == 2
+    assert (run / "step_0000006" / "trainable.safetensors").is_file() and (run / "final" / "config.json").is_file()
+    evaluation = json.loads((run / "eval_step_0000006.json").read_text())
+    assert evaluation["eval/pairs"] == 5 and 0 <= evaluation["eval/txt_r1"] <= 100
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_shard_run_reaches_the_same_weights(tmp_path, workers):
+    """Stopped after step 3 and resumed, a shard run skips to its place in the epoch and ends
+    bitwise where an uninterrupted run ends, across the epoch's end (two readers: 4 batches an
+    epoch; one reader: 5)."""
+    import shutil
+
+    data = caption_shards(tmp_path / "shards", broken=(3,))
+    args = ["--data.source", "shards", "--data.path", data, "--data.num_workers", str(workers)]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train(tiny(whole, *args))
+    train(tiny(part, *args))
+    for name in ("step_0000006", "final"):
+        shutil.rmtree(part / name)
+    train(tiny(part, *args), resume=True)
+    a, b = weights(whole, 6), weights(part, 6)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert without_speed(losses_logged(part)) == without_speed(losses_logged(whole))  # losses, epochs, skipped
+    assert losses_logged(whole)[-1]["epoch"] == 1
+    assert not torch.equal(weights(whole, 3)["query_tokens"], a["query_tokens"])
+
+
+def test_shard_stream_reads_each_sample_once_and_restarts_midway(tmp_path):
+    """Two ranks x two readers share 8 shards: every sample once an epoch, another shard order
+    the next epoch; a stream started at batch 3 gives the epoch's batches from 3 on, the same
+    augmented pixels included."""
+    from torch.utils.data import DataLoader
+
+    from qformer.config import ImageConfig
+    from qformer.data.datasets import TarShardDataset
+    from qformer.train.batches import ShardStream
+    from qformer.train.build import TrainShards, shard_paths
+
+    paths = shard_paths(caption_shards(tmp_path / "shards", shards=8, per_shard=3))
+
+    def epoch(rank: int, number: int, start: int = 0) -> list:
+        shards = TrainShards(TarShardDataset(paths, rank=rank, world_size=2, shuffle_seed=5), ImageConfig(size=16), 0)
+        shards.set_epoch(number)
+        stream = ShardStream(shards, list, batch_size=2, readers=2)
+        stream.start = start
+        return list(DataLoader(stream, batch_size=None, num_workers=2, collate_fn=lambda batch: batch))
+
+    def texts(batches: list) -> list[str]:
+        return [s["text"] for batch in batches if batch is not None for s in batch]
+
+    first = [epoch(rank, 0) for rank in (0, 1)]
+    seen = texts(first[0]) + texts(first[1])
+    assert sorted(seen) == sorted(f"a picture number {n}" for n in range(24))
+    assert sorted(texts(epoch(0, 1))) != sorted(texts(first[0]))
+    full = first[0]
+    end = full.index(None)
+    resumed = epoch(0, 0, start=3)
+    assert resumed.index(None) == end - 3 and texts(resumed[: end - 3]) == texts(full[3:end])
+    for later, earlier in zip(resumed[: end - 3], full[3:end]):
+        assert all(torch.equal(x["image"], y["image"]) for x, y in zip(later, earlier))
+
+
+def test_shards_that_cannot_feed_every_reader_are_refused(tmp_path):
+    data = caption_shards(tmp_path / "shards", shards=2, per_shard=3)
+    args = ["--data.source", "shards", "--data.path", data]
+    with pytest.raises(ValueError, match=r"2 tar shards for 1 ranks x 4 readers"):
+        train(tiny(tmp_path / "many", *args, "--data.num_workers", "4"))
+    with pytest.raises(ValueError, match=r"epoch 0 gave no batch.*batch_size = 4"):
+        train(tiny(tmp_path / "few", *args, "--data.num_workers", "2"))
+    with pytest.raises(ValueError, match="no tar shard matches"):
+        train(tiny(tmp_path / "none", "--data.source", "shards", "--data.path", str(tmp_path / "nothing-*.tar")))
+
+
+def test_vqa_finetune_and_eval(tmp_path):
+    """`data.source: vqa`: stage 2 learns the most frequent answer after the prompt (labels on
+    the answer only); the run's evaluation and `qformer eval` report VQAv2 accuracy of the
+    generated answers, as qformer.evaluate.vqa scores them."""
+    from qformer.cli import main
+    from qformer.evaluate.vqa import vqa_score
+    from qformer.losses import IGNORE_INDEX
+    from qformer.train.build import build_job
+    from qformer.train.distributed import Runtime
+    from stage2_helpers import save_tiny_blip2
+
+    save_tiny_blip2(tmp_path / "blip2", "opt")
+    data = tmp_path / "data"
+    data.mkdir()
+    answers = [["blue", "red", "red"], ["blue"], ["green", "green", "yes"], ["no", "yes", "yes", "yes"]]
+    entries = []
+    for i, (colour, truth) in enumerate(zip(["red", "blue", "green", "yellow"], answers)):
+        Image.new("RGB", (30, 28), colour).save(data / f"{i}.png")
+        entries.append({"image": f"{i}.png", "question": "What colour is it?", "answer": truth, "question_id": 10 + i})
+    (data / "vqa.json").write_text(json.dumps(entries))
+    run = tmp_path / "run"
+    config = load_train_config(None, [
+        "--model.stage", "stage2", "--model.blip2", str(tmp_path / "blip2"), "--data.source", "vqa",
+        "--data.path", str(data / "vqa.json"), "--data.eval_path", str(data / "vqa.json"),
+        "--data.image_root", str(data), "--data.image_size", "28", "--data.vqa_prompt", '"question : {} answer :"',
+        "--data.batch_size", "2", "--data.num_workers", "0", "--steps", "2", "--optim.warmup_steps", "1",
+        "--optim.lr", "1e-3", "--log_every", "1", "--eval_every", "2", "--output_dir", str(run)])
+
+    job = build_job(config, Runtime(0, 1, 0, torch.device("cpu")))
+    batch = job.collate([job.dataset[(0, 0)], job.dataset[(0, 3)]])
+    tokenizer, suffix = job.model.tokenizer, job.model.config.text_suffix or job.model.tokenizer.eos_token
+    for row, answer in enumerate(["red", "yes"]):  # the most frequent answer, not the first
+        prompt = tokenizer("question : what colour is it? answer :").input_ids
+        target = tokenizer(answer + suffix, add_special_tokens=False).input_ids
+        length = len(prompt) + len(target)
+        assert batch["input_ids"][row, :length].tolist() == prompt + target
+        assert batch["labels"][row, :length].tolist() == [IGNORE_INDEX] * len(prompt) + target
+        assert (batch["labels"][row, length:] == IGNORE_INDEX).all()
+
+    result = train(config)
+    assert result["step"] == 2 and torch.isfinite(torch.tensor(result["loss"]))
+
+    def check(results: dict) -> None:
+        predictions = {p["question_id"]: p["answer"] for p in results["eval/predictions"]}
+        assert sorted(predictions) == [10, 11, 12, 13] and results["eval/count"] == 4
+        expected = vqa_score([predictions[10 + i] for i in range(4)], answers)["accuracy"]
+        assert 0 <= results["eval/accuracy"] <= 100 and results["eval/accuracy"] == expected
+
+    check(json.loads((run / "eval_step_0000002.json").read_text()))
+    main(["eval", str(run / "config.yaml"), "--checkpoint", str(run / "step_0000002")])
+    check(json.loads((run / "step_0000002" / "eval.json").read_text()))

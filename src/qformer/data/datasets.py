@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import json
+import random
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -350,7 +351,9 @@ class TarShardDataset(_Skipping, IterableDataset):
     samples. Shards are split across distributed ranks and then DataLoader workers: worker ``w``
     of rank ``r`` reads every ``world_size * num_workers``-th shard from ``r * num_workers + w``.
     ``image_id`` is the json's int id, or a stable hash of its string id or of the sample key.
-    An unreadable sample, or an unreadable rest of a shard, yields ``Skipped``."""
+    An unreadable sample, or an unreadable rest of a shard, yields ``Skipped``. With
+    ``shuffle_seed`` the shards are dealt out in a seeded order per ``epoch`` (set it before
+    iterating), so that readers see other shards each epoch and still no sample twice."""
 
     def __init__(
         self,
@@ -362,6 +365,7 @@ class TarShardDataset(_Skipping, IterableDataset):
         world_size: int = 1,
         strict: bool = False,
         max_words: int = 50,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__(strict)
         if not 0 <= rank < world_size:
@@ -373,20 +377,39 @@ class TarShardDataset(_Skipping, IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.max_words = max_words
+        self.shuffle_seed = shuffle_seed
+        self.epoch = 0
 
-    def local_shards(self) -> list[Path]:
-        """The shards this rank and DataLoader worker read."""
-        info = get_worker_info()
-        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return self.shards[self.rank * num_workers + worker :: self.world_size * num_workers]
+    def local_shards(self, worker: int | None = None, num_workers: int = 1) -> list[Path]:
+        """The shards that reader ``worker`` of ``num_workers`` of this rank reads (by default
+        the current DataLoader worker), in this epoch's order."""
+        if worker is None:
+            info = get_worker_info()
+            worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        shards = list(self.shards)
+        if self.shuffle_seed is not None:
+            random.Random(self.shuffle_seed * 1_000_003 + self.epoch).shuffle(shards)
+        return shards[self.rank * num_workers + worker :: self.world_size * num_workers]
 
-    def __iter__(self) -> Iterator[Sample | Skipped]:
-        for shard in self.local_shards():
+    def keyed(self, shards: Sequence[Path], skip: int = 0) -> Iterator[tuple[str, Sample | Skipped]]:
+        """``("shard file name:sample key", sample)`` for the samples of ``shards`` in order (an
+        unreadable rest of a shard counts as one); the first ``skip`` are passed over undecoded."""
+        for shard in shards:
             try:
                 for key, group in _tar_groups(shard):
-                    yield self._sample(f"{shard}:{key}", key, group)
+                    if skip:
+                        skip -= 1
+                        continue
+                    yield f"{shard.name}:{key}", self._sample(f"{shard}:{key}", key, group)
             except (tarfile.TarError, OSError) as err:
-                yield self._skip(str(shard), err)
+                if skip:
+                    skip -= 1
+                    continue
+                yield shard.name, self._skip(str(shard), err)
+
+    def __iter__(self) -> Iterator[Sample | Skipped]:
+        for _, sample in self.keyed(self.local_shards()):
+            yield sample
 
     def _sample(self, name: str, key: str, group: dict[str, bytes]) -> Sample | Skipped:
         image_key = next((k for k in self.image_keys if k in group), None)

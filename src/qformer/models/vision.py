@@ -62,6 +62,8 @@ class EvaViT(nn.Module):
     """EVA ViT-g/14 as BLIP-2 uses it: class token + patches, absolute positions, no final norm
     (BLIP-2's ``ln_vision`` follows, outside the frozen tower)."""
 
+    _no_split_modules = ("VisionBlock",)  # transformers' convention: the blocks FSDP shards one by one
+
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         self.config = config

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from qformer.config import ImageConfig
+from qformer.data.datasets import Skipped, TarShardDataset
 from qformer.data.transforms import eval_image, train_transform
 from qformer.train.config import DataSpec, TrainConfig
 from qformer.train.distributed import Runtime
@@ -33,7 +35,7 @@ def resolve_bert(path: str) -> str:
 class Job:
     model: nn.Module
     objective: nn.Module  # what DDP wraps
-    dataset: Dataset  # indexed by (epoch, index)
+    dataset: Dataset | TrainShards  # map-style: indexed by (epoch, index)
     collate: Callable[[list], dict]
     losses: Callable[[nn.Module, dict, torch.Generator], dict[str, Tensor]]
     evaluate: Callable[[nn.Module], dict[str, Any]] | None
@@ -43,6 +45,13 @@ class Job:
     @staticmethod
     def batch_size(batch: dict) -> int:
         return len(batch["texts"])
+
+
+def train_sample(sample: dict, image: ImageConfig, rng: random.Random, augment: bool, same_image_key: str) -> dict:
+    """A readable sample with its PIL image augmented from ``rng`` (or only resized), and its
+    ``image_id`` taken from ``same_image_key``."""
+    pixels = train_transform(sample["image"], image, rng) if augment else eval_image(sample["image"], image)
+    return {**sample, "image": pixels, "image_id": sample[same_image_key]}
 
 
 class TrainImages(Dataset):
@@ -64,8 +73,31 @@ class TrainImages(Dataset):
         if sample is None or not hasattr(sample.get("image"), "convert"):
             return sample  # skipped (counted by the collate) or already a tensor
         rng = random.Random((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
-        image = train_transform(sample["image"], self.image, rng) if self.augment else eval_image(sample["image"], self.image)
-        return {**sample, "image": image, "image_id": sample[self.same_image_key]}
+        return train_sample(sample, self.image, rng, self.augment, self.same_image_key)
+
+
+class TrainShards:
+    """Tar-shard samples (:class:`~qformer.data.datasets.TarShardDataset`) augmented as
+    :class:`TrainImages`, seeded by the epoch and the sample's shard file name and key: the same
+    augmentation whichever reader decodes it, and after a resume. ``set_epoch`` also deals the
+    shards out in that epoch's order."""
+
+    def __init__(self, reader: TarShardDataset, image: ImageConfig, seed: int, augment: bool = True) -> None:
+        self.reader, self.image, self.seed, self.augment = reader, image, seed, augment
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = self.reader.epoch = epoch
+
+    def samples(self, worker: int, num_workers: int, skip: int = 0) -> Iterator[dict | Skipped]:
+        """This rank's reader ``worker`` of ``num_workers``: its samples of the epoch, the first
+        ``skip`` passed over undecoded."""
+        for key, sample in self.reader.keyed(self.reader.local_shards(worker, num_workers), skip):
+            if isinstance(sample, Skipped):
+                yield sample  # counted by the collate
+            else:
+                rng = random.Random(f"{self.seed}:{self.epoch}:{key}")
+                yield train_sample(sample, self.image, rng, self.augment, "image_id")
 
 
 class RefillSkipped:
@@ -78,8 +110,6 @@ class RefillSkipped:
         self.collate = collate
 
     def __call__(self, samples: list) -> dict:
-        from qformer.data.datasets import Skipped
-
         kept = [s for s in samples if s is not None and not isinstance(s, Skipped)]
         if not kept:
             raise ValueError(f"every sample of a batch of {len(samples)} was unreadable: check the data set")
@@ -111,17 +141,72 @@ def scene_sets(data: DataSpec, seed: int) -> tuple[Dataset, dict[str, Dataset]]:
 
 
 def file_sets(data: DataSpec) -> tuple[Dataset, dict[str, Dataset]]:
-    """Captions or instruction data from files; ``eval_path`` in the same format."""
-    from qformer.data.datasets import CaptionDataset, InstructionDataset, read_captions, read_instructions
+    """Captions, instruction data or VQA questions from files; ``eval_path`` in the same format.
+    VQA trains on (image, ``vqa_prompt`` with the question -> its most frequent answer)."""
+    from qformer.data.datasets import (
+        CaptionDataset,
+        InstructionDataset,
+        VQADataset,
+        read_captions,
+        read_instructions,
+        read_vqa,
+    )
 
-    if data.source == "instructions":
-        dataset, read = InstructionDataset, read_instructions
-    else:
-        dataset, read = CaptionDataset, read_captions
-    train = dataset(read(data.path), data.image_root, strict=data.strict)
+    kinds = {"captions": (CaptionDataset, read_captions), "instructions": (InstructionDataset, read_instructions),
+             "vqa": (VQADataset, read_vqa)}
+    dataset, read = kinds[data.source]
+
+    def load(path: str) -> Dataset:
+        return dataset(read(path), data.image_root, strict=data.strict)
+
+    train = load(data.path)
+    if data.source == "vqa":
+        train = VQAPairs(train, data.vqa_prompt)
+    return train, ({"eval": load(data.eval_path)} if data.eval_path else {})
+
+
+class VQAPairs(Dataset):
+    """VQA samples as stage 2 trains on them: ``{"image", "instruction": the prompt with the
+    question, "text": the most frequent answer (the first seen on a tie), "image_id": index}``
+    (:class:`~qformer.train.stage2_job.Stage2Collator` puts the loss on the answer only)."""
+
+    def __init__(self, base: Dataset, prompt: str) -> None:
+        self.base, self.prompt = base, prompt
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict | None:
+        sample = self.base[index]
+        if sample is None:
+            return None
+        weights = sample["weights"]
+        answer = sample["answers"][max(range(len(weights)), key=weights.__getitem__)]
+        return {"image": sample["image"], "instruction": self.prompt.format(sample["question"]), "text": answer,
+                "image_id": index}
+
+
+def shard_paths(pattern: str) -> list[Path]:
+    """The tar shards matching a glob, sorted; none is an error."""
+    paths = sorted(Path(p) for p in glob.glob(pattern))
+    if not paths:
+        raise ValueError(f"no tar shard matches {pattern!r}")
+    return paths
+
+
+def shard_sets(data: DataSpec, seed: int, runtime: Runtime) -> tuple[TarShardDataset, dict[str, Any]]:
+    """This rank's share of the training shards (a seeded shard order per epoch); held out,
+    shards (``.tar``, read whole into memory) or a caption file."""
+    from qformer.data.datasets import CaptionDataset, read_captions
+
+    train = TarShardDataset(shard_paths(data.path), rank=runtime.rank, world_size=runtime.world_size,
+                            strict=data.strict, shuffle_seed=seed)
     if not data.eval_path:
         return train, {}
-    return train, {"eval": dataset(read(data.eval_path), data.image_root, strict=data.strict)}
+    if data.eval_path.endswith(".tar"):
+        held_out = TarShardDataset(shard_paths(data.eval_path), strict=data.strict)
+        return train, {"eval": [s for s in held_out if not isinstance(s, Skipped)]}
+    return train, {"eval": CaptionDataset(read_captions(data.eval_path), data.image_root, strict=data.strict)}
 
 
 def evaluate_sets(evaluate: Callable[[nn.Module, Dataset], dict[str, Any]], sets: dict[str, Dataset]):
@@ -141,19 +226,18 @@ def evaluate_sets(evaluate: Callable[[nn.Module, Dataset], dict[str, Any]], sets
 def build_job(config: TrainConfig, runtime: Runtime) -> Job:
     from qformer.train import stage1_job, stage2_job
 
-    if config.data.source == "scenes":
-        train, evaluation = scene_sets(config.data, config.seed)
-    elif config.data.source in ("captions", "instructions"):
-        if config.data.source == "instructions" and config.model.stage != "stage2":
-            raise ValueError("instruction data trains stage 2 (model.stage: stage2)")
-        train, evaluation = file_sets(config.data)
-    else:
-        raise NotImplementedError("data.source: shards are read by qformer.data.datasets.TarShardDataset; "
-                                  "the trainer takes map-style data (scenes, captions) for now")
+    source = config.data.source
+    if source in ("instructions", "vqa") and config.model.stage != "stage2":
+        raise ValueError(f"data.source {source} trains stage 2 (model.stage: stage2)")
     image = ImageConfig(size=config.data.image_size)
-    # scenes: drawings of one colour/shape/count/position combination count as the same image
-    same_image = "scene_id" if config.data.source == "scenes" else "image_id"
-    dataset = TrainImages(train, image, config.seed, same_image, config.data.augment)
+    if source == "shards":
+        reader, evaluation = shard_sets(config.data, config.seed, runtime)
+        dataset = TrainShards(reader, image, config.seed, config.data.augment)
+    else:
+        train, evaluation = scene_sets(config.data, config.seed) if source == "scenes" else file_sets(config.data)
+        # scenes: drawings of one colour/shape/count/position combination count as the same image
+        same_image = "scene_id" if source == "scenes" else "image_id"
+        dataset = TrainImages(train, image, config.seed, same_image, config.data.augment)
     build = stage1_job.build if config.model.stage == "stage1" else stage2_job.build
     job = build(config, runtime, dataset, evaluation, image)
     job.collate = RefillSkipped(job.collate)

@@ -46,11 +46,23 @@ class ModelSpec(ConfigBase):
 
 @dataclass
 class DataSpec(ConfigBase):
-    """Where the image-text pairs come from. ``source``: "scenes" (built-in, no download),
-    "captions" (COCO JSON / JSONL / CSV at ``path``, images under ``image_root``),
-    "instructions" (JSONL of image, instruction, answer: stage 2, the loss on the answer) or "shards"
-    (tar shards matching ``path``, a glob). ``augment`` turns BLIP-2's training augmentation
-    (random resized crop, horizontal flip) on; captions that name left and right need it off.
+    """Where the image-text pairs come from. ``source``:
+
+    - "scenes": built in, no download;
+    - "captions": COCO JSON / JSONL / CSV at ``path``, images under ``image_root``;
+    - "instructions": JSONL of image, instruction, answer (stage 2, the loss on the answer);
+    - "vqa": LAVIS's VQA JSON ``[{"image", "question", "answer": str or list}]`` (stage 2): the
+      LLM reads ``vqa_prompt`` with the question in place of ``{}`` and learns the most frequent
+      of the question's answers (the first seen on a tie), the loss on the answer only;
+      ``eval_path`` (the same format) reports VQAv2 accuracy of generated answers;
+    - "shards": webdataset-style tar shards of captioned images matching ``path`` (a glob,
+      e.g. ``data/train-*.tar``), streamed; there must be at least as many shards as ranks x
+      ``num_workers`` (each reads its own). ``eval_path`` is a glob of shards (read into memory:
+      keep it small) or a caption file.
+
+    ``eval_path`` is optional everywhere (scenes have held-out drawings of their own).
+    ``augment`` turns BLIP-2's training augmentation (random resized crop, horizontal flip) on;
+    captions or questions that name left and right need it off.
     With scenes, ``photographs`` > 0 adds that many random crops of each of the photographs that
     scikit-image ships (``qformer.data.photos``) to training, and one new crop of each as the
     held-out set ``photographs``."""
@@ -69,10 +81,16 @@ class DataSpec(ConfigBase):
     scenes_per_combination: int = 8
     eval_scenes_per_combination: int = 1
     photographs: int = 0
+    vqa_prompt: str = "Question: {} Answer:"
 
     def __post_init__(self) -> None:
-        if self.source not in ("scenes", "captions", "instructions", "shards"):
-            raise ValueError(f"data.source must be scenes, captions, instructions or shards, got {self.source!r}")
+        sources = ("scenes", "captions", "instructions", "vqa", "shards")
+        if self.source not in sources:
+            raise ValueError(f"data.source must be one of {', '.join(sources)}, got {self.source!r}")
+        if self.source != "scenes" and not self.path:
+            raise ValueError(f"data.source {self.source} needs data.path")
+        if self.vqa_prompt.count("{}") != 1:
+            raise ValueError(f"data.vqa_prompt must hold one {{}} where the question goes, got {self.vqa_prompt!r}")
 
 
 @dataclass
@@ -94,6 +112,12 @@ class OptimSpec(ConfigBase):
 
 @dataclass
 class TrainConfig(ConfigBase):
+    """A run. ``parallel`` says how torchrun's processes share the work: "ddp" (each holds the
+    whole model) or "fsdp" (FSDP2: weights, gradients and optimiser state sharded, each frozen
+    tower block gathered only while it runs; for an LLM or image encoder that does not fit one
+    device; see :mod:`qformer.train.parallel`). One process ignores it. Checkpoints are the same
+    under both."""
+
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
@@ -108,10 +132,13 @@ class TrainConfig(ConfigBase):
     keep_last: int = 2
     tensorboard: bool = False
     device: str = "auto"
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
 
 
 def _parse_value(text: str) -> Any:

@@ -1,4 +1,4 @@
-"""The training loop: one process or torchrun (DDP), accumulation, autocast, clipping,
+"""The training loop: one process or torchrun (DDP or FSDP2), accumulation, autocast, clipping,
 checkpoints, resume, metrics and plots."""
 
 from __future__ import annotations
@@ -7,58 +7,37 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch import nn
 
 from qformer.checkpoint import atomic_write
+from qformer.train.batches import data_batches
 from qformer.train.build import Job, build_job
 from qformer.train.config import TrainConfig, dump_yaml
 from qformer.train.distributed import Runtime, setup_runtime, teardown_runtime
 from qformer.train.optim import build_optimizer, build_scheduler
+from qformer.train.parallel import (
+    clip_gradients,
+    gradient_sync,
+    is_sharded,
+    parallelize,
+    whole_root,
+    whole_state_dict,
+)
 from qformer.train.plots import plot_metrics
-from qformer.train.sampler import GlobalBatchSampler
-from qformer.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from qformer.train.state import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
+    save_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class Batches:
-    """Endless batches over epochs, from a resumable position."""
-
-    def __init__(self, job: Job, config: TrainConfig, runtime: Runtime) -> None:
-        self.sampler = GlobalBatchSampler(
-            len(job.dataset), config.data.batch_size, runtime.rank, runtime.world_size, config.seed
-        )
-        self.loader = DataLoader(
-            job.dataset,
-            batch_sampler=self.sampler,
-            collate_fn=job.collate,
-            num_workers=config.data.num_workers,
-            persistent_workers=False,
-            generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
-        )
-        self.per_epoch = len(job.dataset) // self.sampler.global_batch
-        self.epoch, self.batch_in_epoch = 0, 0
-        self._iterator: Iterator | None = None
-
-    def seek(self, epoch: int, batch_in_epoch: int) -> None:
-        self.epoch, self.batch_in_epoch, self._iterator = epoch, batch_in_epoch, None
-
-    def __next__(self) -> dict:
-        if self.batch_in_epoch >= self.per_epoch:
-            self.epoch, self.batch_in_epoch, self._iterator = self.epoch + 1, 0, None
-        if self._iterator is None:
-            self.sampler.set_position(self.epoch, self.batch_in_epoch)
-            self._iterator = iter(self.loader)
-        self.batch_in_epoch += 1
-        return next(self._iterator)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -96,23 +75,20 @@ def _train(config: TrainConfig, resume: bool, runtime: Runtime) -> dict[str, Any
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     job = build_job(config, runtime)
     torch.manual_seed(config.seed * 1_000_003 + runtime.rank)  # then each rank its own dropout
-    model = job.model.to(runtime.device)
+    model = job.model
     if config.activation_checkpointing:
         model.qformer.gradient_checkpointing = True
-    objective = job.objective.to(runtime.device)
-    if runtime.world_size > 1:
-        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        objective = DistributedDataParallel(objective, device_ids=device_ids)
+    objective = parallelize(job.objective, runtime, config.parallel)  # moves the model (inside it) too
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.steps, config.optim)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.precision == "fp16")
-    batches = Batches(job, config, runtime)
+    batches = data_batches(job, config, runtime)
 
     step = 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, runtime.rank)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step = state["step"]
@@ -139,9 +115,7 @@ def _train(config: TrainConfig, resume: bool, runtime: Runtime) -> dict[str, Any
             generator = torch.Generator(runtime.device).manual_seed(
                 (config.seed * 1_000_003 + step * config.optim.grad_accum_steps + micro) * 64 + runtime.rank
             )
-            last_micro = micro == config.optim.grad_accum_steps - 1
-            sync = nullcontext() if last_micro or runtime.world_size == 1 else objective.no_sync()
-            with sync:
+            with gradient_sync(objective, enabled=micro == config.optim.grad_accum_steps - 1):
                 with torch.autocast(runtime.device.type, dtype=autocast, enabled=autocast is not None):
                     parts = job.losses(objective, batch, generator)
                 scaler.scale(parts["loss"] / config.optim.grad_accum_steps).backward()
@@ -149,7 +123,7 @@ def _train(config: TrainConfig, resume: bool, runtime: Runtime) -> dict[str, Any
                 sums[name] = sums.get(name, 0.0) + value.detach().float() / config.optim.grad_accum_steps
         if config.optim.max_grad_norm is not None:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
+            clip_gradients(model.parameters(), config.optim.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -178,7 +152,7 @@ def _train(config: TrainConfig, resume: bool, runtime: Runtime) -> dict[str, Any
 
         if step % config.save_every == 0 or step == config.steps:
             trainer = {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state(optimizer),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "step": step,
@@ -188,23 +162,30 @@ def _train(config: TrainConfig, resume: bool, runtime: Runtime) -> dict[str, Any
             save_checkpoint(run_dir, step, model, trainer, runtime.rank, config.keep_last)
 
         if job.evaluate is not None and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-            last.update(_evaluate(job, model, step, run_dir, runtime, metrics_file))
+            last.update(_evaluate(job, model, objective, step, run_dir, runtime, metrics_file))
 
     progress.close()
     if runtime.is_main:
         plot_metrics(metrics_file, run_dir / "curves.png")
-        if job.save_final is not None:
-            job.save_final(model, run_dir / "final")
+    if job.save_final is not None:
+        with whole_state_dict(objective, model):
+            if runtime.is_main:
+                job.save_final(model, run_dir / "final")
     return last
 
 
-def _evaluate(job: Job, model, step: int, run_dir: Path, runtime: Runtime, metrics_file: Path) -> dict[str, Any]:
-    """Rank 0 evaluates (the others wait); results to ``eval_step_XXXXXXX.json``."""
+def _evaluate(
+    job: Job, model: nn.Module, objective: nn.Module, step: int, run_dir: Path, runtime: Runtime, metrics_file: Path
+) -> dict[str, Any]:
+    """Rank 0 evaluates while the others wait, or with FSDP every rank does (the weights are
+    gathered from all of them); rank 0 writes the results to ``eval_step_XXXXXXX.json``."""
     results: dict[str, Any] = {}
-    if runtime.is_main:
+    if runtime.is_main or is_sharded(objective):
         model.eval()
-        results = job.evaluate(model)
+        with whole_root(objective):
+            results = job.evaluate(model)
         model.train()
+    if runtime.is_main:
         record = {"step": step, **results}
         atomic_write(run_dir / f"eval_step_{step:07d}.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
         _log_line(metrics_file, {"step": step, **{f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}})

@@ -1,4 +1,4 @@
-"""Stage 2 for the trainer: the LLM bridge, its collation and held-out captioning."""
+"""Stage 2 for the trainer: the LLM bridge, its collation, held-out captioning and VQA."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from qformer.blip2 import Blip2, InstructBlip
+from qformer.blip2 import VQA_DEFAULTS, Blip2, InstructBlip
 from qformer.config import ImageConfig
+from qformer.data.datasets import VQADataset
 from qformer.data.text import decoder_only_batch, encoder_decoder_batch, prefix_lm_split
 from qformer.models.blip2 import Blip2Stage1
 from qformer.tokenizer import load_tokenizer
@@ -92,39 +93,79 @@ def build(
     def captioning(module: Blip2, data: Dataset) -> dict[str, Any]:
         return evaluate_captions(module, data, image, config.model.prompt)
 
-    evaluate = evaluate_sets(captioning, evaluation)
+    def answering(module: Blip2, data: Dataset) -> dict[str, Any]:
+        return evaluate_vqa(module, data, image, config.data.vqa_prompt)
+
+    evaluate = evaluate_sets(answering if config.data.source == "vqa" else captioning, evaluation)
 
     collate = Stage2Collator(model, config.model.prompt, config.data.max_text_length, config.seed)
     return Job(model, model, dataset, collate, losses, evaluate, model.tokenizer)
+
+
+def generate_texts(model: Blip2, samples: list[dict], prompts: list[str], image: ImageConfig,
+                   **generation: Any) -> list[str]:
+    """The text generated for each sample's image after its prompt (eos and pad from the model)."""
+    device = model.ln_vision.weight.device
+    tokenizer = model.tokenizer
+    generation = {"eos_token_id": model.stop_token_ids(), "pad_token_id": tokenizer.pad_token_id, **generation}
+    text = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
+    tokens = model.generate(eval_pixels(samples, image).to(device), text.input_ids, text.attention_mask,
+                            **model.instruction(prompts), **generation)
+    return [t.strip() for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
 
 @torch.no_grad()
 def evaluate_captions(
     model: Blip2, data: Dataset, image: ImageConfig, prompt: str = "", chunk: int = 32, **generation: Any
 ) -> dict[str, Any]:
-    """Greedy captions of a held-out set against its references (a sample's ``references``, e.g.
-    every paraphrase of a scene's caption, or else its ``text``): exact match (equal to any
-    reference) and CIDEr."""
+    """Greedy captions of a held-out set against its references (for scenes: every paraphrase
+    of the scene's caption): exact match (equal to any reference) and CIDEr."""
+    from qformer.data.scenes import all_scenes, captions
     from qformer.evaluate.captions import caption_metrics, exact_match
 
-    device = model.ln_vision.weight.device
     samples = [s for s in (data[i] for i in range(len(data))) if s is not None]
     predictions: dict[int, str] = {}
     references: dict[int, list[str]] = {}
-    tokenizer = model.tokenizer
-    generation = {"max_new_tokens": 20, "num_beams": 1, "eos_token_id": model.stop_token_ids(),
-                  "pad_token_id": tokenizer.pad_token_id, **generation}
+    scenes = all_scenes()
+    generation = {"max_new_tokens": 20, "num_beams": 1, **generation}
     for start in range(0, len(samples), chunk):
         part = samples[start : start + chunk]
         prompts = [s.get("instruction", prompt) for s in part]
-        text = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
-        tokens = model.generate(eval_pixels(part, image).to(device), text.input_ids, text.attention_mask,
-                                **model.instruction(prompts), **generation)
-        for offset, (sample, caption) in enumerate(zip(part, tokenizer.batch_decode(tokens, skip_special_tokens=True))):
+        for offset, (sample, caption) in enumerate(zip(part, generate_texts(model, part, prompts, image, **generation))):
             key = start + offset
-            predictions[key] = caption.strip()
-            references[key] = sample.get("references") or [sample["text"]]
+            predictions[key] = caption
+            references[key] = captions(scenes[sample["scene_id"]]) if "scene_id" in sample else [sample["text"]]
     metrics = caption_metrics(predictions, references, metrics=("CIDEr",))
     keys = list(predictions)[:: max(1, len(predictions) // 16)][:16]  # spread over the set
     shown = [{"index": k, "prediction": predictions[k], "reference": references[k][0]} for k in keys]
     return {"exact_match": exact_match(predictions, references), "cider": metrics["CIDEr"], "samples": shown}
+
+
+@torch.no_grad()
+def evaluate_vqa(
+    model: Blip2, data: VQADataset, image: ImageConfig, prompt: str = "Question: {} Answer:", chunk: int = 32,
+    **generation: Any
+) -> dict[str, Any]:
+    """Short answers generated for a held-out VQA set (BLIP-2's settings: 5 beams, at most 10
+    new tokens, length penalty -1), scored against every human answer of each question with
+    :func:`~qformer.evaluate.vqa.vqa_score`: ``accuracy`` (percent), ``count`` (questions with a
+    readable image) and ``predictions`` (every ``{"question_id", "answer"}``, the VQA
+    challenge's result format)."""
+    from qformer.evaluate.vqa import vqa_score
+
+    generation = {**VQA_DEFAULTS, **generation}
+    predictions: list[dict[str, Any]] = []
+    truths: list[list[str]] = []
+    for start in range(0, len(data), chunk):  # images decoded a chunk at a time
+        indices = range(start, min(start + chunk, len(data)))
+        part = [(data[i], data.records[i].answers) for i in indices]
+        part = [(sample, answers) for sample, answers in part if sample is not None]
+        if not part:
+            continue
+        samples = [sample for sample, _ in part]
+        prompts = [prompt.format(sample["question"]) for sample in samples]
+        for sample, answer in zip(samples, generate_texts(model, samples, prompts, image, **generation)):
+            predictions.append({"question_id": sample["question_id"], "answer": answer})
+        truths.extend(answers for _, answers in part)
+    score = vqa_score([p["answer"] for p in predictions], truths)
+    return {**score, "predictions": predictions}

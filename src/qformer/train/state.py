@@ -1,5 +1,7 @@
 """Training checkpoints: trainable weights (safetensors), optimiser, scheduler, RNG states and
-data position, written atomically into ``step_XXXXXXX/``; the last k kept."""
+data position, written atomically into ``step_XXXXXXX/``; the last k kept. Weights and optimiser
+states are stored whole, whether the run shards them (FSDP) or not: a checkpoint resumes under
+one process, DDP or FSDP alike."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
+
+from qformer.train.parallel import shard_like, whole
 
 STATE_NAME = "trainer.pt"
 WEIGHTS_NAME = "trainable.safetensors"
@@ -32,24 +36,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train (and every buffer is rebuilt from the config)."""
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """The parameters that train, whole, on the CPU (and every buffer is rebuilt from the config).
+    A collective when the model is sharded."""
+    return {n: whole(p.detach()).contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with sharded states gathered whole (a collective when they are):
+    the same file under one process, DDP and FSDP."""
+    state = optimizer.state_dict()
+    gathered = {index: {key: whole(value) for key, value in values.items()} for index, values in state["state"].items()}
+    return {**state, "state": gathered}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """:func:`optimizer_state`'s output back into ``optimizer``, each state cut to this process's
+    shard where its parameter is sharded (``step`` counts stay whole, as torch keeps them)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    local = {
+        index: {key: value if key == "step" else shard_like(value, params[index]) for key, value in values.items()}
+        for index, values in state["state"].items()
+    }
+    optimizer.load_state_dict({**state, "state": local})
 
 
 def save_checkpoint(
     run_dir: Path, step: int, model: nn.Module, trainer: dict[str, Any], rank: int, keep_last: int
 ) -> Path | None:
-    """Rank 0 writes weights and trainer state; every rank writes its RNG state. The folder is
-    renamed into place when complete, so a crash never leaves half a checkpoint."""
+    """Rank 0 writes weights and trainer state; every rank writes its RNG state (and, when the
+    model is sharded, helps gather the weights). The folder is renamed into place when complete,
+    so a crash never leaves half a checkpoint."""
     final = run_dir / f"step_{step:07d}"
     staging = run_dir / f".staging_step_{step:07d}"
     if rank == 0:
         staging.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier() if torch.distributed.is_initialized() else None
     torch.save(rng_state(), staging / f"rng_rank{rank}.pt")
+    weights = trainable_state(model)
     if rank == 0:
-        save_file(trainable_state(model), staging / WEIGHTS_NAME, metadata={"step": str(step)})
+        save_file(weights, staging / WEIGHTS_NAME, metadata={"step": str(step)})
         torch.save(trainer, staging / STATE_NAME)
     torch.distributed.barrier() if torch.distributed.is_initialized() else None
     if rank != 0:
@@ -68,8 +94,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, rank: int) -> dict[str, Any]:
-    """Restore trainable weights and this rank's RNG; returns the trainer state (optimiser,
-    scheduler, step, data position)."""
+    """Restore trainable weights (this rank's shards when the model is sharded) and this rank's
+    RNG; returns the trainer state (optimiser, for :func:`load_optimizer_state`, scheduler, step,
+    data position)."""
     weights = load_file(path / WEIGHTS_NAME)
     trainable = dict(model.named_parameters())
     expected = {n for n, p in trainable.items() if p.requires_grad}
@@ -78,9 +105,9 @@ def load_checkpoint(path: Path, model: nn.Module, rank: int) -> dict[str, Any]:
         raise ValueError(f"{path} does not fit this model: missing {missing}, unexpected {unexpected}")
     with torch.no_grad():
         for name, tensor in weights.items():
-            trainable[name].copy_(tensor)
+            trainable[name].copy_(shard_like(tensor, trainable[name]))
     rng_file = path / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
         raise ValueError(f"{path} has no RNG state for rank {rank}: resume with the world size it was saved with")
     set_rng_state(torch.load(rng_file, weights_only=False))
-    return torch.load(path / STATE_NAME, weights_only=False)
+    return torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
