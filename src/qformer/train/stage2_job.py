@@ -118,15 +118,14 @@ def generate_texts(model: Blip2, samples: list[dict], prompts: list[str], image:
 def evaluate_captions(
     model: Blip2, data: Dataset, image: ImageConfig, prompt: str = "", chunk: int = 32, **generation: Any
 ) -> dict[str, Any]:
-    """Greedy captions of a held-out set against its references (for scenes: every paraphrase
-    of the scene's caption): exact match (equal to any reference) and CIDEr."""
-    from qformer.data.scenes import all_scenes, captions
+    """Greedy captions of a held-out set against its references (a sample's ``references``, e.g.
+    every paraphrase of a scene's caption, or else its ``text``): exact match (equal to any
+    reference) and CIDEr."""
     from qformer.evaluate.captions import caption_metrics, exact_match
 
     samples = [s for s in (data[i] for i in range(len(data))) if s is not None]
     predictions: dict[int, str] = {}
     references: dict[int, list[str]] = {}
-    scenes = all_scenes()
     generation = {"max_new_tokens": 20, "num_beams": 1, **generation}
     for start in range(0, len(samples), chunk):
         part = samples[start : start + chunk]
@@ -134,7 +133,7 @@ def evaluate_captions(
         for offset, (sample, caption) in enumerate(zip(part, generate_texts(model, part, prompts, image, **generation))):
             key = start + offset
             predictions[key] = caption
-            references[key] = captions(scenes[sample["scene_id"]]) if "scene_id" in sample else [sample["text"]]
+            references[key] = sample.get("references") or [sample["text"]]
     metrics = caption_metrics(predictions, references, metrics=("CIDEr",))
     keys = list(predictions)[:: max(1, len(predictions) // 16)][:16]  # spread over the set
     shown = [{"index": k, "prediction": predictions[k], "reference": references[k][0]} for k in keys]
