@@ -33,20 +33,20 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from qformer.checkpoint import atomic_write
 from qformer.config import ImageConfig, VisionConfig
+from qformer.data.photos import PHOTOS, PhotoDataset
 from qformer.data.scenes import (
     COLOURS,
-    COUNT_WORDS,
     COUNTS,
     POSITIONS,
     SHAPES,
     SceneDataset,
     SceneSpec,
     all_scenes,
+    attribute_words,
     captions,
     save_contact_sheet,
     split_scenes,
 )
-from qformer.data.photos import PHOTOS, PhotoDataset
 from qformer.data.transforms import eval_image
 from qformer.models.vision import EvaViT
 from qformer.train.config import TrainConfig
@@ -180,9 +180,7 @@ def _described_captions(scenes: list[SceneSpec]) -> list[tuple[tuple[str, ...], 
     the photographs."""
     pairs = []
     for scene in scenes:
-        noun = scene.shape if scene.count == 1 else scene.shape + "s"
-        words = (COUNT_WORDS[scene.count], scene.colour, noun, scene.position)
-        pairs += [(words, caption) for caption in captions(scene)]
+        pairs += [(attribute_words(scene), caption) for caption in captions(scene)]
     return pairs + [(photo.keywords, caption) for photo in PHOTOS for caption in photo.captions]
 
 

@@ -84,10 +84,15 @@ def scene_id(scene: SceneSpec) -> int:
     return _scene_ids()[scene]
 
 
+def attribute_words(scene: SceneSpec) -> tuple[str, str, str, str]:
+    """The scene's words as its captions write them: count, colour, noun, position."""
+    noun = scene.shape if scene.count == 1 else scene.shape + "s"
+    return COUNT_WORDS[scene.count], scene.colour, noun, scene.position
+
+
 def captions(scene: SceneSpec) -> list[str]:
     """Every caption of ``scene``: the canonical one first, then its paraphrases."""
-    count = COUNT_WORDS[scene.count]
-    noun = scene.shape if scene.count == 1 else scene.shape + "s"
+    count, _, noun, _ = attribute_words(scene)
     verb = "is" if scene.count == 1 else "are"
     objects = f"{count} {scene.colour} {noun}"
     return [
