@@ -75,7 +75,7 @@ def test_cli_vqa_with_an_instruction_model(saved, tmp_path):
     out = subprocess.run([sys.executable, "-m", "qformer", "vqa", "--model", str(directory), "--question",
                           "what colour is it", "--json", "--max-new-tokens", "3", str(image)],
                          capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout)[0]["question"] == "what colour is it"
+    assert json.loads(out.stdout.splitlines()[0])["question"] == "what colour is it"
 
 
 def test_instruction_tuning_run(saved, tmp_path):

@@ -129,22 +129,6 @@ def test_caption_and_answer_on_images(saved, tmp_path):
         ours.caption([tmp_path / "missing.png"])
 
 
-def test_cli_caption_and_vqa(saved, tmp_path):
-    _, directory, _, _ = saved
-    image = tmp_path / "img.png"
-    Image.new("RGB", (32, 32), "green").save(image)
-    run = [sys.executable, "-m", "qformer"]
-    out = subprocess.run(run + ["caption", "--model", str(directory), "--json", "--max-new-tokens", "3", str(image)],
-                         capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout)
-    assert result[0]["image"] == str(image) and isinstance(result[0]["caption"], str)
-    out = subprocess.run(run + ["vqa", "--model", str(directory), "--question", "what colour is it", str(image)],
-                         capture_output=True, text=True, check=True)
-    assert str(image) in out.stdout
-    bad = subprocess.run(run + ["caption", "--model", str(tmp_path / "nope"), str(image)], capture_output=True, text=True)
-    assert bad.returncode != 0 and "not a local directory" in bad.stderr
-
-
 # ---------------------------------------------------------------- training inputs
 
 

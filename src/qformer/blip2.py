@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from qformer.config import Blip2Config
 from qformer.convert.transformers_blip2 import load_transformers_blip2, save_transformers_blip2
 from qformer.convert.transformers_instructblip import load_transformers_instructblip, save_transformers_instructblip
 from qformer.data.transforms import eval_transform
+from qformer.devices import DeviceArg, DeviceMapArg, DtypeArg
+from qformer.loading import resolve_checkpoint
 from qformer.models.blip2 import Blip2Stage1, Blip2Stage2
 from qformer.models.instructblip import InstructBlipStage2
 from qformer.models.qformer import QFormer
@@ -39,21 +41,6 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase | None, directory: Path) -
             os.replace(name, directory / Path(name).name)
 
 
-def resolve_checkpoint(path_or_hub_id: str | Path) -> Path:
-    """A local directory as is; otherwise a hub id, downloaded unless the hub is offline."""
-    path = Path(path_or_hub_id)
-    if path.is_dir():
-        return path
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise FileNotFoundError(
-            f"{path_or_hub_id} is not a local directory and HF_HUB_OFFLINE is set: point to a directory holding "
-            "config.json and the weights, or unset HF_HUB_OFFLINE to download a hub id"
-        )
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(path_or_hub_id)))
-
-
 class Blip2(Blip2Stage2):
     """BLIP-2 with an LLM, ready to caption and answer. ``Blip2.from_pretrained`` takes a
     transformers-layout directory (``Salesforce/blip2-opt-2.7b``, ``blip2-flan-t5-xl``, ...)."""
@@ -71,13 +58,27 @@ class Blip2(Blip2Stage2):
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | Path) -> Blip2:
-        """A transformers-layout directory of BLIP-2 (``Blip2ForConditionalGeneration``) or of
-        InstructBLIP (``InstructBlipForConditionalGeneration``, returned as :class:`InstructBlip`)."""
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | Path,
+        dtype: DtypeArg = None,
+        device: DeviceArg = None,
+        device_map: DeviceMapArg = None,
+        max_memory: Mapping | None = None,
+    ) -> Blip2:
+        """A transformers-layout directory (or hub id) of BLIP-2 (``Blip2ForConditionalGeneration``)
+        or of InstructBLIP (``InstructBlipForConditionalGeneration``, returned as :class:`InstructBlip`).
+
+        ``dtype`` as transformers: None or ``"auto"`` keeps the checkpoint's; ``float16`` keeps
+        what transformers keeps in fp32 (BLIP-2: the queries and the Q-Former; the LLM's own
+        ``_keep_in_fp32_modules``, e.g. T5's ``wo``); any spelling (``bf16``, ``torch.bfloat16``).
+        ``device`` puts it all on one device; ``device_map="auto"`` (or a map of module names)
+        spreads the LLM's layers over the GPUs and the CPU, the rest staying on one device."""
         directory = resolve_checkpoint(path_or_hub_id)
         model_type = json.loads((directory / "config.json").read_text()).get("model_type")
         target = InstructBlip if model_type == "instructblip" else cls
-        model, report = target.load_weights(directory)
+        model, report = target.load_weights(directory, dtype=dtype, device=device, device_map=device_map,
+                                            max_memory=max_memory)
         if report.dropped:
             logger.info("loaded %s\n%s", directory, report.summary())
         if (directory / "tokenizer_config.json").is_file():
@@ -86,8 +87,8 @@ class Blip2(Blip2Stage2):
         return model.eval()
 
     @classmethod
-    def load_weights(cls, directory: Path):
-        return load_transformers_blip2(directory, cls)
+    def load_weights(cls, directory: Path, **options: Any):
+        return load_transformers_blip2(directory, cls, **options)
 
     def load_extra_tokenizers(self, directory: Path) -> None:
         """BLIP-2 has one tokenizer (InstructBLIP adds the Q-Former's)."""
@@ -139,9 +140,9 @@ class Blip2(Blip2Stage2):
         self.language_model = get_peft_model(self.language_model, config)
 
     def preprocess(self, images: Sequence[ImageInput]):
-        """Images (paths or PIL) -> pixel values (B, 3, S, S) on the model's device."""
-        pixels = eval_transform(images, self.config.image)
-        return pixels.to(self.ln_vision.weight.device)
+        """Images (paths or PIL) -> pixel values (B, 3, S, S) in the image encoder's dtype, on its device."""
+        first = next((self.ln_vision if self.vision is None else self.vision).parameters())
+        return eval_transform(images, self.config.image).to(device=first.device, dtype=first.dtype)
 
     def _tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:
@@ -201,8 +202,8 @@ class InstructBlip(Blip2, InstructBlipStage2):
     qformer_max_length: int = 256
 
     @classmethod
-    def load_weights(cls, directory: Path):
-        return load_transformers_instructblip(directory, cls)
+    def load_weights(cls, directory: Path, **options: Any):
+        return load_transformers_instructblip(directory, cls, **options)
 
     def load_extra_tokenizers(self, directory: Path) -> None:
         folder = directory / "qformer_tokenizer"

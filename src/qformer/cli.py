@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from qformer.convert.command import add_convert_command
+from qformer.infer_command import add_inference_arguments, caption_command, vqa_command
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -33,50 +34,6 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
 
 
-def _generation(args: argparse.Namespace) -> dict:
-    options = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
-    return {k: v for k, v in options.items() if v is not None}
-
-
-def _load(args: argparse.Namespace):
-    from qformer.blip2 import Blip2
-
-    return Blip2.from_pretrained(args.model)
-
-
-def _print(rows: list[dict], key: str, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for row in rows:
-            print(f"{row['image']}\t{row[key]}")
-
-
-def _caption(args: argparse.Namespace) -> None:
-    model = _load(args)
-    captions = model.caption(args.images, prompt=args.prompt, **_generation(args))
-    _print([{"image": i, "caption": c} for i, c in zip(args.images, captions)], "caption", args.json)
-
-
-def _vqa(args: argparse.Namespace) -> None:
-    model = _load(args)
-    questions = [args.question] * len(args.images)
-    answers = model.answer(args.images, questions, prompt=args.prompt, **_generation(args))
-    rows = [{"image": i, "question": q, "answer": a} for i, q, a in zip(args.images, questions, answers)]
-    _print(rows, "answer", args.json)
-
-
-def _model_command(commands, name: str, help: str, run) -> argparse.ArgumentParser:
-    parser = commands.add_parser(name, help=help)
-    parser.add_argument("--model", required=True, help="a transformers-layout BLIP-2 directory or hub id")
-    parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("--num-beams", type=int)
-    parser.add_argument("--max-new-tokens", type=int)
-    parser.set_defaults(run=run)
-    return parser
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qformer", description="BLIP-2 and its Q-Former.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -84,9 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out-dir", default="runs/demo")
     demo.set_defaults(run=_demo)
-    caption = _model_command(commands, "caption", "caption images with a BLIP-2 model", _caption)
+    caption = commands.add_parser("caption", help="caption images with a BLIP-2 model")
+    add_inference_arguments(caption)
     caption.add_argument("--prompt", default=None, help="text the caption continues")
-    vqa = _model_command(commands, "vqa", "answer a question about each image", _vqa)
+    caption.set_defaults(run=caption_command)
+    vqa = commands.add_parser("vqa", help="answer a question about each image")
+    add_inference_arguments(vqa)
+    vqa.set_defaults(run=vqa_command)
     vqa.add_argument("--question", required=True)
     vqa.add_argument("--prompt", default="Question: {} Answer:", help="the question's template")
     train = commands.add_parser("train", help="train from a YAML recipe; --section.key value overrides it")
@@ -110,9 +71,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     try:
         if getattr(args, "takes_overrides", False):
-            args.run(args, overrides)
+            status = args.run(args, overrides)
         else:
-            args.run(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"qformer {args.command}: {err}", file=sys.stderr)
+            status = args.run(args)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        message = str(err).strip("'\"") if isinstance(err, KeyError) else str(err)
+        print(f"qformer {args.command}: {message}", file=sys.stderr)
         raise SystemExit(1) from None
+    if status:
+        raise SystemExit(status)

@@ -65,6 +65,16 @@ def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
         raise ValueError(f"{owner}.{name} must be a number, got {value!r}") from None
 
 
+def _dtype_field(name: str, value: Any) -> str:
+    """A dtype field in any spelling (``bf16``, ``torch.bfloat16``, ...) -> ``bfloat16``."""
+    from qformer.devices import dtype_name
+
+    try:
+        return dtype_name(value)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+
+
 def _config_class(hint: Any) -> type[ConfigBase] | None:
     """The ConfigBase subclass in a type hint such as ``VisionConfig | None``, if any."""
     for candidate in (hint, *typing.get_args(hint)):
@@ -178,8 +188,7 @@ class Blip2Stage1Config(ConfigBase):
             )
         if not self.qformer.use_text_input or not self.qformer.use_lm_head:
             raise ValueError("stage 1 needs the Q-Former's text input and LM head (ITC, ITM, ITG)")
-        if self.vision_dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"vision_dtype must be float32, float16 or bfloat16, got {self.vision_dtype!r}")
+        self.vision_dtype = _dtype_field("vision_dtype", self.vision_dtype)
         if not 0 < self.min_temperature <= self.temperature <= self.max_temperature:
             raise ValueError("need 0 < min_temperature <= temperature <= max_temperature")
 
@@ -233,8 +242,7 @@ class Blip2Config(ConfigBase):
                 f"the image encoder is {self.vision.hidden_size} wide but the Q-Former cross-attends to "
                 f"encoder_hidden_size={self.qformer.encoder_hidden_size}"
             )
-        for name in ("vision_dtype", "llm_dtype"):
-            if getattr(self, name) not in ("float32", "float16", "bfloat16"):
-                raise ValueError(f"{name} must be float32, float16 or bfloat16, got {getattr(self, name)!r}")
+        self.vision_dtype = _dtype_field("vision_dtype", self.vision_dtype)
+        self.llm_dtype = _dtype_field("llm_dtype", self.llm_dtype)
         if "model_type" not in self.text_config:
             raise ValueError("text_config must be a transformers config dict with a model_type")

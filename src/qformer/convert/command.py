@@ -37,8 +37,10 @@ from qformer.convert.lavis_pth import (
 )
 from qformer.convert.qformer_layouts import BERT_FIELDS
 from qformer.convert.rename import ConversionReport, RenameTable
-from qformer.convert.transformers_blip2 import blip2_config_from_transformers, tied_groups
-from qformer.models.blip2 import DTYPES, Blip2Stage1
+from qformer.convert.transformers_blip2 import blip2_config_from_transformers
+from qformer.devices import DTYPES
+from qformer.loading import tied_parameters
+from qformer.models.blip2 import Blip2Stage1
 
 Format = Literal["lavis", "transformers", "qformer"]
 FORMATS: tuple[Format, ...] = ("transformers", "lavis", "qformer")
@@ -312,7 +314,7 @@ def write_checkpoint(model: Model, dst: str | Path, to: Format) -> ConversionRep
         return ConversionReport()
     report = _align_ln_vision_eps(model)
     model.save_pretrained(dst)
-    tied = {key: group[0] for group in tied_groups(model) for key in group[1:]}
+    tied = {key: group[0] for group in tied_parameters(model) for key in group[1:]}
     report.dropped.update({key: f"tied to {kept}: stored once" for key, kept in tied.items()})
     return report
 

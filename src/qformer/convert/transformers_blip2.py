@@ -11,15 +11,25 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from qformer.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, load_state_dict_strict, read_weights
+from qformer.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write
 from qformer.config import CLIP_MEAN, CLIP_STD, Blip2Config, ImageConfig, VisionConfig
 from qformer.convert.blip2_layouts import TRANSFORMERS_VISION
 from qformer.convert.qformer_layouts import TRANSFORMERS_BLIP2_QFORMER, qformer_config_from_transformers
 from qformer.convert.rename import ConversionReport, RenameTable
+from qformer.devices import DeviceArg, DeviceMapArg, DtypeArg, dtype_name, parse_dtype
+from qformer.loading import (
+    auto_dtype,
+    build_empty,
+    index_checkpoint,
+    keep_fp32_rule,
+    load_checkpoint,
+    tied_parameters,
+)
 
 logger = logging.getLogger(__name__)
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
+PROCESSOR_NAME = "processor_config.json"
 
 def stage2_table(qformer: RenameTable) -> RenameTable:
     """A stage-2 model's keys: vision, ``ln_vision``, queries, the Q-Former (``qformer``'s
@@ -54,17 +64,9 @@ _VISION_FIELDS = (
 )
 
 
-def tied_groups(module: nn.Module) -> list[list[str]]:
-    """State-dict keys that share one tensor (tied embeddings), in state-dict order."""
-    groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
-    for key, tensor in module.state_dict(keep_vars=True).items():
-        groups.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append(key)
-    return [keys for keys in groups.values() if len(keys) > 1]
-
-
 def fill_tied(module: nn.Module, state_dict: dict[str, Tensor], report: ConversionReport) -> None:
     """A checkpoint stores one tensor of each tied group: give the others the same one."""
-    for group in tied_groups(module):
+    for group in tied_parameters(module):
         present = [k for k in group if k in state_dict]
         if not present:
             continue
@@ -125,12 +127,17 @@ def blip2_config_to_transformers(config: Blip2Config) -> dict[str, Any]:
     return tf.to_dict()
 
 
-def image_config_from_preprocessor(path: Path) -> ImageConfig | None:
-    """Size, mean and std from a ``BlipImageProcessor`` ``preprocessor_config.json``."""
-    file = path / PREPROCESSOR_NAME
-    if not file.is_file():
+def image_config_from_directory(path: Path) -> ImageConfig | None:
+    """Size, mean and std of a ``BlipImageProcessor``, where transformers reads them: the
+    ``image_processor`` entry of ``processor_config.json`` (transformers 5 writes it), else
+    ``preprocessor_config.json``."""
+    values = None
+    if (path / PROCESSOR_NAME).is_file():
+        values = json.loads((path / PROCESSOR_NAME).read_text()).get("image_processor")
+    if values is None and (path / PREPROCESSOR_NAME).is_file():
+        values = json.loads((path / PREPROCESSOR_NAME).read_text())
+    if values is None:
         return None
-    values = json.loads(file.read_text())
     size = values.get("size", {})
     side = size.get("height", size.get("shortest_edge", 224)) if isinstance(size, dict) else int(size)
     return ImageConfig(size=side, mean=tuple(values.get("image_mean", CLIP_MEAN)), std=tuple(values.get("image_std", CLIP_STD)))
@@ -152,17 +159,43 @@ def preprocessor_dict(image: ImageConfig) -> dict[str, Any]:
 
 
 def load_transformers_layout(
-    directory: str | Path, table: RenameTable, config_from: Callable[..., Blip2Config], model_cls: type, **kwargs: Any
+    directory: str | Path,
+    table: RenameTable,
+    config_from: Callable[..., Blip2Config],
+    model_cls: type,
+    reference: type,
+    dtype: DtypeArg = None,
+    device: DeviceArg = None,
+    device_map: DeviceMapArg = None,
+    max_memory: Mapping | None = None,
+    **kwargs: Any,
 ):
-    """Build ``model_cls(config_from(config.json, preprocessing), **kwargs)`` and load the
-    directory's weights through ``table`` strictly; returns the model and the report."""
+    """``model_cls(config_from(config.json, preprocessing), **kwargs)`` built on the meta device,
+    the directory's weights renamed through ``table``, checked strictly and loaded in ``dtype``
+    (transformers' meaning: None or "auto" keeps the checkpoint's), where ``reference`` (the
+    transformers class of the layout) and the LLM keep fp32, on ``device`` or over
+    ``device_map``. Returns the model and the report."""
     directory = Path(directory)
     values = json.loads((directory / CONFIG_NAME).read_text())
-    model = model_cls(config_from(values, image_config_from_preprocessor(directory)), **kwargs)
-    ours, report = table.to_ours(read_weights(directory))
+    stored = index_checkpoint(directory)
+    ours, report = table.to_ours(stored)
     report.raise_if_unmatched(f"transformers {values.get('model_type')} ({directory})")
-    fill_tied(model, ours, report)
-    load_state_dict_strict(model, ours)
+    requested = parse_dtype(dtype)
+    main = auto_dtype(values, stored) if requested == "auto" else requested
+    name = dtype_name(main)
+    config = config_from(values, image_config_from_directory(directory)).replace(vision_dtype=name, llm_dtype=name)
+    model = build_empty(lambda: model_cls(config, **kwargs))
+    llm = model.language_model
+    rule = keep_fp32_rule(
+        [*(reference._keep_in_fp32_modules or ()), *(llm._keep_in_fp32_modules or ())],
+        [*(reference._keep_in_fp32_modules_strict or ()), *(llm._keep_in_fp32_modules_strict or ())],
+    )
+    theirs = {key: item.name for key, item in ours.items()}
+    for group in tied_parameters(model):
+        present = [k for k in group if k in ours]
+        report.dropped.update({k: f"tied to {present[0]}: not stored" for k in group if present and k not in ours})
+    load_checkpoint(model, ours, dtype=main, device=device, device_map=device_map, max_memory=max_memory,
+                    keep_fp32=lambda key, dt: rule(theirs.get(key, key), dt))
     return model, report
 
 
@@ -174,7 +207,7 @@ def save_transformers_layout(
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    tied = {key: group[0] for group in tied_groups(model) for key in group[1:]}
+    tied = {key: group[0] for group in tied_parameters(model) for key in group[1:]}
     theirs, report = table.to_theirs({k: v for k, v in model.state_dict().items() if k not in tied})
     report.raise_if_unmatched("qformer")
     report.dropped.update({key: f"tied to {kept}: stored once" for key, kept in tied.items()})
@@ -187,10 +220,13 @@ def save_transformers_layout(
     return report
 
 
-def load_transformers_blip2(directory: str | Path, model_cls: type, **model_kwargs: Any):
-    """A :class:`Blip2Stage2` (``model_cls``) from a transformers BLIP-2 directory, and the report."""
+def load_transformers_blip2(directory: str | Path, model_cls: type, **options: Any):
+    """A :class:`Blip2Stage2` (``model_cls``) from a transformers BLIP-2 directory, and the report;
+    ``options`` are :func:`load_transformers_layout`'s."""
+    from transformers import Blip2ForConditionalGeneration
+
     return load_transformers_layout(directory, TRANSFORMERS_BLIP2, blip2_config_from_transformers, model_cls,
-                                    **model_kwargs)
+                                    Blip2ForConditionalGeneration, **options)
 
 
 def save_transformers_blip2(model: nn.Module, config: Blip2Config, directory: str | Path) -> ConversionReport:

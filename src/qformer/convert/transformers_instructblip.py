@@ -64,12 +64,14 @@ def instructblip_config_to_transformers(config: Blip2Config) -> dict[str, Any]:
 
 
 def load_transformers_instructblip(
-    directory: str | Path, model_cls: type = InstructBlipStage2, **model_kwargs: Any
+    directory: str | Path, model_cls: type = InstructBlipStage2, **options: Any
 ) -> tuple[nn.Module, ConversionReport]:
     """An :class:`InstructBlipStage2` (``model_cls``) from a transformers InstructBLIP directory,
-    and the report."""
+    and the report; ``options`` are :func:`load_transformers_layout`'s (dtype, device, ...)."""
+    from transformers import InstructBlipForConditionalGeneration
+
     return load_transformers_layout(directory, TRANSFORMERS_INSTRUCTBLIP, instructblip_config_from_transformers,
-                                    model_cls, **model_kwargs)
+                                    model_cls, InstructBlipForConditionalGeneration, **options)
 
 
 def save_transformers_instructblip(model: nn.Module, config: Blip2Config, directory: str | Path) -> ConversionReport:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,20 +13,22 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
 from qformer.config import Blip2Config, Blip2Stage1Config, QFormerConfig, VisionConfig
+from qformer.devices import DTYPES
 from qformer.models.qformer import KeyValue, QFormer, QFormerOutput
 from qformer.models.vision import EvaViT
 
 ImageKeyValues = tuple[KeyValue | None, ...]
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def freeze(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """No gradients, eval mode, optionally cast (e.g. fp16 for a frozen ViT)."""
+    """No gradients, eval mode, optionally its parameters cast (e.g. fp16 for a frozen ViT);
+    buffers computed at build (rotary tables) keep their dtype, as transformers loads them."""
     module.requires_grad_(False)
     module.eval()
     if dtype is not None:
-        module.to(dtype)
+        for param in module.parameters():
+            param.data = param.data.to(dtype)
     return module
 
 
@@ -167,10 +170,19 @@ class Blip2Stage1(Blip2Base):
         save_model(self, self.config, directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> Blip2Stage1:
+    def from_pretrained(
+        cls, path_or_hub_id: str | Path, dtype: Any = None, device: Any = None, device_map: Any = None
+    ) -> Blip2Stage1:
+        """A directory written by ``save_pretrained`` (or a hub id). ``dtype``: None or "auto" as
+        stored; ``float16`` as LAVIS runs stage 1 (the frozen image encoder in fp16, everything
+        else in fp32); ``bfloat16`` everywhere. ``device``, or ``device_map`` naming one device."""
         from qformer.checkpoint import load_model
 
-        return load_model(cls, Blip2Stage1Config, directory)
+        return load_model(
+            cls, Blip2Stage1Config, path_or_hub_id, dtype=dtype, device=device, device_map=device_map,
+            keep_fp32=lambda key, dt: dt == torch.float16 and not key.startswith("vision."),
+            config_for_dtype=lambda config, name: config.replace(vision_dtype=name),
+        )
 
 
 @dataclass
@@ -233,7 +245,7 @@ class Blip2Stage2(Blip2Base):
     def project(self, queries: Tensor) -> Tensor:
         """(B, Q, D) query outputs -> (B, Q, H) LLM inputs, in the LLM's dtype."""
         dtype = self.language_model.get_input_embeddings().weight.dtype
-        return self.language_projection(queries).to(dtype)
+        return self.language_projection(queries.to(self.language_projection.weight.dtype)).to(dtype)
 
     def _text(self, input_ids: Tensor | None, attention_mask: Tensor | None, batch: int, device: torch.device):
         """Text ids and mask; a decoder-only LLM without a prompt starts from its bos token."""
@@ -251,8 +263,10 @@ class Blip2Stage2(Blip2Base):
         query_mask = torch.ones(queries.shape[:2], dtype=torch.long, device=queries.device)
         if input_ids is None:
             return queries, query_mask
-        text = self.language_model.get_input_embeddings()(input_ids)  # (B, T, H)
-        return torch.cat([queries, text], dim=1), torch.cat([query_mask, attention_mask.to(query_mask)], dim=1)
+        text = self.language_model.get_input_embeddings()(input_ids)  # (B, T, H), where the LLM's embeddings are
+        query_mask = query_mask.to(text.device)
+        return (torch.cat([queries.to(text.device), text], dim=1),
+                torch.cat([query_mask, attention_mask.to(query_mask)], dim=1))
 
     def forward(
         self,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
@@ -134,9 +134,8 @@ class QFormerEmbeddings(nn.Module):
         return text
 
     def forward(self, query_embeds: Tensor | None, text_embeds: Tensor | None) -> Tensor:
-        parts = [x for x in (query_embeds, text_embeds) if x is not None]
-        if query_embeds is not None and text_embeds is not None and query_embeds.dtype != text_embeds.dtype:
-            parts[0] = query_embeds.to(text_embeds.dtype)
+        dtype = self.norm.weight.dtype  # queries may be kept in fp32 beside a half-precision Q-Former
+        parts = [x.to(dtype) for x in (query_embeds, text_embeds) if x is not None]
         hidden = torch.cat(parts, dim=1) if len(parts) == 2 else parts[0]  # (B, L, D)
         return self.dropout(self.norm(hidden))
 
@@ -478,7 +477,11 @@ class QFormer(nn.Module):
         save_model(self, self.config, directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> QFormer:
+    def from_pretrained(
+        cls, path_or_hub_id: str | Path, dtype: Any = None, device: Any = None, device_map: Any = None
+    ) -> QFormer:
+        """A directory written by ``save_pretrained`` (or a hub id), in ``dtype`` (None or "auto":
+        as stored) on ``device``."""
         from qformer.checkpoint import load_model
 
-        return load_model(cls, QFormerConfig, directory)
+        return load_model(cls, QFormerConfig, path_or_hub_id, dtype=dtype, device=device, device_map=device_map)

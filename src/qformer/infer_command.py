@@ -1,0 +1,134 @@
+"""``qformer caption`` and ``qformer vqa``: many images (files, folders, globs) through a
+BLIP-2 or InstructBLIP checkpoint, in batches, on any device and dtype; one result per image as
+it comes, an unreadable image reported by name while the others are still answered."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def expand_images(arguments: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Files as given; a folder's image files (sorted, not recursive); a glob's matches
+    (``**`` recurses). Returns the images and one message per argument that names none."""
+    images: list[str] = []
+    problems: list[str] = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                problems.append(f"{argument}: no image files in this folder")
+            images += found
+        elif not path.exists() and glob.has_magic(argument):
+            found = sorted(p for p in glob.glob(argument, recursive=True) if Path(p).is_file())
+            if not found:
+                problems.append(f"{argument}: no file matches")
+            images += found
+        else:
+            images.append(argument)  # a missing file is reported when it is read
+    return images, problems
+
+
+def batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield list(items[start:start + size])
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a transformers-layout BLIP-2 / InstructBLIP directory or hub id")
+    parser.add_argument("images", nargs="+", help="image files, folders or globs (quote a glob: 'photos/**/*.jpg')")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line, as results come")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: a GPU if there is one)")
+    parser.add_argument("--dtype", default="auto",
+                        help="float32, float16, bfloat16 (fp32, fp16, bf16, ...) or auto: the checkpoint's")
+    parser.add_argument("--device-map", default=None, help="auto: spread the LLM over every GPU (and the CPU)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--num-beams", type=int)
+    parser.add_argument("--max-new-tokens", type=int)
+
+
+def default_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def load_model(args: argparse.Namespace):
+    from qformer.blip2 import Blip2
+    from qformer.devices import parse_device, parse_dtype
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    dtype = parse_dtype(args.dtype)  # bad spellings fail before anything loads
+    if args.device_map is not None:
+        if args.device is not None:
+            raise ValueError("pass --device or --device-map, not both")
+        return Blip2.from_pretrained(args.model, dtype=dtype, device_map=args.device_map)
+    device = parse_device(args.device or default_device())
+    return Blip2.from_pretrained(args.model, dtype=dtype, device=device)
+
+
+def run_images(args: argparse.Namespace, answer_batch, result_key: str, extra: dict[str, Any]) -> int:
+    """Load the model, then answer every readable image batch by batch, printing as results come;
+    returns the exit status (1 when an image could not be read or an argument named none)."""
+    from tqdm import tqdm
+
+    from qformer.data.transforms import load_image
+
+    images, problems = expand_images(args.images)
+    for problem in problems:
+        print(f"qformer {args.command}: {problem}", file=sys.stderr)
+    if not images:
+        raise ValueError("no images to read")
+    model = load_model(args)
+    generation = {k: v for k, v in {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}.items()
+                  if v is not None}
+    failed = 0
+    with tqdm(total=len(images), unit="image", file=sys.stderr, disable=None) as progress:
+        for names in batches(images, args.batch_size):
+            readable: list[tuple[str, Any]] = []
+            for name in names:
+                try:
+                    readable.append((name, load_image(name)))
+                except ValueError as err:
+                    failed += 1
+                    emit(args, {"image": name, "error": str(err)}, result_key)
+            if readable:
+                results = answer_batch(model, [image for _, image in readable], generation)
+                for (name, _), result in zip(readable, results, strict=True):
+                    emit(args, {"image": name, **extra, result_key: result}, result_key)
+            progress.update(len(names))
+    if failed:
+        print(f"qformer {args.command}: {failed} of {len(images)} image(s) could not be read", file=sys.stderr)
+    return 1 if failed or problems else 0
+
+
+def emit(args: argparse.Namespace, row: dict[str, Any], key: str) -> None:
+    """One line per image: JSON with ``--json`` (errors too, on stdout), else tab-separated."""
+    if args.json:
+        print(json.dumps(row), flush=True)
+    elif "error" in row:
+        print(f"qformer {args.command}: {row['error']}", file=sys.stderr, flush=True)
+    else:
+        print(f"{row['image']}\t{row[key]}", flush=True)
+
+
+def caption_command(args: argparse.Namespace) -> int:
+    return run_images(args, lambda model, images, gen: model.caption(images, prompt=args.prompt, **gen), "caption", {})
+
+
+def vqa_command(args: argparse.Namespace) -> int:
+    def answer(model, images, gen):
+        return model.answer(images, [args.question] * len(images), prompt=args.prompt, **gen)
+
+    return run_images(args, answer, "answer", {"question": args.question})
