@@ -68,8 +68,9 @@ def save_tokenizer(llm: dict, directory: Path) -> None:
                             bos_token="</s>" if opt else None).save_pretrained(directory)
 
 
-def build_checkpoint(name: str, directory: Path) -> None:
-    """Random weights with the official shapes, saved by transformers in bf16 shards."""
+def build_checkpoint(name: str, directory: Path, stored: str = "bfloat16") -> None:
+    """Random weights with the official shapes, saved by transformers in shards of ``stored``
+    dtype (the official files are fp32)."""
     import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
@@ -78,7 +79,7 @@ def build_checkpoint(name: str, directory: Path) -> None:
                          image_token_index=IMAGE_TOKEN[llm["model_type"]])
     with torch.device("meta"):
         model = Blip2ForConditionalGeneration(config)
-    model = model.to(torch.bfloat16).to_empty(device="cpu")
+    model = model.to(getattr(torch, stored)).to_empty(device="cpu")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for key, tensor in model.state_dict().items():
@@ -190,6 +191,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["blip2-opt-2.7b", "blip2-flan-t5-xl"], choices=sorted(LLMS))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--stored", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="the checkpoint's own dtype (the official files are float32)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--device-map", default=None, help="e.g. auto: spread over every GPU there is")
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/qformer-bench"))
@@ -205,11 +208,11 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     image = bench_image(cache / "bench.png")
     for name in args.models:
-        directory = cache / name
+        directory = cache / (name if args.stored == "bfloat16" else f"{name}-{args.stored}")
         if not directory.is_dir():
             print(f"building {directory} (once) ...", flush=True)
             begin = time.perf_counter()
-            build_checkpoint(name, directory)
+            build_checkpoint(name, directory, args.stored)
             print(f"  built in {time.perf_counter() - begin:.0f} s", flush=True)
         results = {}
         for side in ("transformers", "qformer"):
@@ -228,7 +231,8 @@ def main() -> None:
         ref, ours = results["transformers"], results["qformer"]
         weights = weight_bytes(directory, args.dtype) / GIB
         where = args.device_map and f"device_map={args.device_map}" or args.device
-        print(f"\n{name}, {args.dtype} on {where}, weights {weights:.2f} GiB, {os.cpu_count()} cores, warm page cache")
+        print(f"\n{name} (stored {args.stored}), {args.dtype} on {where}, weights {weights:.2f} GiB, "
+              f"{os.cpu_count()} cores, warm page cache")
         print(f"{'':<26}{'transformers':>14}{'qformer':>10}{'ratio':>8}")
         for key, label in (("load_s", "load (s)"), ("first_caption_s", "first caption (s)"),
                            ("peak_rss_gib", "peak RSS (GiB)"), ("peak_cuda_gib", "peak CUDA (GiB)")):

@@ -284,3 +284,34 @@ def test_a_checkpoint_that_does_not_fit_names_every_key_before_reading(saved, tm
     save_file(weights, target / "model.safetensors")
     with pytest.raises(ValueError, match=r"(?s)1 missing:.*query_tokens.*mis-shaped:.*language_projection.weight"):
         Blip2.from_pretrained(target)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_llm_equals_transformers_quantized(saved, bits):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    llm, directory = saved
+    if llm == "t5" and bits == 4:
+        pytest.skip("bitsandbytes' 4-bit CPU kernel needs wider layers than the tiny T5's")
+    quantization = BitsAndBytesConfig(load_in_8bit=bits == 8, load_in_4bit=bits == 4)
+    ours = Blip2.from_pretrained(directory, dtype="float32", quantization_config=quantization)
+    # transformers quantises every Linear of BLIP-2 (the image encoder's too); ours the LLM's alone
+    only_llm = BitsAndBytesConfig(load_in_8bit=bits == 8, load_in_4bit=bits == 4, llm_int8_skip_modules=[
+        "vision_model", "qformer", "language_projection", "lm_head"])
+    ref = Blip2ForConditionalGeneration.from_pretrained(directory, dtype=torch.float32,
+                                                        quantization_config=only_llm, device_map="cpu").eval()
+    quantized = [type(m).__name__ for m in ours.language_model.modules() if "bit" in type(m).__name__]
+    assert quantized and quantized == [type(m).__name__ for m in ref.language_model.modules()
+                                       if "bit" in type(m).__name__]
+    assert torch.equal(ours.query_tokens, ref.query_tokens)
+    pixels = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([[1, 5, 6], [1, 7, 8]])
+    queries = torch.full((2, ref.config.num_query_tokens), ref.config.image_token_index)
+    if llm == "t5":
+        ours_logits = ours(pixels, ids, labels=ids).logits
+        ref_logits = ref(pixel_values=pixels, input_ids=torch.cat([queries, ids], 1), labels=ids).logits
+    else:
+        ours_logits = ours(pixels, ids).logits
+        ref_logits = ref(pixel_values=pixels, input_ids=torch.cat([queries, ids], 1)).logits[:, queries.shape[1]:]
+    assert_close(ours_logits, ref_logits, rtol=1e-4, atol=1e-4)

@@ -65,6 +65,7 @@ class Blip2(Blip2Stage2):
         device: DeviceArg = None,
         device_map: DeviceMapArg = None,
         max_memory: Mapping | None = None,
+        quantization_config: Any = None,
     ) -> Blip2:
         """A transformers-layout directory (or hub id) of BLIP-2 (``Blip2ForConditionalGeneration``)
         or of InstructBLIP (``InstructBlipForConditionalGeneration``, returned as :class:`InstructBlip`).
@@ -73,12 +74,14 @@ class Blip2(Blip2Stage2):
         what transformers keeps in fp32 (BLIP-2: the queries and the Q-Former; the LLM's own
         ``_keep_in_fp32_modules``, e.g. T5's ``wo``); any spelling (``bf16``, ``torch.bfloat16``).
         ``device`` puts it all on one device; ``device_map="auto"`` (or a map of module names)
-        spreads the LLM's layers over the GPUs and the CPU, the rest staying on one device."""
+        spreads the LLM's layers over the GPUs and the CPU, the rest staying on one device.
+        ``quantization_config`` (transformers', e.g. ``BitsAndBytesConfig(load_in_8bit=True)``)
+        quantises the LLM as transformers loads it."""
         directory = resolve_checkpoint(path_or_hub_id)
         model_type = json.loads((directory / "config.json").read_text()).get("model_type")
         target = InstructBlip if model_type == "instructblip" else cls
         model, report = target.load_weights(directory, dtype=dtype, device=device, device_map=device_map,
-                                            max_memory=max_memory)
+                                            max_memory=max_memory, quantization_config=quantization_config)
         if report.dropped:
             logger.info("loaded %s\n%s", directory, report.summary())
         if (directory / "tokenizer_config.json").is_file():

@@ -39,9 +39,10 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
             os.unlink(tmp)
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
-    """Raise :class:`StateDictMismatchError` unless keys and shapes match ``model`` exactly."""
-    expected = model.state_dict()
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], loaded_prefix: str | None = None) -> None:
+    """Raise :class:`StateDictMismatchError` unless keys and shapes match ``model`` exactly
+    (but for the keys under ``loaded_prefix``: a part loaded already, e.g. a quantised LLM)."""
+    expected = {k: v for k, v in model.state_dict().items() if not (loaded_prefix and k.startswith(loaded_prefix))}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     misshaped = sorted(

@@ -281,11 +281,13 @@ def load_checkpoint(
     keep_fp32: Callable[[str, torch.dtype], bool] | None = None,
     llm_attr: str | None = "language_model",
     max_memory: Mapping | None = None,
+    llm_loaded: bool = False,
 ) -> nn.Module:
     """Fill ``model`` (from :func:`build_empty`) with ``stored`` (keyed by the model's names;
     tied parameters may be stored once): each tensor cast to ``dtype`` (fp32 where
     ``keep_fp32``), placed, and assigned. Keys and shapes are checked first: every missing,
-    unexpected or mis-shaped key is named before anything is read."""
+    unexpected or mis-shaped key is named before anything is read. ``llm_loaded``: the LLM
+    came loaded (quantised by transformers); its keys are neither checked nor read here."""
     tied = tied_parameters(model)
     stored = dict(stored)
     for names in tied:
@@ -293,22 +295,30 @@ def load_checkpoint(
         for name in names:
             if present and name not in stored:
                 stored[name] = stored[present[0]]
-    check_state_dict(model, stored)
+    loaded_prefix = f"{llm_attr}." if llm_loaded else None
+    if loaded_prefix:
+        stored = {k: v for k, v in stored.items() if not k.startswith(loaded_prefix)}
+        tied = [names for names in tied if not names[0].startswith(loaded_prefix)]
+    check_state_dict(model, stored, loaded_prefix)
 
     def dtype_of(key: str, stored_dtype: torch.dtype | None = None) -> torch.dtype:
         if stored_dtype is not None and not stored_dtype.is_floating_point:
             return stored_dtype
         return torch.float32 if keep_fp32 is not None and keep_fp32(key, dtype) else dtype
 
-    placement = plan_placement(model, device, device_map, dtype_of, llm_attr, max_memory)
+    placement = plan_placement(model, device, device_map, dtype_of, None if llm_loaded else llm_attr, max_memory)
     # a tied group is read once: every name of it gets the same tensor
     aliases = {n: names[0] for names in tied for n in names[1:] if names[0] in stored}
     tensors = read_tensors({k: v for k, v in stored.items() if k not in aliases},
                            lambda key, item: (dtype_of(key, item.dtype), placement.device_of(key)))
     tensors.update({alias: tensors[first] for alias, first in aliases.items()})
-    model.load_state_dict(tensors, strict=True, assign=True)
+    if loaded_prefix:  # the LLM's keys were checked by transformers as it loaded them
+        result = model.load_state_dict(tensors, strict=False, assign=True)
+        assert not result.unexpected_keys and all(k.startswith(loaded_prefix) for k in result.missing_keys)
+    else:
+        model.load_state_dict(tensors, strict=True, assign=True)
     retie(model, tied)
-    _place_buffers(model, placement)
+    _place_buffers(model, placement, loaded_prefix)
     if placement.llm_map is not None and len(placement.llm_map) > 1:
         from accelerate import dispatch_model
 
@@ -319,9 +329,11 @@ def load_checkpoint(
     return model
 
 
-def _place_buffers(model: nn.Module, placement: Placement) -> None:
+def _place_buffers(model: nn.Module, placement: Placement, loaded_prefix: str | None = None) -> None:
     """Buffers computed in ``__init__`` (not in the checkpoint) go where their module's weights went."""
     for module_name, module in model.named_modules():
+        if loaded_prefix and f"{module_name}.".startswith(loaded_prefix):
+            continue
         for name, buffer in list(module._buffers.items()):
             if buffer is None:
                 continue
@@ -329,6 +341,32 @@ def _place_buffers(model: nn.Module, placement: Placement) -> None:
             module._buffers[name] = buffer.to(placement.device_of(key))
 
 
-def model_dtypes(module: nn.Module) -> set[torch.dtype]:
-    """The floating dtypes of a module's parameters."""
-    return {p.dtype for p in module.parameters() if p.dtype.is_floating_point}
+def load_quantized_llm(
+    directory: Path, text_config: Mapping[str, Any], quantization_config: Any, dtype: torch.dtype,
+    device: DeviceArg, device_map: DeviceMapArg, prefix: str = "language_model.",
+) -> nn.Module:
+    """The LLM of a BLIP-2 directory (its keys under ``prefix``), quantised as it loads by
+    transformers (bitsandbytes 8-bit / 4-bit, ...): missing or mis-shaped keys fail, named."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.for_model(**text_config)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    if device_map is None:
+        device_map = {"": str(parse_device(device))}
+    elif isinstance(device_map, Mapping):
+        device_map = {k.removeprefix(prefix.rstrip(".")).removeprefix("."): v for k, v in device_map.items()
+                      if (k + ".").startswith(prefix) or k == ""}
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its report lists every non-LLM key as unexpected: they are ours
+    try:
+        llm, info = auto.from_pretrained(directory, config=config, key_mapping={f"^{re.escape(prefix)}": ""},
+                                         quantization_config=quantization_config, dtype=dtype,
+                                         device_map=device_map, output_loading_info=True)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    problems = [*info["missing_keys"], *(str(k) for k in info["mismatched_keys"])]
+    if problems:
+        raise ValueError(f"{directory}: the LLM's weights do not fit its config: {sorted(problems)}")
+    return llm

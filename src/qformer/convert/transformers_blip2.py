@@ -23,6 +23,7 @@ from qformer.loading import (
     index_checkpoint,
     keep_fp32_rule,
     load_checkpoint,
+    load_quantized_llm,
     tied_parameters,
 )
 
@@ -168,13 +169,15 @@ def load_transformers_layout(
     device: DeviceArg = None,
     device_map: DeviceMapArg = None,
     max_memory: Mapping | None = None,
+    quantization_config: Any = None,
     **kwargs: Any,
 ):
     """``model_cls(config_from(config.json, preprocessing), **kwargs)`` built on the meta device,
     the directory's weights renamed through ``table``, checked strictly and loaded in ``dtype``
     (transformers' meaning: None or "auto" keeps the checkpoint's), where ``reference`` (the
     transformers class of the layout) and the LLM keep fp32, on ``device`` or over
-    ``device_map``. Returns the model and the report."""
+    ``device_map``. A ``quantization_config`` (transformers', e.g. ``BitsAndBytesConfig``)
+    quantises the LLM as transformers loads it. Returns the model and the report."""
     directory = Path(directory)
     values = json.loads((directory / CONFIG_NAME).read_text())
     stored = index_checkpoint(directory)
@@ -184,7 +187,12 @@ def load_transformers_layout(
     main = auto_dtype(values, stored) if requested == "auto" else requested
     name = dtype_name(main)
     config = config_from(values, image_config_from_directory(directory)).replace(vision_dtype=name, llm_dtype=name)
-    model = build_empty(lambda: model_cls(config, **kwargs))
+    llm = None
+    if quantization_config is not None:
+        llm = load_quantized_llm(directory, config.text_config, quantization_config, main, device, device_map)
+        if isinstance(device_map, Mapping):  # the rest of the map places the BLIP-2 part
+            device_map = {k: v for k, v in device_map.items() if not k.startswith("language_model")} or None
+    model = build_empty(lambda: model_cls(config, language_model=llm, **kwargs))
     llm = model.language_model
     rule = keep_fp32_rule(
         [*(reference._keep_in_fp32_modules or ()), *(llm._keep_in_fp32_modules or ())],
@@ -195,7 +203,7 @@ def load_transformers_layout(
         present = [k for k in group if k in ours]
         report.dropped.update({k: f"tied to {present[0]}: not stored" for k in group if present and k not in ours})
     load_checkpoint(model, ours, dtype=main, device=device, device_map=device_map, max_memory=max_memory,
-                    keep_fp32=lambda key, dt: rule(theirs.get(key, key), dt))
+                    keep_fp32=lambda key, dt: rule(theirs.get(key, key), dt), llm_loaded=quantization_config is not None)
     return model, report
 
 

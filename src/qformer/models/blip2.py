@@ -28,7 +28,8 @@ def freeze(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     module.eval()
     if dtype is not None:
         for param in module.parameters():
-            param.data = param.data.to(dtype)
+            if param.is_floating_point():  # quantised weights (int8, packed 4-bit) stay as they are
+                param.data = param.data.to(dtype)
     return module
 
 
