@@ -99,12 +99,39 @@ def index_checkpoint(directory: str | Path) -> dict[str, StoredTensor]:
     return stored
 
 
+def _read_converted(file: Path, keys: list[str], stored: Mapping[str, StoredTensor], target, out: dict) -> None:
+    """Tensors of one safetensors file that change dtype or device: each is read through a
+    memory map, converted, and its pages dropped from this process at once (madvise), so the
+    file is never resident beside what it is converted into."""
+    import mmap
+    import warnings
+
+    with open(file, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        offsets = {name: entry["data_offsets"] for name, entry in json.loads(f.read(header_size)).items()
+                   if name != "__metadata__"}
+        base = 8 + header_size
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            for key in keys:
+                item, (begin, end) = stored[key], offsets[stored[key].name]
+                dtype, device = target(key, item)
+                with warnings.catch_warnings():  # read-only memory: the view is only read, then copied
+                    warnings.simplefilter("ignore", UserWarning)
+                    view = torch.frombuffer(mapped, dtype=item.dtype, count=(end - begin) // item.dtype.itemsize,
+                                            offset=base + begin) if end > begin else torch.empty(0, dtype=item.dtype)
+                out[key] = view.view(item.shape).to(device=device, dtype=dtype, copy=True)
+                del view
+                start = (base + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+                if end > begin:
+                    mapped.madvise(mmap.MADV_DONTNEED, start, base + end - start)
+
+
 def read_tensors(
     stored: Mapping[str, StoredTensor], target: Callable[[str, StoredTensor], tuple[torch.dtype, torch.device]]
 ) -> dict[str, Tensor]:
     """Read ``stored`` file by file, each tensor cast and moved to ``target(key, stored)``.
-    A tensor kept as stored on the CPU stays a view of the memory-mapped file; any other is read
-    into its own memory (``pread``) and converted, so no more than one such tensor is held twice."""
+    A tensor kept as stored on the CPU stays a view of the memory-mapped file (safetensors); the
+    others are converted one by one, their file pages released as they go."""
     from safetensors import safe_open
 
     by_file: dict[Path, list[str]] = {}
@@ -118,14 +145,10 @@ def read_tensors(
                 dtype, device = target(key, stored[key])
                 out[key] = tensors[stored[key].name].to(device=device, dtype=dtype)
             continue
-        with safe_open(file, framework="pt", backend="mmap") as mapped, \
-                safe_open(file, framework="pt", backend="pread") as read:
-            for key in keys:
-                item = stored[key]
-                dtype, device = target(key, item)
-                as_stored = device.type == "cpu" and dtype == item.dtype
-                tensor = (mapped if as_stored else read).get_tensor(item.name)
-                out[key] = tensor if as_stored else tensor.to(device=device, dtype=dtype)
+        kept = {k for k in keys if target(k, stored[k]) == (stored[k].dtype, torch.device("cpu"))}
+        with safe_open(file, framework="pt", backend="mmap") as mapped:
+            out.update({key: mapped.get_tensor(stored[key].name) for key in keys if key in kept})
+        _read_converted(file, [k for k in keys if k not in kept], stored, target, out)
     return out
 
 
