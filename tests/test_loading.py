@@ -53,6 +53,15 @@ def eager_blip2(directory):
     return model.eval()
 
 
+def copy_without_weights(directory, target):
+    """The directory's configs and tokenizer, for a test to write other weights beside."""
+    target.mkdir()
+    for file in directory.iterdir():
+        if file.suffix != ".safetensors":
+            (target / file.name).write_bytes(file.read_bytes())
+    return target
+
+
 def every_tensor(model):
     return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
 
@@ -246,11 +255,7 @@ def test_processor_config_is_read_before_preprocessor_config(saved):
 
 def test_pytorch_model_bin_loads_with_weights_only_and_refuses_code(saved, tmp_path):
     _, directory = saved
-    target = tmp_path / "bin"
-    target.mkdir()
-    for file in directory.iterdir():
-        if file.suffix != ".safetensors":
-            (target / file.name).write_bytes(file.read_bytes())
+    target = copy_without_weights(directory, tmp_path / "bin")
     torch.save(read_weights(directory), target / "pytorch_model.bin")
     loaded, eager = Blip2.from_pretrained(target, dtype="bf16"), eager_blip2(directory)
     for name, tensor in every_tensor(loaded).items():
@@ -273,11 +278,7 @@ def test_a_checkpoint_that_does_not_fit_names_every_key_before_reading(saved, tm
     from safetensors.torch import save_file
 
     _, directory = saved
-    target = tmp_path / "broken"
-    target.mkdir()
-    for file in directory.iterdir():
-        if file.suffix != ".safetensors":
-            (target / file.name).write_bytes(file.read_bytes())
+    target = copy_without_weights(directory, tmp_path / "broken")
     weights = read_weights(directory)
     del weights["query_tokens"]
     weights["language_projection.weight"] = weights["language_projection.weight"][:, :3].contiguous()

@@ -99,12 +99,16 @@ def index_checkpoint(directory: str | Path) -> dict[str, StoredTensor]:
     return stored
 
 
+CONVERT_WORKERS = 2
+
+
 def _read_converted(file: Path, keys: list[str], stored: Mapping[str, StoredTensor], target, out: dict) -> None:
     """Tensors of one safetensors file that change dtype or device: each is read through a
     memory map, converted, and its pages dropped from this process at once (madvise), so the
     file is never resident beside what it is converted into."""
     import mmap
     import warnings
+    from concurrent.futures import ThreadPoolExecutor
 
     with open(file, "rb") as f:
         header_size = int.from_bytes(f.read(8), "little")
@@ -112,18 +116,24 @@ def _read_converted(file: Path, keys: list[str], stored: Mapping[str, StoredTens
                    if name != "__metadata__"}
         base = 8 + header_size
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            for key in keys:
+
+            def convert(key: str) -> None:
                 item, (begin, end) = stored[key], offsets[stored[key].name]
                 dtype, device = target(key, item)
+                if end == begin:
+                    out[key] = torch.empty(item.shape, dtype=dtype, device=device)
+                    return
                 with warnings.catch_warnings():  # read-only memory: the view is only read, then copied
                     warnings.simplefilter("ignore", UserWarning)
                     view = torch.frombuffer(mapped, dtype=item.dtype, count=(end - begin) // item.dtype.itemsize,
-                                            offset=base + begin) if end > begin else torch.empty(0, dtype=item.dtype)
+                                            offset=base + begin)
                 out[key] = view.view(item.shape).to(device=device, dtype=dtype, copy=True)
                 del view
                 start = (base + begin) // mmap.PAGESIZE * mmap.PAGESIZE
-                if end > begin:
-                    mapped.madvise(mmap.MADV_DONTNEED, start, base + end - start)
+                mapped.madvise(mmap.MADV_DONTNEED, start, base + end - start)
+
+            with ThreadPoolExecutor(CONVERT_WORKERS) as pool:  # copies release the GIL; two tensors in flight
+                list(pool.map(convert, keys))
 
 
 def read_tensors(

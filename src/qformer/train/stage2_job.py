@@ -14,7 +14,8 @@ from qformer.blip2 import VQA_DEFAULTS, Blip2, InstructBlip
 from qformer.config import ImageConfig
 from qformer.data.datasets import VQADataset
 from qformer.data.text import decoder_only_batch, encoder_decoder_batch, prefix_lm_split
-from qformer.models.blip2 import Blip2Stage1
+from qformer.devices import DTYPES, dtype_name
+from qformer.models.blip2 import Blip2Stage1, freeze
 from qformer.tokenizer import load_tokenizer
 from qformer.train.build import Job, eval_pixels, evaluate_sets, resolve_bert
 from qformer.train.config import TrainConfig
@@ -24,7 +25,10 @@ from qformer.train.distributed import Runtime
 def build_model(config: TrainConfig) -> Blip2:
     spec = config.model
     if spec.blip2:
-        model = Blip2.from_pretrained(spec.blip2)
+        # trained parts in fp32 whatever the file stores; the frozen LLM in model.llm_dtype
+        model = Blip2.from_pretrained(spec.blip2, dtype="float32")
+        freeze(model.language_model, DTYPES[dtype_name(spec.llm_dtype)])
+        model.config.llm_dtype = dtype_name(spec.llm_dtype)
     else:
         if not (spec.init_from and spec.language_model):
             raise ValueError("stage 2 needs model.blip2, or model.init_from (stage 1) and model.language_model")
