@@ -46,12 +46,13 @@ def run(args, capsys):
 
 def test_folders_globs_and_unreadable_images(model_dir, photos, capsys):
     status, lines, err = run(["caption", "--model", str(model_dir), "--json", "--max-new-tokens", "3",
-                              "--batch-size", "2", str(photos), str(photos / "**" / "c.png"),
-                              str(photos / "missing.png")], capsys)
+                              "--batch-size", "2", str(photos / "missing.png"), str(photos),
+                              str(photos / "**" / "*.png")], capsys)
     rows = [json.loads(line) for line in lines]
     by_image = {row["image"]: row for row in rows}
-    assert [row["image"] for row in rows] == [str(photos / n) for n in ("a.png", "b.jpg", "broken.jpg")] + [
-        str(photos / "more" / "c.png"), str(photos / "missing.png")]  # the folder's images (sorted), then the glob's
+    # in the order given: the file, the folder's images (sorted), the glob's that were not named already
+    assert [row["image"] for row in rows] == [str(photos / n) for n in (
+        "missing.png", "a.png", "b.jpg", "broken.jpg", "more/c.png")]
     assert "cannot read image" in by_image[str(photos / "broken.jpg")]["error"]
     assert "cannot read image" in by_image[str(photos / "missing.png")]["error"]
     answered = [row for row in rows if "caption" in row]

@@ -17,7 +17,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 def expand_images(arguments: Sequence[str]) -> tuple[list[str], list[str]]:
     """Files as given; a folder's image files (sorted, not recursive); a glob's matches
-    (``**`` recurses). Returns the images and one message per argument that names none."""
+    (``**`` recurses); each image once. Returns the images and one message per argument that
+    names none."""
     images: list[str] = []
     problems: list[str] = []
     for argument in arguments:
@@ -34,7 +35,7 @@ def expand_images(arguments: Sequence[str]) -> tuple[list[str], list[str]]:
             images += found
         else:
             images.append(argument)  # a missing file is reported when it is read
-    return images, problems
+    return list(dict.fromkeys(images)), problems  # each image once, where it first came
 
 
 def batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
@@ -96,17 +97,20 @@ def run_images(args: argparse.Namespace, answer_batch, result_key: str, extra: d
     failed = 0
     with tqdm(total=len(images), unit="image", file=sys.stderr, disable=None) as progress:
         for names in batches(images, args.batch_size):
+            rows: dict[str, dict[str, Any]] = {}
             readable: list[tuple[str, Any]] = []
             for name in names:
                 try:
                     readable.append((name, load_image(name)))
                 except ValueError as err:
-                    failed += 1
-                    emit(args, {"image": name, "error": str(err)}, result_key)
+                    rows[name] = {"image": name, "error": str(err)}
             if readable:
                 results = answer_batch(model, [image for _, image in readable], generation)
                 for (name, _), result in zip(readable, results, strict=True):
-                    emit(args, {"image": name, **extra, result_key: result}, result_key)
+                    rows[name] = {"image": name, **extra, result_key: result}
+            for name in names:  # in the order given
+                emit(args, rows[name], result_key)
+            failed += len(names) - len(readable)
             progress.update(len(names))
     if failed:
         print(f"qformer {args.command}: {failed} of {len(images)} image(s) could not be read", file=sys.stderr)
