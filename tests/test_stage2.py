@@ -1,8 +1,5 @@
 """Stage 2 against transformers' Blip2ForConditionalGeneration on tiny OPT and T5 models."""
 
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
