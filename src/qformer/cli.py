@@ -78,5 +78,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         message = str(err).strip("'\"") if isinstance(err, KeyError) else str(err)
         print(f"qformer {args.command}: {message}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C: what was printed stays; files are written atomically
+        print(f"qformer {args.command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     if status:
         raise SystemExit(status)
