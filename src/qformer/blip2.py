@@ -125,6 +125,7 @@ class Blip2(Blip2Stage2):
             num_query_tokens=stage1.config.num_query_tokens,
             ln_vision_eps=stage1.config.ln_vision_eps,
             vision_dtype=stage1.config.vision_dtype,
+            image=stage1.config.image,
             **config_overrides,
         )
         model = cls(config, language_model, vision=stage1.vision, tokenizer=tokenizer)

@@ -161,38 +161,6 @@ class VisionConfig(ConfigBase):
         return (self.image_size // self.patch_size) ** 2 + 1
 
 
-@dataclass
-class Blip2Stage1Config(ConfigBase):
-    """BLIP-2's first stage: frozen image encoder, ``ln_vision``, learned queries, the Q-Former
-    with its text path and LM head, 256-d projections, ITM head and temperature.
-
-    ``vision`` None means image features come precomputed (width ``qformer.encoder_hidden_size``).
-    ``ln_vision_eps`` is LAVIS's 1e-5; transformers' checkpoints use 1e-6 (set on conversion).
-    """
-
-    vision: VisionConfig | None = dataclasses.field(default_factory=VisionConfig)
-    qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
-    num_query_tokens: int = 32
-    embed_dim: int = 256
-    temperature: float = 0.07
-    min_temperature: float = 0.001
-    max_temperature: float = 0.5
-    ln_vision_eps: float = 1e-5
-    vision_dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        if self.vision is not None and self.vision.hidden_size != self.qformer.encoder_hidden_size:
-            raise ValueError(
-                f"the image encoder is {self.vision.hidden_size} wide but the Q-Former cross-attends to "
-                f"encoder_hidden_size={self.qformer.encoder_hidden_size}"
-            )
-        if not self.qformer.use_text_input or not self.qformer.use_lm_head:
-            raise ValueError("stage 1 needs the Q-Former's text input and LM head (ITC, ITM, ITG)")
-        self.vision_dtype = _dtype_field("vision_dtype", self.vision_dtype)
-        if not 0 < self.min_temperature <= self.temperature <= self.max_temperature:
-            raise ValueError("need 0 < min_temperature <= temperature <= max_temperature")
-
-
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -208,6 +176,40 @@ class ImageConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         self.mean, self.std = tuple(self.mean), tuple(self.std)
+
+
+@dataclass
+class Blip2Stage1Config(ConfigBase):
+    """BLIP-2's first stage: frozen image encoder, ``ln_vision``, learned queries, the Q-Former
+    with its text path and LM head, 256-d projections, ITM head and temperature.
+
+    ``vision`` None means image features come precomputed (width ``qformer.encoder_hidden_size``).
+    ``ln_vision_eps`` is the image encoder's eps (1e-6), as transformers' layout stores one eps
+    for both; LAVIS's code uses 1e-5. ``image`` is the preprocessing the model was trained with.
+    """
+
+    vision: VisionConfig | None = dataclasses.field(default_factory=VisionConfig)
+    qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
+    num_query_tokens: int = 32
+    embed_dim: int = 256
+    temperature: float = 0.07
+    min_temperature: float = 0.001
+    max_temperature: float = 0.5
+    ln_vision_eps: float = 1e-6
+    vision_dtype: str = "float32"
+    image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
+
+    def __post_init__(self) -> None:
+        if self.vision is not None and self.vision.hidden_size != self.qformer.encoder_hidden_size:
+            raise ValueError(
+                f"the image encoder is {self.vision.hidden_size} wide but the Q-Former cross-attends to "
+                f"encoder_hidden_size={self.qformer.encoder_hidden_size}"
+            )
+        if not self.qformer.use_text_input or not self.qformer.use_lm_head:
+            raise ValueError("stage 1 needs the Q-Former's text input and LM head (ITC, ITM, ITG)")
+        self.vision_dtype = _dtype_field("vision_dtype", self.vision_dtype)
+        if not 0 < self.min_temperature <= self.temperature <= self.max_temperature:
+            raise ValueError("need 0 < min_temperature <= temperature <= max_temperature")
 
 
 def _stage2_qformer() -> QFormerConfig:
@@ -229,7 +231,7 @@ class Blip2Config(ConfigBase):
     qformer: QFormerConfig = dataclasses.field(default_factory=_stage2_qformer)
     text_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     num_query_tokens: int = 32
-    ln_vision_eps: float = 1e-5
+    ln_vision_eps: float = 1e-6
     vision_dtype: str = "float32"
     llm_dtype: str = "float32"
     image_token_index: int | None = None

@@ -28,7 +28,7 @@ def build_model(config: TrainConfig) -> tuple[Blip2Stage1, Any]:
     """The stage-1 model; the Q-Former from BERT when ``model.bert`` is set (as BLIP-2), the
     image encoder from ``model.vision_weights`` when set."""
     spec = config.model
-    stage1 = spec.stage1
+    stage1 = spec.stage1.replace(image=ImageConfig(size=config.data.image_size).to_dict())  # what it trains on
     tokenizer_path = spec.tokenizer or (resolve_bert(spec.bert) if spec.bert else None)
     if tokenizer_path is None:
         raise ValueError("stage 1 needs a Q-Former tokenizer: set model.bert or model.tokenizer")
