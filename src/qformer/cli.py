@@ -3,35 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
 
 from qformer.convert.command import add_convert_command
 from qformer.infer_command import add_inference_arguments, caption_command, vqa_command
+from qformer.train.command import add_train_commands
 
 
 def _demo(args: argparse.Namespace) -> None:
     from qformer.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out_dir=args.out_dir, seed=args.seed))
-
-
-def _train(args: argparse.Namespace, overrides: list[str]) -> None:
-    from qformer.train.config import load_train_config
-    from qformer.train.loop import train
-
-    result = train(load_train_config(args.recipe, overrides), resume=args.resume)
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
-
-
-def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
-    from qformer.train.config import load_train_config
-    from qformer.train.evaluation import evaluate_checkpoint
-
-    result = evaluate_checkpoint(load_train_config(args.recipe, overrides), args.checkpoint, args.out)
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,15 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.set_defaults(run=vqa_command)
     vqa.add_argument("--question", required=True)
     vqa.add_argument("--prompt", default="Question: {} Answer:", help="the question's template")
-    train = commands.add_parser("train", help="train from a YAML recipe; --section.key value overrides it")
-    train.add_argument("recipe", help="a YAML recipe, e.g. configs/stage1.yaml")
-    train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    train.set_defaults(run=_train, takes_overrides=True)
-    evaluate = commands.add_parser("eval", help="evaluate a training checkpoint on the recipe's held-out data")
-    evaluate.add_argument("recipe")
-    evaluate.add_argument("--checkpoint", required=True, help="a step_XXXXXXX folder of a run")
-    evaluate.add_argument("--out", default=None, help="where to write the results JSON")
-    evaluate.set_defaults(run=_eval, takes_overrides=True)
+    add_train_commands(commands)
     add_convert_command(commands)
     return parser
 
