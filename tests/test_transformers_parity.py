@@ -7,12 +7,12 @@ from transformers import Blip2QFormerConfig, InstructBlipQFormerConfig
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings
 from transformers.models.instructblip.modeling_instructblip import InstructBlipQFormerModel
 
-from qformer.convert import (
+from qformer.convert.qformer_layouts import (
+    load_transformers_qformer,
     qformer_config_from_transformers,
     qformer_from_transformers,
     qformer_to_transformers,
 )
-from qformer.convert.qformer_layouts import load_transformers_qformer
 
 CONFIGS = {
     # name: (hidden, heads, layers, cross frequency, image width, queries)

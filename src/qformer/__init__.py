@@ -1,26 +1,48 @@
-"""qformer: BLIP-2 done right. The Q-Former, its losses, and the models around it."""
+"""qformer: BLIP-2 done right. The Q-Former, its losses, and the models around it.
 
-from qformer.blip2 import Blip2, InstructBlip
-from qformer.checkpoint import StateDictMismatchError
-from qformer.config import Blip2Config, Blip2Stage1Config, ImageConfig, QFormerConfig, VisionConfig
-from qformer.models.blip2 import Blip2Stage1
-from qformer.models.qformer import QFormer, QFormerCache, QFormerOutput
-from qformer.tokenizer import load_tokenizer
+Names are imported on first use (``qformer.Blip2`` imports transformers then), so that the
+``qformer`` command starts at once and reads ``HF_HUB_OFFLINE`` before transformers does."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Blip2",
-    "Blip2Config",
-    "ImageConfig",
-    "InstructBlip",
-    "Blip2Stage1",
-    "Blip2Stage1Config",
-    "VisionConfig",
-    "QFormer",
-    "QFormerCache",
-    "QFormerConfig",
-    "QFormerOutput",
-    "StateDictMismatchError",
-    "load_tokenizer",
-]
+_WHERE = {
+    "Blip2": "qformer.blip2",
+    "InstructBlip": "qformer.blip2",
+    "StateDictMismatchError": "qformer.checkpoint",
+    "Blip2Config": "qformer.config",
+    "Blip2Stage1Config": "qformer.config",
+    "ImageConfig": "qformer.config",
+    "QFormerConfig": "qformer.config",
+    "VisionConfig": "qformer.config",
+    "Blip2Stage1": "qformer.models.blip2",
+    "QFormer": "qformer.models.qformer",
+    "QFormerCache": "qformer.models.qformer",
+    "QFormerOutput": "qformer.models.qformer",
+    "load_tokenizer": "qformer.tokenizer",
+}
+__all__ = sorted(_WHERE)
+
+if TYPE_CHECKING:
+    from qformer.blip2 import Blip2, InstructBlip
+    from qformer.checkpoint import StateDictMismatchError
+    from qformer.config import Blip2Config, Blip2Stage1Config, ImageConfig, QFormerConfig, VisionConfig
+    from qformer.models.blip2 import Blip2Stage1
+    from qformer.models.qformer import QFormer, QFormerCache, QFormerOutput
+    from qformer.tokenizer import load_tokenizer
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'qformer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value  # the next lookup skips this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

@@ -50,10 +50,10 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: a GPU if there is one)")
     parser.add_argument("--dtype", default="auto",
                         help="float32, float16, bfloat16 (fp32, fp16, bf16, ...) or auto: the checkpoint's")
-    parser.add_argument("--device-map", default=None, help="auto: spread the LLM over every GPU (and the CPU)")
+    parser.add_argument("--device-map", default=None, help="auto: spread the LLM over every GPU (and the CPU) (default: one device)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    parser.add_argument("--num-beams", type=int)
-    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--num-beams", type=int, help="beam width (default: 5, as BLIP-2)")
+    parser.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default: caption 30, vqa 10)")
 
 
 def default_device() -> str:

@@ -7,7 +7,7 @@ import argparse
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -35,6 +35,7 @@ from qformer.convert.lavis_pth import (
     stage2_from_lavis,
     stage2_to_lavis,
 )
+from qformer.convert.parser import Format
 from qformer.convert.qformer_layouts import BERT_FIELDS
 from qformer.convert.rename import ConversionReport, RenameTable
 from qformer.convert.transformers_blip2 import blip2_config_from_transformers
@@ -42,8 +43,6 @@ from qformer.devices import DTYPES
 from qformer.loading import tied_parameters
 from qformer.models.blip2 import Blip2Stage1
 
-Format = Literal["lavis", "transformers", "qformer"]
-FORMATS: tuple[Format, ...] = ("transformers", "lavis", "qformer")
 Model = Blip2Stage1 | Blip2
 PTH_SUFFIXES = (".pth", ".pt")
 _VISION_LAYER = re.compile(r"vision\.layers\.(\d+)\.")
@@ -345,44 +344,3 @@ def run_convert(args: argparse.Namespace) -> None:
     except KeyError as err:  # a key with no place: ConversionReport.raise_if_unmatched names them
         raise ValueError(err.args[0]) from None
     print(f"read {args.src}\n{read.summary()}\nwrote {args.dst} ({to})\n{written.summary()}")
-
-
-_EPILOG = """\
-examples:
-  qformer convert blip2_pretrained.pth out/stage1 --vision eva_vit_g.pth
-  qformer convert blip2_pretrained_opt2.7b.pth out/blip2-opt --to transformers \\
-      --llm opt-2.7b/ --vision eva_vit_g.pth --config image_token.json
-  qformer convert out/blip2-opt blip2_opt.pth
-"""
-
-
-def add_convert_command(subparsers: Any) -> None:
-    """Register ``convert`` on an argparse subparsers object (``run`` set to :func:`run_convert`)."""
-    parser = subparsers.add_parser(
-        "convert",
-        help="convert BLIP-2 checkpoints between LAVIS (.pth), transformers and qformer",
-        description="Convert a BLIP-2 checkpoint (stage 1, or stage 2 with an OPT or T5 LLM); prints what was "
-        "dropped on purpose and fails on any key that has no place.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("src", type=Path, help=(
-        "a LAVIS .pth file (read with weights_only=True), a transformers BLIP-2 directory or a qformer stage-1 "
-        "directory: detected"))
-    parser.add_argument("dst", type=Path, help="a directory, or a .pth file for --to lavis")
-    parser.add_argument("--to", choices=FORMATS, help=(
-        "transformers and qformer write safetensors (for stage 2 both are transformers' layout); lavis writes "
-        "{'model': state_dict} with torch.save, a pickle of plain tensors. Default: lavis when DST ends in .pth "
-        "or .pt, else qformer"))
-    parser.add_argument("--config", type=Path, metavar="JSON", help=(
-        "LAVIS sources: the architecture, as qformer's JSON config (fields left out take BLIP-2's official "
-        'values: EVA ViT-g, BERT-base Q-Former, 32 queries; e.g. {"image_token_index": 50265} for --to '
-        "transformers) or a transformers BLIP-2 config.json. Default: the official values"))
-    parser.add_argument("--llm", type=Path, metavar="DIR", help=(
-        "LAVIS stage-2 sources: the transformers directory of the LLM; its config.json gives the LLM's "
-        "architecture, its weights fill language_model.* when the .pth has none (as LAVIS's released files), "
-        "its tokenizer is kept"))
-    parser.add_argument("--vision", type=Path, metavar="SRC", help=(
-        "LAVIS sources without visual_encoder.* weights: where the image encoder comes from (LAVIS's "
-        "eva_vit_g.pth, or a LAVIS, transformers or qformer checkpoint that has it)"))
-    parser.set_defaults(run=run_convert)
