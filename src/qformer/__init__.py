@@ -25,7 +25,21 @@ _WHERE = {
     "QFormerOutput": "qformer.models.qformer",
     "load_tokenizer": "qformer.tokenizer",
 }
-__all__ = sorted(_WHERE)
+__all__ = [
+    "Blip2",
+    "Blip2Config",
+    "Blip2Stage1",
+    "Blip2Stage1Config",
+    "ImageConfig",
+    "InstructBlip",
+    "QFormer",
+    "QFormerCache",
+    "QFormerConfig",
+    "QFormerOutput",
+    "StateDictMismatchError",
+    "VisionConfig",
+    "load_tokenizer",
+]
 
 if TYPE_CHECKING:
     from qformer.blip2 import Blip2, InstructBlip
