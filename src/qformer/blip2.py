@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 CAPTION_DEFAULTS = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1}
 VQA_DEFAULTS = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
 ImageInput = str | Path | Image.Image
+IMAGE_TOKEN = "<image>"  # transformers' placeholder for the queries in the LLM's input
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase | None, directory: Path) -> None:
@@ -39,6 +41,24 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase | None, directory: Path) -
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         for name in tokenizer.save_pretrained(tmp):
             os.replace(name, directory / Path(name).name)
+
+
+def reserve_image_token(tokenizer: PreTrainedTokenizerBase, language_model: PreTrainedModel) -> int:
+    """The LLM vocabulary id of ``<image>``, which transformers' layout puts where the queries go.
+    Added to the tokenizer when it has none, as BLIP-2's released models have it; when the LLM's
+    embeddings have no spare row for it (LLaMA's 32000), they grow by one, the new rows (input and
+    output) the mean of the others, so that rebuilding the model gives the same weights."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    rows = language_model.get_input_embeddings().weight.shape[0]
+    if index >= rows:
+        language_model.resize_token_embeddings(index + 1, mean_resizing=False)
+        with torch.no_grad():
+            for table in {id(t): t for t in (language_model.get_input_embeddings(),
+                                             language_model.get_output_embeddings()) if t is not None}.values():
+                table.weight[rows:] = table.weight[:rows].mean(dim=0)
+    return index
 
 
 class Blip2(Blip2Stage2):
@@ -113,11 +133,15 @@ class Blip2(Blip2Stage2):
     ) -> Blip2:
         """Stage 2 from a stage-1 model: image encoder, ``ln_vision``, queries and the
         Q-Former's query path carry over; its text path (kept by InstructBLIP, which reads the
-        instruction with it) and heads are dropped, as in BLIP-2."""
+        instruction with it) and heads are dropped, as in BLIP-2. With a tokenizer, the config's
+        ``image_token_index`` is ``<image>``'s id (see :func:`reserve_image_token`), so that the
+        model saves as a complete transformers directory."""
         if cls.reads_instruction:
             qformer = stage1.config.qformer.replace(use_lm_head=False)
         else:
             qformer = stage1.config.qformer.replace(use_text_input=False, use_lm_head=False, bos_token_id=None)
+        if tokenizer is not None and "image_token_index" not in config_overrides:
+            config_overrides["image_token_index"] = reserve_image_token(tokenizer, language_model)
         config = Blip2Config(
             vision=stage1.config.vision,
             qformer=qformer,

@@ -257,7 +257,7 @@ def stage1_config_to_transformers(config: Blip2Stage1Config) -> dict[str, Any]:
     return values | {"architectures": ["Blip2ForImageTextRetrieval"]}
 
 
-def _align_ln_vision_eps(model: Model) -> ConversionReport:
+def align_ln_vision_eps(model: Model) -> ConversionReport:
     """transformers keeps one LayerNorm eps for the image encoder and ``ln_vision`` (its
     ``post_layernorm``): ``ln_vision`` takes the encoder's, and the report says so."""
     report = ConversionReport()
@@ -276,7 +276,7 @@ def save_transformers_stage1(model: Blip2Stage1, directory: str | Path) -> Conve
     """``config.json`` and ``model.safetensors`` of a ``Blip2ForImageTextRetrieval``, each
     written atomically; the report lists what that layout has no place for."""
     directory = Path(directory)
-    report = _align_ln_vision_eps(model)
+    report = align_ln_vision_eps(model)
     theirs, dropped = stage1_to_transformers(model)
     report.dropped.update(dropped.dropped)
     text = json.dumps(stage1_config_to_transformers(model.config), indent=2) + "\n"
@@ -311,7 +311,7 @@ def write_checkpoint(model: Model, dst: str | Path, to: Format) -> ConversionRep
             return save_transformers_stage1(model, dst)
         model.save_pretrained(dst)
         return ConversionReport()
-    report = _align_ln_vision_eps(model)
+    report = align_ln_vision_eps(model)
     model.save_pretrained(dst)
     tied = {key: group[0] for group in tied_parameters(model) for key in group[1:]}
     report.dropped.update({key: f"tied to {kept}: stored once" for key, kept in tied.items()})

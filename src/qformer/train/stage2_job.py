@@ -20,6 +20,7 @@ from qformer.tokenizer import load_tokenizer
 from qformer.train.build import Job, eval_pixels, evaluate_sets, resolve_bert
 from qformer.train.config import TrainConfig
 from qformer.train.distributed import Runtime
+from qformer.train.export import save_final
 
 
 def build_model(config: TrainConfig) -> Blip2:
@@ -103,7 +104,7 @@ def build(
     evaluate = evaluate_sets(answering if config.data.source == "vqa" else captioning, evaluation)
 
     collate = Stage2Collator(model, config.model.prompt, config.data.max_text_length, config.seed)
-    return Job(model, model, dataset, collate, losses, evaluate, model.tokenizer)
+    return Job(model, model, dataset, collate, losses, evaluate, model.tokenizer, save_final=save_final)
 
 
 def generate_texts(model: Blip2, samples: list[dict], prompts: list[str], image: ImageConfig,

@@ -93,11 +93,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, rank: int) -> dict[str, Any]:
-    """Restore trainable weights (this rank's shards when the model is sharded) and this rank's
-    RNG; returns the trainer state (optimiser, for :func:`load_optimizer_state`, scheduler, step,
-    data position)."""
-    weights = load_file(path / WEIGHTS_NAME)
+def load_trainable(path: Path, model: nn.Module) -> None:
+    """A checkpoint's trainable weights into ``model`` (this rank's shards when it is sharded):
+    exactly the parameters that train, or an error naming what differs."""
+    file = path / WEIGHTS_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: expected a step_XXXXXXX folder of a training run")
+    weights = load_file(file)
     trainable = dict(model.named_parameters())
     expected = {n for n, p in trainable.items() if p.requires_grad}
     if set(weights) != expected:
@@ -106,6 +108,13 @@ def load_checkpoint(path: Path, model: nn.Module, rank: int) -> dict[str, Any]:
     with torch.no_grad():
         for name, tensor in weights.items():
             trainable[name].copy_(shard_like(tensor, trainable[name]))
+
+
+def load_checkpoint(path: Path, model: nn.Module, rank: int) -> dict[str, Any]:
+    """Restore trainable weights (this rank's shards when the model is sharded) and this rank's
+    RNG; returns the trainer state (optimiser, for :func:`load_optimizer_state`, scheduler, step,
+    data position)."""
+    load_trainable(path, model)
     rng_file = path / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
         raise ValueError(f"{path} has no RNG state for rank {rank}: resume with the world size it was saved with")
