@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qformer {__version__}")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="what the log shows")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
     demo = commands.add_parser("demo", help="BLIP-2's two stages on built-in drawn scenes, no download")
     demo.add_argument("--seed", type=int, default=0, help="seed of the scenes and the weights")
     demo.add_argument("--out-dir", default="runs/demo", help="where the demo writes its models and figures")

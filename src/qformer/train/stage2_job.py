@@ -17,7 +17,7 @@ from qformer.data.text import decoder_only_batch, encoder_decoder_batch, prefix_
 from qformer.devices import DTYPES, dtype_name
 from qformer.models.blip2 import Blip2Stage1, freeze
 from qformer.tokenizer import load_tokenizer
-from qformer.train.build import Job, eval_pixels, evaluate_sets, resolve_bert
+from qformer.train.build import Job, check_sources, eval_pixels, evaluate_sets, resolve_bert
 from qformer.train.config import TrainConfig
 from qformer.train.distributed import Runtime
 from qformer.train.export import save_final
@@ -25,6 +25,7 @@ from qformer.train.export import save_final
 
 def build_model(config: TrainConfig) -> Blip2:
     spec = config.model
+    check_sources(spec, ("blip2", "init_from", "language_model", "tokenizer", "bert"))
     if spec.blip2:
         # trained parts in fp32 whatever the file stores; the frozen LLM in model.llm_dtype
         model = Blip2.from_pretrained(spec.blip2, dtype="float32")

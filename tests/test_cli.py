@@ -1,0 +1,101 @@
+"""The ``qformer`` command as a person meets it: fast help, options that explain themselves,
+and one line (no traceback) for their mistakes."""
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from qformer import __version__
+from qformer.cli import _one_line, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ("demo", "caption", "vqa", "train", "eval", "export", "convert")
+
+
+def qformer(*arguments: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qformer", *arguments], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """What makes ``qformer --help`` answer at once (and HF_HUB_OFFLINE count): nothing heavy
+    is imported before a command runs."""
+    code = ("import sys\nfrom qformer.cli import main\nfor argv in (['--help'], ['train', '--help'], "
+            "['convert', '--help']):\n    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in out.stdout, out.stdout[-500:]
+    for command in COMMANDS:
+        assert command in out.stdout
+
+
+def test_version_and_unknown_command():
+    assert qformer("--version").stdout.strip() == f"qformer {__version__}"
+    bad = qformer("nonsense")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_every_option_explains_itself():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(COMMANDS) <= set(commands.choices)
+    for name, sub in [("qformer", parser), *commands.choices.items()]:
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+        text = sub.format_help()
+        for action in sub._actions:  # a default worth stating is stated
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
+                    and not isinstance(action, argparse._HelpAction):
+                assert f"default: {action.default}" in " ".join(text.split()), (name, action.dest)
+
+
+def test_offline_hub_id_fails_at_once_naming_the_recipe_key(tmp_path):
+    """The README's first training command on a machine without bert-base-uncased: one line
+    naming model.bert and how to point it at a directory, no retries, no traceback."""
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "captions.json").write_text('[{"image": "a.png", "caption": "a square"}]')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache
+    out = qformer("train", str(ROOT / "configs" / "stage1.yaml"), "--data.path", "captions.json",
+                  "--data.image_root", "images/", "--output_dir", "run", env=env, cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    line = out.stderr.strip()
+    assert "\n" not in line and line.startswith("qformer train: model.bert: 'bert-base-uncased'")
+    assert "--model.bert /path/to/model" in line and "HF_HUB_OFFLINE=0" in line
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["train", "configs/tiny.yaml", "--device", "cuda"], "device: device 'cuda:0': CUDA is not available"),
+    (["train", "configs/tiny.yaml", "--device", "tpu"], "unknown device 'tpu'"),
+    (["train", "configs/tiny.yaml", "--data.source", "captions", "--data.path", "nope.json"],
+     "data.path: nope.json is not a file"),
+    (["caption", "--model", "nowhere", "x.png"], "nowhere is not a local directory"),
+    (["export", "nowhere", "out"], "nowhere not found"),
+])
+def test_mistakes_are_one_line(arguments, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    arguments = [a.replace("configs/", str(ROOT / "configs") + "/") for a in arguments]
+    with pytest.raises(SystemExit) as stop:
+        main([*arguments, *(["--output_dir", str(tmp_path / "run")] if arguments[0] == "train" else [])])
+    assert stop.value.code == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error, error
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    out = qformer("--debug", "export", str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    assert out.returncode == 1 and "Traceback" in out.stderr and "FileNotFoundError" in out.stderr
+
+
+def test_a_missing_package_is_named():
+    assert _one_line(ModuleNotFoundError("No module named 'bitsandbytes'", name="bitsandbytes")) == (
+        "this needs the bitsandbytes package, which is not installed (pip install it)")
