@@ -2,9 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU wheel (it lies on local disk on the project's machines). A GPU user either keeps the
-# torch already in .venv (it is never replaced) or sets TORCH="torch==<version>" to their build.
+# The pinned torch, installed only when .venv has none (a torch already there is never replaced).
+# From PyPI on Linux this pin is the CUDA build; for the CPU build:
+# make test TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
@@ -12,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)" $(TORCH_INDEX)
 	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
 	touch $@
 
