@@ -20,6 +20,7 @@ from qformer.train.build import Job, TrainShards
 from qformer.train.config import TrainConfig
 from qformer.train.distributed import Runtime
 from qformer.train.sampler import GlobalBatchSampler
+from qformer.train.signals import ignore_stop_signals
 
 
 class Batches:
@@ -36,6 +37,7 @@ class Batches:
             num_workers=config.data.num_workers,
             persistent_workers=False,
             generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
+            worker_init_fn=ignore_stop_signals,
         )
         self.per_epoch = len(job.dataset) // self.sampler.global_batch
         self.epoch, self.batch_in_epoch = 0, 0
@@ -108,6 +110,7 @@ class ShardBatches:
             num_workers=config.data.num_workers,
             persistent_workers=False,
             generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
+            worker_init_fn=ignore_stop_signals,
         )
         self.epoch, self.batch_in_epoch = 0, 0
         self._iterator: Iterator | None = None
