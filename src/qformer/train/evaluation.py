@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from qformer.checkpoint import atomic_write
@@ -83,6 +84,7 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint: str | Path, out: str | 
     runtime = setup_runtime(config.device)
     if runtime.world_size > 1:
         raise ValueError("qformer eval runs on one process")
+    torch.manual_seed(config.seed)  # the untrained (frozen) weights as the run drew them
     job, model = _load(config, checkpoint, runtime)
     if job.evaluate is None:
         raise ValueError("the recipe has no held-out data to evaluate on (data.eval_path, or data.source: scenes)")

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         raise ValueError("--resume continues the run in the folder and --overwrite replaces it: choose one")
     runtime = setup_runtime(config.device)
     try:
-        with StopRequests() as stops:
-            return _train(config, resume, overwrite, runtime, stops)
+        with StopRequests() as stops, ExitStack() as cleanup:
+            return _train(config, resume, overwrite, runtime, stops, cleanup)
     finally:
         teardown_runtime(runtime)
 
@@ -139,7 +140,9 @@ def _resume_command(run_dir: Path, runtime: Runtime) -> str:
     return f"torchrun <the same options> -m {command.removeprefix('qformer ')}" if runtime.world_size > 1 else command
 
 
-def _train(config: TrainConfig, resume: bool, overwrite: bool, runtime: Runtime, stops: StopRequests) -> dict[str, Any]:
+def _train(
+    config: TrainConfig, resume: bool, overwrite: bool, runtime: Runtime, stops: StopRequests, cleanup: ExitStack
+) -> dict[str, Any]:
     run_dir = Path(config.output_dir)
     metrics_file = run_dir / "metrics.jsonl"
     checkpoint = _open_run(config, resume, overwrite, runtime)
@@ -153,7 +156,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, runtime: Runtime,
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.steps, config.optim)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.precision == "fp16")
-    batches = data_batches(job, config, runtime)
+    batches = cleanup.enter_context(closing(data_batches(job, config, runtime)))  # workers end on any exit
     _log_start(config, job, runtime)
 
     step, skipped = 0, 0
