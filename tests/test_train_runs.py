@@ -144,7 +144,9 @@ def wait_for_metrics(process: subprocess.Popen, run: Path, timeout: float = 120)
     """Until the run has logged its first step (its signal handlers are in place by then)."""
     deadline = time.monotonic() + timeout
     while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
-        assert process.poll() is None, process.communicate()[1][-3000:]
+        if process.poll() is not None:
+            out, err = process.communicate()
+            pytest.fail(f"the run ended first: {((out or '') + (err or ''))[-3000:]}")
         assert time.monotonic() < deadline, "the run logged nothing"
         time.sleep(0.05)
 
@@ -284,3 +286,37 @@ def test_the_run_says_what_it_does(tmp_path, caplog):
     assert "evaluation at step 4: eval/txt_r1 " in caplog.text
     evaluation = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "loss" not in x]
     assert "eval/txt_r1" in evaluation[0] and not any(k.startswith("eval/eval/") for k in evaluation[0])
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_stop_at_one_step_and_resume(tmp_path):
+    """SIGTERM to torchrun reaches both ranks: they agree on a step, save one checkpoint with
+    both RNG states and exit 143; resuming reaches the uninterrupted run's weights. Only rank 0
+    prints the result."""
+    from torch.testing import assert_close
+
+    from test_train import free_port, torchrun
+
+    def launch(folder: Path, *extra: str) -> subprocess.Popen:
+        return torchrun("--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                        overrides=["--output_dir", str(folder), "--device", "cpu", "--data.batch_size", "2",
+                                   "--steps", "12", "--save_every", "100", *extra])
+
+    whole = launch(tmp_path / "whole")
+    output = whole.communicate(timeout=300)[0]
+    assert whole.returncode == 0, output[-3000:]
+    assert output.count('"samples_per_second"') == 1  # one JSON result, from rank 0
+    part = tmp_path / "part"
+    stopped = launch(part)
+    wait_for_metrics(stopped, part, timeout=300)
+    stopped.send_signal(signal.SIGTERM)
+    output = stopped.communicate(timeout=300)[0]
+    saved = sorted(part.glob("step_*"))
+    assert len(saved) == 1 and sorted(p.name for p in saved[0].glob("rng_rank*")) == ["rng_rank0.pt", "rng_rank1.pt"]
+    assert f"stopped by SIGTERM after step {int(saved[0].name[5:])}: checkpoint {saved[0]}" in output
+    resumed = launch(part, "--resume")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    a, b = weights(tmp_path / "whole", 12), weights(part, 12)
+    for key in a:
+        assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
