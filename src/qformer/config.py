@@ -50,9 +50,12 @@ class ConfigBase:
 
 def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
     """Numbers written as text (YAML reads "3e-4" as a string) become numbers where the field
-    is a number; anything else of the wrong kind is refused."""
+    is a number; a boolean field takes only true or false (not "yes", 1 or "nope"); anything
+    else of the wrong kind is refused."""
     is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     options = typing.get_args(hint) if is_union else (hint,)
+    if value is not None and bool in options and not isinstance(value, bool):
+        raise ValueError(f"{owner}.{name} must be true or false, got {value!r}")
     if value is None or not any(t in (int, float) for t in options):
         return value
     if isinstance(value, bool):

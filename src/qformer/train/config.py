@@ -13,6 +13,12 @@ import yaml
 from qformer.config import Blip2Stage1Config, ConfigBase
 
 
+def _at_least(key: str, value: float, low: float) -> None:
+    """Refuse a recipe value below ``low``, naming its key."""
+    if value < low:
+        raise ValueError(f"{key} must be at least {low}, got {value}")
+
+
 @dataclass
 class ModelSpec(ConfigBase):
     """What to train. Stage 1: ``stage1`` (architecture), the frozen image encoder's weights
@@ -91,6 +97,9 @@ class DataSpec(ConfigBase):
             raise ValueError(f"data.source {self.source} needs data.path")
         if self.vqa_prompt.count("{}") != 1:
             raise ValueError(f"data.vqa_prompt must hold one {{}} where the question goes, got {self.vqa_prompt!r}")
+        for key, low in (("batch_size", 1), ("eval_batch_size", 1), ("num_workers", 0), ("image_size", 1),
+                         ("max_text_length", 1)):
+            _at_least(f"data.{key}", getattr(self, key), low)
 
 
 @dataclass
@@ -108,6 +117,10 @@ class OptimSpec(ConfigBase):
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be greater than 0, got {self.lr}")
+        _at_least("optim.warmup_steps", self.warmup_steps, 0)
+        _at_least("optim.grad_accum_steps", self.grad_accum_steps, 1)
 
 
 @dataclass
@@ -116,7 +129,8 @@ class TrainConfig(ConfigBase):
     whole model) or "fsdp" (FSDP2: weights, gradients and optimiser state sharded, each frozen
     tower block gathered only while it runs; for an LLM or image encoder that does not fit one
     device; see :mod:`qformer.train.parallel`). One process ignores it. Checkpoints are the same
-    under both."""
+    under both. ``keep_last: 0`` keeps every checkpoint; ``eval_every: 0`` never evaluates
+    during the run."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
@@ -139,6 +153,8 @@ class TrainConfig(ConfigBase):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
+        for key, low in (("steps", 1), ("log_every", 1), ("save_every", 1), ("eval_every", 0), ("keep_last", 0)):
+            _at_least(key, getattr(self, key), low)
 
 
 def _parse_value(text: str) -> Any:
@@ -187,3 +203,39 @@ def dump_yaml(config: ConfigBase) -> str:
         return value
 
     return yaml.safe_dump(plain(dataclasses.asdict(config)), sort_keys=False)
+
+
+# what a resumed run may change: how long it runs, how it reports and where it runs, never the
+# model, the data or the optimisation (the shard readers, data.num_workers, set the data order)
+SAFE_ON_RESUME = frozenset({
+    "steps", "log_every", "save_every", "eval_every", "keep_last", "tensorboard", "device", "parallel",
+    "activation_checkpointing", "output_dir", "data.num_workers", "data.eval_batch_size",
+})
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"data": {"batch_size": 4}}`` -> ``{"data.batch_size": 4}``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(run: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Where ``new`` differs from the config a run was started with: ``{key: (run's, new)}``
+    (``output_dir`` aside: the run is where its folder is). A ValueError naming the keys when a
+    change is not in :data:`SAFE_ON_RESUME`."""
+    old, now = _flat(dataclasses.asdict(run)), _flat(dataclasses.asdict(new))
+    changes = {key: (old.get(key), now.get(key)) for key in sorted(old.keys() | now.keys())
+               if old.get(key) != now.get(key) and key != "output_dir"}
+    safe = SAFE_ON_RESUME - ({"data.num_workers"} if run.data.source == "shards" else set())
+    refused = [f"{key} {a!r} -> {b!r}" for key, (a, b) in changes.items() if key not in safe]
+    if refused:
+        raise ValueError(
+            f"cannot resume with {', '.join(refused)}: that changes the run's model, data or optimisation "
+            "(start a new run in another output_dir, or with --overwrite)"
+        )
+    return changes

@@ -1,30 +1,98 @@
-"""``qformer eval``: a run's checkpoint evaluated on its recipe's held-out data."""
+"""``qformer eval``: a run's checkpoint (``step_XXXXXXX/``) or its ``final/`` model evaluated on
+the held-out data of the run's ``config.yaml`` (or of a recipe)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from qformer.checkpoint import atomic_write
-from qformer.train.build import build_job
-from qformer.train.config import TrainConfig
-from qformer.train.distributed import setup_runtime
-from qformer.train.state import load_checkpoint
+from qformer.train.build import Job, build_job
+from qformer.train.config import TrainConfig, load_train_config
+from qformer.train.distributed import Runtime, setup_runtime
+from qformer.train.state import WEIGHTS_NAME, latest_checkpoint, load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def run_target(target: str | Path) -> tuple[Path, Path]:
+    """``(run folder, what to evaluate)`` for a run folder (its latest checkpoint), a
+    ``step_XXXXXXX/`` folder or a ``final/`` folder of a run."""
+    target = Path(target)
+    if not target.is_dir():
+        raise FileNotFoundError(f"{target} is not a run folder, a step_XXXXXXX/ checkpoint or a final/ folder")
+    if (target / "config.yaml").is_file():
+        checkpoint = latest_checkpoint(target)
+        if checkpoint is None:
+            raise FileNotFoundError(f"{target} holds no checkpoint (step_XXXXXXX/) to evaluate")
+        return target, checkpoint
+    if not (target.parent / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{target.parent} has no config.yaml (is {target} in a run folder?); with a recipe: "
+            f"qformer eval RECIPE --checkpoint {target}"
+        )
+    return target.parent, target
+
+
+def evaluate_run(target: str | Path, overrides: list[str] = (), out: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate :func:`run_target`'s checkpoint with the run's own config (plus ``overrides``)."""
+    run_dir, checkpoint = run_target(target)
+    return evaluate_checkpoint(load_train_config(run_dir / "config.yaml", list(overrides)), checkpoint, out)
+
+
+def _final_config(config: TrainConfig, final: Path) -> TrainConfig:
+    """The recipe without the weight sources that ``final/`` replaces: stage 1 loads no image
+    encoder or BERT weights (the saved model holds them), stage 2 starts from the directory."""
+    spec = config.model
+    if spec.stage == "stage1":
+        model = spec.replace(vision_weights=None, bert=None, tokenizer=spec.tokenizer or spec.bert)
+    else:
+        model = spec.replace(blip2=str(final), init_from=None, language_model=None, lora_r=0)
+    return config.replace(model=model.to_dict())
+
+
+def _load(config: TrainConfig, checkpoint: Path, runtime: Runtime) -> tuple[Job, nn.Module]:
+    """The job, and the model to evaluate: a checkpoint's trained weights in the recipe's model,
+    or the ``final/`` directory as saved (stage 1: ``Blip2Stage1.from_pretrained``; stage 2
+    and InstructBLIP: ``Blip2.from_pretrained``, the job's own model)."""
+    if (checkpoint / WEIGHTS_NAME).is_file():
+        job = build_job(config, runtime)
+        load_checkpoint(checkpoint, job.model, rank=0)
+        return job, job.model
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} is neither a step_XXXXXXX/ checkpoint ({WEIGHTS_NAME}) "
+                                "nor a saved model (config.json)")
+    job = build_job(_final_config(config, checkpoint), runtime)
+    if config.model.stage != "stage1":
+        return job, job.model
+    from qformer.models.blip2 import Blip2Stage1
+
+    return job, Blip2Stage1.from_pretrained(checkpoint)
 
 
 def evaluate_checkpoint(config: TrainConfig, checkpoint: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate a ``step_XXXXXXX/`` or ``final/`` folder on ``config``'s held-out data; the
+    results go to ``out`` (default ``<checkpoint>/eval.json``)."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint {checkpoint} is not a folder")
     runtime = setup_runtime(config.device)
     if runtime.world_size > 1:
         raise ValueError("qformer eval runs on one process")
-    job = build_job(config, runtime)
+    torch.manual_seed(config.seed)  # the untrained (frozen) weights as the run drew them
+    job, model = _load(config, checkpoint, runtime)
     if job.evaluate is None:
         raise ValueError("the recipe has no held-out data to evaluate on (data.eval_path, or data.source: scenes)")
-    model = job.model.to(runtime.device)
-    load_checkpoint(Path(checkpoint), model, rank=0)
-    model.eval()
+    model = model.to(runtime.device).eval()
     results = job.evaluate(model)
-    target = Path(out) if out else Path(checkpoint) / "eval.json"
+    target = Path(out) if out else checkpoint / "eval.json"
     text = json.dumps(results, indent=2)
     atomic_write(target, lambda tmp: Path(tmp).write_text(text))
+    logger.info("%s: %s (written to %s)", checkpoint, ", ".join(
+        f"{k} {v}" for k, v in results.items() if isinstance(v, (int, float))), target)
     return results

@@ -1,5 +1,5 @@
 """The training loop: one process or torchrun (DDP or FSDP2), accumulation, autocast, clipping,
-checkpoints, resume, metrics and plots."""
+checkpoints, resume, a clean stop on signals, metrics and plots."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ from torch import nn
 
 from qformer.checkpoint import atomic_write
 from qformer.train.batches import data_batches
-from qformer.train.build import Job, build_job
-from qformer.train.config import TrainConfig, dump_yaml
+from qformer.train.build import Job, TrainShards, build_job
+from qformer.train.config import TrainConfig, dump_yaml, load_train_config, resume_changes
 from qformer.train.distributed import Runtime, setup_runtime, teardown_runtime
 from qformer.train.optim import build_optimizer, build_scheduler
 from qformer.train.parallel import (
@@ -28,16 +29,21 @@ from qformer.train.parallel import (
     whole_state_dict,
 )
 from qformer.train.plots import plot_metrics
+from qformer.train.signals import StopRequests, TrainingStopped
 from qformer.train.state import (
+    checkpoint_step,
+    clear_run,
     latest_checkpoint,
     load_checkpoint,
     load_optimizer_state,
     optimizer_state,
+    run_files,
     save_checkpoint,
 )
 
 logger = logging.getLogger(__name__)
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SKIPS_NAMED = 5  # the first skipped samples are logged by name and reason
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -56,22 +62,90 @@ def _log_line(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train as the recipe says; returns the last logged metrics and evaluation."""
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Train as the recipe says; returns the last logged metrics and evaluation. ``resume``
+    continues the run in ``config.output_dir`` from its last checkpoint (only settings in
+    :data:`~qformer.train.config.SAFE_ON_RESUME` may differ from its ``config.yaml``);
+    ``overwrite`` first clears an earlier run there; a folder holding a run needs one of the
+    two. A stop signal saves a checkpoint and raises :class:`TrainingStopped`."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in the folder and --overwrite replaces it: choose one")
     runtime = setup_runtime(config.device)
     try:
-        return _train(config, resume, runtime)
+        with StopRequests() as stops, ExitStack() as cleanup:
+            return _train(config, resume, overwrite, runtime, stops, cleanup)
     finally:
         teardown_runtime(runtime)
 
 
-def _train(config: TrainConfig, resume: bool, runtime: Runtime) -> dict[str, Any]:
+def _barrier(runtime: Runtime) -> None:
+    if runtime.world_size > 1:
+        torch.distributed.barrier()
+
+
+def _open_run(config: TrainConfig, resume: bool, overwrite: bool, runtime: Runtime) -> Path | None:
+    """Check the run folder (every rank, before any writes), then on rank 0 clear it if asked
+    and write ``config.yaml``. Returns the checkpoint to resume from."""
     run_dir = Path(config.output_dir)
-    metrics_file = run_dir / "metrics.jsonl"
+    checkpoint, changes = None, {}
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run_dir} has no config.yaml: there is no run there to resume")
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"{run_dir} holds no checkpoint (step_XXXXXXX/) to resume from")
+        changes = resume_changes(load_train_config(run_dir / "config.yaml"), config)
+        if config.steps < checkpoint_step(checkpoint):
+            raise ValueError(f"steps {config.steps} is before the checkpoint {checkpoint} to resume from")
+    elif not overwrite and run_files(run_dir):
+        found = ", ".join(p.name for p in run_files(run_dir)[:3])
+        raise ValueError(
+            f"{run_dir} already holds a run ({found}, ...): continue it with --resume or replace it with --overwrite"
+        )
+    _barrier(runtime)  # every rank has looked before rank 0 writes
     if runtime.is_main:
+        if overwrite:
+            clear_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         text = dump_yaml(config)
         atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+        if changes:
+            logger.info("resuming with %s (recorded in config.yaml)",
+                        ", ".join(f"{key} {a!r} -> {b!r}" for key, (a, b) in changes.items()))
+    return checkpoint
+
+
+def _log_start(config: TrainConfig, job: Job, runtime: Runtime) -> None:
+    """What the run is about to do, on rank 0."""
+    if not runtime.is_main:
+        return
+    params = list(job.model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    frozen = sum(p.numel() for p in params if not p.requires_grad)
+    if isinstance(job.dataset, TrainShards):
+        samples = f"{len(job.dataset.reader.shards)} tar shards"
+    else:
+        samples = f"{len(job.dataset)} training samples"
+    batch, accum, world = config.data.batch_size, config.optim.grad_accum_steps, runtime.world_size
+    logger.info(
+        "run %s: %s, device %s, precision %s, world size %d, %s trainable + %s frozen parameters, "
+        "global batch %d (batch_size %d x grad_accum %d x world %d), %d steps",
+        config.output_dir, samples, runtime.device, config.precision, world, f"{trainable:,}", f"{frozen:,}",
+        batch * accum * world, batch, accum, world, config.steps,
+    )
+
+
+def _resume_command(run_dir: Path, runtime: Runtime) -> str:
+    command = f"qformer train {run_dir} --resume"
+    return f"torchrun <the same options> -m {command.removeprefix('qformer ')}" if runtime.world_size > 1 else command
+
+
+def _train(
+    config: TrainConfig, resume: bool, overwrite: bool, runtime: Runtime, stops: StopRequests, cleanup: ExitStack
+) -> dict[str, Any]:
+    run_dir = Path(config.output_dir)
+    metrics_file = run_dir / "metrics.jsonl"
+    checkpoint = _open_run(config, resume, overwrite, runtime)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     job = build_job(config, runtime)
     torch.manual_seed(config.seed * 1_000_003 + runtime.rank)  # then each rank its own dropout
@@ -82,34 +156,32 @@ def _train(config: TrainConfig, resume: bool, runtime: Runtime) -> dict[str, Any
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.steps, config.optim)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.precision == "fp16")
-    batches = data_batches(job, config, runtime)
+    batches = cleanup.enter_context(closing(data_batches(job, config, runtime)))  # workers end on any exit
+    _log_start(config, job, runtime)
 
-    step = 0
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    step, skipped = 0, 0
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, runtime.rank)
         load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        step = state["step"]
+        step, skipped = state["step"], state.get("skipped", 0)
         batches.seek(state["epoch"], state["batch_in_epoch"])
         if runtime.is_main:
             logger.info("resumed from %s at step %d", checkpoint, step)
             _truncate_metrics(metrics_file, step)
-    elif runtime.is_main and metrics_file.exists():
-        metrics_file.unlink()
 
     writer = _tensorboard(run_dir) if config.tensorboard and runtime.is_main else None
     progress = _progress(config.steps, step, runtime)
     autocast = AUTOCAST.get(config.precision)
     last: dict[str, Any] = {}
-    window_start, window_samples, skipped = time.perf_counter(), 0, 0
+    window_start, window_samples = time.perf_counter(), 0
     model.train()
     while step < config.steps:
         sums: dict[str, float] = {}
         for micro in range(config.optim.grad_accum_steps):
             batch = next(batches)
-            skipped += batch.pop("skipped", 0)
+            skipped = _count_skipped(batch, skipped, runtime)
             batch = _to_device(batch, runtime.device)
             window_samples += job.batch_size(batch) * runtime.world_size
             generator = torch.Generator(runtime.device).manual_seed(
@@ -150,7 +222,8 @@ def _train(config: TrainConfig, resume: bool, runtime: Runtime) -> dict[str, Any
             if not math.isfinite(last["loss"]):
                 raise FloatingPointError(f"loss is {last['loss']} at step {step}")
 
-        if step % config.save_every == 0 or step == config.steps:
+        stop = stops.agreed(runtime) if step < config.steps else 0
+        if stop or step % config.save_every == 0 or step == config.steps:
             trainer = {
                 "optimizer": optimizer_state(optimizer),
                 "scheduler": scheduler.state_dict(),
@@ -158,20 +231,38 @@ def _train(config: TrainConfig, resume: bool, runtime: Runtime) -> dict[str, Any
                 "step": step,
                 "epoch": batches.epoch,
                 "batch_in_epoch": batches.batch_in_epoch,
+                "skipped": skipped,
             }
-            save_checkpoint(run_dir, step, model, trainer, runtime.rank, config.keep_last)
+            saved = save_checkpoint(run_dir, step, model, trainer, runtime.rank, config.keep_last)
+            if runtime.is_main:
+                plot_metrics(metrics_file, run_dir / "curves.png")
+                logger.info("saved %s", saved)
+        if stop:
+            progress.close()
+            stopped = TrainingStopped(stop, step, run_dir / f"step_{step:07d}", _resume_command(run_dir, runtime))
+            if runtime.is_main:
+                logger.info("%s", stopped)
+            raise stopped
 
         if job.evaluate is not None and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
             last.update(_evaluate(job, model, objective, step, run_dir, runtime, metrics_file))
 
     progress.close()
-    if runtime.is_main:
-        plot_metrics(metrics_file, run_dir / "curves.png")
     if job.save_final is not None:
         with whole_state_dict(objective, model):
             if runtime.is_main:
                 job.save_final(model, run_dir / "final")
     return last
+
+
+def _count_skipped(batch: dict, skipped: int, runtime: Runtime) -> int:
+    """The running count of skipped samples (this rank's) with the batch's added; the first
+    few are logged by name and reason on rank 0."""
+    names = batch.pop("skipped_samples", [])
+    for offset, name in enumerate(names if runtime.is_main else []):
+        if skipped + offset < SKIPS_NAMED:
+            logger.info("skipped sample %s (%d skipped so far)", name, skipped + offset + 1)
+    return skipped + batch.pop("skipped", 0)
 
 
 def _evaluate(
@@ -188,7 +279,11 @@ def _evaluate(
     if runtime.is_main:
         record = {"step": step, **results}
         atomic_write(run_dir / f"eval_step_{step:07d}.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
-        _log_line(metrics_file, {"step": step, **{f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}})
+        # a set named eval gives eval/txt_r1; a named set eval/new_images/txt_r1
+        curves = {k if k.startswith("eval/") else f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}
+        _log_line(metrics_file, {"step": step, **curves})
+        logger.info("evaluation at step %d: %s", step, ", ".join(f"{k} {v}" for k, v in results.items()
+                                                                 if isinstance(v, (int, float))))
     if runtime.world_size > 1:
         torch.distributed.barrier()
     return results

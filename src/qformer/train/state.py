@@ -120,3 +120,26 @@ def load_checkpoint(path: Path, model: nn.Module, rank: int) -> dict[str, Any]:
         raise ValueError(f"{path} has no RNG state for rank {rank}: resume with the world size it was saved with")
     set_rng_state(torch.load(rng_file, weights_only=False))
     return torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", "final", "tensorboard")
+RUN_GLOBS = ("step_*", ".staging_step_*", "eval_step_*.json")
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """What a run leaves in its folder (config, metrics, checkpoints, evaluations, plots,
+    ``final/``), sorted; nothing else in the folder is a run's."""
+    found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    found += [path for pattern in RUN_GLOBS for path in run_dir.glob(pattern)]
+    return sorted(found)
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove what an earlier run left in ``run_dir`` (see :func:`run_files`)."""
+    for path in run_files(run_dir):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a ``step_XXXXXXX`` folder."""
+    return int(path.name.removeprefix("step_"))

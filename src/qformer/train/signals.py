@@ -1,0 +1,70 @@
+"""Stopping a run cleanly: SIGINT (Ctrl-C), SIGTERM (what schedulers send before pre-emption)
+and SIGUSR1 ask the loop to save a checkpoint at the end of the current step and stop. Under
+torchrun every rank learns at each step whether any rank was asked, so all stop at one step."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+from qformer.train.distributed import Runtime
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingStopped(Exception):
+    """A run stopped on a signal after saving ``checkpoint``; ``status`` is 128 + the signal."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path, resume: str) -> None:
+        self.signum, self.step, self.checkpoint, self.resume = signum, step, checkpoint, resume
+        self.status = 128 + signum
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint {checkpoint}; "
+            f"resume with: {resume}"
+        )
+
+
+class StopRequests:
+    """A context that turns the stop signals into a request the loop polls once a step
+    (:meth:`agreed`); a second Ctrl-C stops at once (KeyboardInterrupt). The previous handlers
+    come back on exit. Outside the main thread (where Python allows no handlers) it does nothing."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def agreed(self, runtime: Runtime) -> int:
+        """The signal some rank was stopped by (the highest number if several), or 0: the same
+        answer on every rank (one small all-reduce)."""
+        if runtime.world_size == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], device=runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def ignore_stop_signals(worker: int) -> None:
+    """A DataLoader ``worker_init_fn``: workers leave the stop signals to the main process
+    (Ctrl-C reaches the whole process group), which ends them when it is done."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
