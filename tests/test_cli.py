@@ -99,3 +99,10 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_a_missing_package_is_named():
     assert _one_line(ModuleNotFoundError("No module named 'bitsandbytes'", name="bitsandbytes")) == (
         "this needs the bitsandbytes package, which is not installed (pip install it)")
+
+
+def test_train_help_lists_every_recipe_and_the_overrides():
+    text = qformer("train", "--help").stdout
+    for recipe in sorted((ROOT / "configs").glob("*.yaml")):
+        assert recipe.name in text, recipe.name
+    assert "--section.key value" in text and "final/" in text

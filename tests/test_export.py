@@ -166,3 +166,13 @@ def test_image_token_is_reserved_where_the_vocabulary_has_room():
             torch.testing.assert_close(table.weight[index], table.weight[:index].mean(0))
         built.append(model.get_input_embeddings().weight.detach().clone())
     assert torch.equal(*built)
+
+
+@pytest.mark.parametrize("stage2_run", ["blip2"], indirect=True)
+def test_eval_of_final_equals_eval_of_the_last_checkpoint(stage2_run, tmp_path):
+    _, run = stage2_run
+    main(["eval", str(run / "step_0000002"), "--out", str(tmp_path / "step.json")])
+    main(["eval", str(run / "final"), "--out", str(tmp_path / "final.json")])
+    step, final = (json.loads((tmp_path / name).read_text()) for name in ("step.json", "final.json"))
+    assert step.keys() == final.keys() and any(key.endswith("exact_match") for key in step)
+    assert step == final

@@ -67,13 +67,32 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+RECIPES_EPILOG = """\
+recipes (configs/ in the repository; copy one and edit it for your data):
+  stage1.yaml              BLIP-2 stage 1 (ITC + ITM + ITG): EVA ViT-g frozen, Q-Former from BERT
+  stage2_opt.yaml          stage 2 with a decoder-only LLM (OPT) from a stage-1 final/
+  stage2_t5.yaml           stage 2 with an encoder-decoder LLM (FlanT5), prefix-LM on captions
+  caption_finetune.yaml    a released BLIP-2 fine-tuned for COCO captions at 364 px
+  retrieval_finetune.yaml  stage 1 fine-tuned for image-text retrieval, recall@1/5/10
+  vqa_finetune.yaml        a released BLIP-2 fine-tuned on VQAv2, VQA accuracy
+  instruct.yaml            InstructBLIP instruction tuning on {"image", "instruction", "answer"} lines
+  tiny.yaml                a debug-size stage 1 on built-in scenes: seconds on a CPU
+
+overrides: any recipe value, as --section.key value or --section.key=value, read as YAML:
+  qformer train configs/stage1.yaml --data.path captions.json --optim.lr 1e-4 --data.batch_size=32
+  qformer train configs/stage1.yaml --optim.betas "[0.9, 0.999]" --model.bert /models/bert-base-uncased
+every run ends in OUTPUT_DIR/final/, a model that loads in one call (see qformer export).
+"""
+
+
 def add_train_commands(commands: Any) -> None:
     """Register ``train`` and ``eval`` on an argparse subparsers object."""
     train = commands.add_parser(
         "train", help="train from a YAML recipe; --section.key value overrides it",
         description="Train from a YAML recipe (--section.key value overrides any of its values), or continue "
                     "a run with --resume. SIGINT (Ctrl-C), SIGTERM and SIGUSR1 save a checkpoint at the end of "
-                    "the step and stop (exit status 128 + the signal), naming the command that resumes.")
+                    "the step and stop (exit status 128 + the signal), naming the command that resumes.",
+        epilog=RECIPES_EPILOG)
     train.add_argument("recipe", metavar="RECIPE_OR_RUN",
                        help="a YAML recipe, e.g. configs/stage1.yaml; with --resume also a run folder")
     mode = train.add_mutually_exclusive_group()
