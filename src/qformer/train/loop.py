@@ -252,6 +252,8 @@ def _train(
         with whole_state_dict(objective, model):
             if runtime.is_main:
                 job.save_final(model, run_dir / "final")
+                loader = "Blip2Stage1" if config.model.stage == "stage1" else "Blip2"
+                logger.info("final model: %s (qformer.%s.from_pretrained loads it)", run_dir / "final", loader)
     return last
 
 
