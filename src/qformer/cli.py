@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from qformer.convert.command import add_convert_command
 from qformer.infer_command import add_inference_arguments, caption_command, vqa_command
+from qformer.retrieve_command import add_retrieve_command
 from qformer.train.command import add_train_commands
 
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.set_defaults(run=vqa_command)
     vqa.add_argument("--question", required=True)
     vqa.add_argument("--prompt", default="Question: {} Answer:", help="the question's template")
+    add_retrieve_command(commands)
     add_train_commands(commands)
     add_convert_command(commands)
     return parser
