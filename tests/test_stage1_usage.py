@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from stage1_helpers import IMAGE, tiny_stage1, tiny_stage1_config
-from stage2_helpers import save_tiny_blip2
 from torch.testing import assert_close
 from transformers import AutoTokenizer, Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor, BlipImageProcessor
 
@@ -25,6 +23,8 @@ from qformer.retrieval import extract_features, retrieval_scores, search, tokeni
 from qformer.train.config import load_train_config
 from qformer.train.loop import train
 from qformer.train.stage1_job import evaluate_retrieval
+from stage1_helpers import IMAGE, tiny_stage1, tiny_stage1_config
+from stage2_helpers import save_tiny_blip2
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_CONFIG = ImageConfig(size=IMAGE, mean=(0.5, 0.45, 0.4), std=(0.25, 0.3, 0.2))  # not the defaults
@@ -92,11 +92,11 @@ def test_our_layout_round_trip_with_tokenizer_and_image_config(tokenizer, photos
 
 def tiny_retrieval_model(vocab_size: int) -> Blip2ForImageTextRetrieval:
     config = Blip2Config(
-        vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=IMAGE, patch_size=14),
-        qformer_config=dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                            intermediate_size=48, max_position_embeddings=40, encoder_hidden_size=24,
-                            use_qformer_text_input=True),
+        vision_config={"hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": IMAGE, "patch_size": 14},
+        qformer_config={"vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 3,
+                        "num_attention_heads": 4, "intermediate_size": 48, "max_position_embeddings": 40,
+                        "encoder_hidden_size": 24, "use_qformer_text_input": True},
         num_query_tokens=4,
         image_text_hidden_size=16,
     )
@@ -241,7 +241,7 @@ def test_cli_retrieve(tokenizer, photos, tmp_path, capsys):
     command = [sys.executable, "-m", "qformer", "retrieve", "--model", str(tmp_path / "model"), "--images",
                str(photos), "--query", "a red square", "--query", "green", "--top", "2", "--k", "3",
                "--batch-size", "2", "--device", "cpu"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr  # an image could not be read: named, the others ranked
     assert f"qformer retrieve: cannot read image {photos / 'broken.png'}" in done.stderr
     assert "1 skipped" in done.stderr and "Traceback" not in done.stderr

@@ -256,6 +256,7 @@ def _read_pixels(model: Blip2Stage1, names: Sequence[str], skipped: list[str]) -
 
 
 def check_search_options(top: int, k: int, batch_size: int) -> None:
+    """:func:`search`'s numbers, checked (the CLI checks them before the model loads)."""
     for name, value in (("top", top), ("k", k), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
