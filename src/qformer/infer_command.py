@@ -43,15 +43,22 @@ def batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
         yield list(items[start:start + size])
 
 
+def add_device_arguments(parser: argparse.ArgumentParser, batch_size: int = 8) -> None:
+    """``--device``, ``--dtype`` and ``--batch-size``, read by :func:`device_options`."""
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: a GPU if there is one)")
+    parser.add_argument("--dtype", default="auto",
+                        help="float32, float16, bfloat16 (fp32, fp16, bf16, ...) or auto: the checkpoint's (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help=f"images per forward pass (default: {batch_size})")
+
+
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a transformers-layout BLIP-2 / InstructBLIP directory or hub id")
     parser.add_argument("images", nargs="+", help="image files, folders or globs (quote a glob: 'photos/**/*.jpg')")
     parser.add_argument("--json", action="store_true", help="one JSON object per line, as results come")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: a GPU if there is one)")
-    parser.add_argument("--dtype", default="auto",
-                        help="float32, float16, bfloat16 (fp32, fp16, bf16, ...) or auto: the checkpoint's")
-    parser.add_argument("--device-map", default=None, help="auto: spread the LLM over every GPU (and the CPU) (default: one device)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    add_device_arguments(parser)
+    parser.add_argument("--device-map", default=None,
+                        help="auto: spread the LLM over every GPU (and the CPU) (default: one device)")
     parser.add_argument("--num-beams", type=int, help="beam width (default: 5, as BLIP-2)")
     parser.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default: caption 30, vqa 10)")
 
@@ -64,19 +71,26 @@ def default_device() -> str:
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
-def load_model(args: argparse.Namespace):
-    from qformer.blip2 import Blip2
+def device_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--batch-size``, ``--dtype``, ``--device`` (and ``--device-map`` where a command has it)
+    checked before anything loads: the keywords of ``from_pretrained``."""
     from qformer.devices import parse_device, parse_dtype
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    dtype = parse_dtype(args.dtype)  # bad spellings fail before anything loads
-    if args.device_map is not None:
+    options: dict[str, Any] = {"dtype": parse_dtype(args.dtype)}  # bad spellings fail here
+    device_map = getattr(args, "device_map", None)
+    if device_map is not None:
         if args.device is not None:
             raise ValueError("pass --device or --device-map, not both")
-        return Blip2.from_pretrained(args.model, dtype=dtype, device_map=args.device_map)
-    device = parse_device(args.device or default_device())
-    return Blip2.from_pretrained(args.model, dtype=dtype, device=device)
+        return options | {"device_map": device_map}
+    return options | {"device": parse_device(args.device or default_device())}
+
+
+def load_model(args: argparse.Namespace):
+    from qformer.blip2 import Blip2
+
+    return Blip2.from_pretrained(args.model, **device_options(args))
 
 
 def run_images(args: argparse.Namespace, answer_batch, result_key: str, extra: dict[str, Any]) -> int:

@@ -1,15 +1,28 @@
 """Stage-1 inference: features, image-text retrieval (ITC candidates re-ranked by ITM) and
-its recall@K, captions from the Q-Former alone."""
+its recall@K, captions from the Q-Former alone; and the same from inputs as users have them
+(image files, PIL images, strings): features, ITM / ITC scores, search over a folder."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor
 
+from qformer.data.collate import _tokenize
+from qformer.data.transforms import eval_image
 from qformer.generate import DecodingOptions, qformer_generate
+from qformer.infer_command import batches, expand_images
 from qformer.models.blip2 import Blip2Stage1, expand_key_values
+
+RERANK_DEPTH = 128  # BLIP-2's k: the ITC candidates re-ranked by ITM
+TEXT_MAX_LENGTH = 32  # LAVIS's Blip2Qformer / Blip2ITM max_txt_len
+ImageInput = str | Path | Image.Image | Tensor
+Images = ImageInput | Sequence[ImageInput]
+Texts = str | Sequence[str]
 
 
 @dataclass
@@ -57,7 +70,7 @@ def retrieval_scores(
     image_embeds: Tensor,
     input_ids: Tensor,
     attention_mask: Tensor,
-    k: int = 16,
+    k: int = RERANK_DEPTH,
     chunk: int = 32,
 ) -> tuple[Tensor, Tensor]:
     """BLIP-2's retrieval scores: the ITC similarity ranks all pairs; the top ``k`` candidates
@@ -138,3 +151,161 @@ def caption_images(
     image_kv = model.qformer.encoder_key_values(image_embeds)
     queries = model.queries(image_embeds.shape[0])
     return qformer_generate(model.qformer, queries, image_kv, eos_token_id, pad_token_id, options, generator)
+
+
+def image_embeds_of(model: Blip2Stage1, images: Images) -> Tensor:
+    """Images as users have them -> (N, S, W) after ``ln_vision``. One tensor holds pixels
+    (N, 3, H, W) or the image encoder's outputs (N, S, W); otherwise one image or a list of
+    paths, PIL images and pixel tensors (3, H, W), paths and PIL images preprocessed as
+    ``model.config.image`` says (the preprocessing the model was trained with)."""
+    first = next((model.ln_vision if model.vision is None else model.vision).parameters())
+    if isinstance(images, Tensor):
+        if images.dim() == 3:
+            return model.image_embeds(image_features=images.to(first.device))
+        pixels = images
+    else:
+        items = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
+        if not items:
+            raise ValueError("images: none given")
+        tensors = [item if isinstance(item, Tensor) else eval_image(item, model.config.image) for item in items]
+        shapes = sorted({tuple(t.shape) for t in tensors})
+        if len(shapes) > 1:
+            raise ValueError(f"images: pixel tensors of different shapes {shapes}")
+        pixels = torch.stack(tensors)  # (N, 3, H, W)
+    size = None if model.config.vision is None else model.config.vision.image_size
+    if pixels.dim() != 4 or pixels.shape[1] != 3 or (size is not None and tuple(pixels.shape[2:]) != (size, size)):
+        wanted = "(N, 3, H, W)" if size is None else f"(N, 3, {size}, {size})"
+        raise ValueError(f"images: pixels must be {wanted} for this model, or encoder outputs (N, S, W); got "
+                         f"{tuple(pixels.shape)}")
+    return model.image_embeds(pixels.to(device=first.device, dtype=first.dtype))
+
+
+def tokenize(model: Blip2Stage1, texts: Texts) -> tuple[Tensor, Tensor]:
+    """Texts with the model's tokenizer, right-padded, at most 32 tokens as BLIP-2: input_ids
+    and attention_mask (N, T) on the model's device."""
+    if model.tokenizer is None:
+        raise ValueError("this model has no tokenizer: set model.tokenizer (qformer.load_tokenizer) or load a "
+                         "directory that has one")
+    items = [texts] if isinstance(texts, str) else list(texts)
+    if not items or not all(isinstance(text, str) for text in items):
+        raise ValueError("texts: a string or a non-empty list of strings")
+    tokens = _tokenize(model.tokenizer, items, TEXT_MAX_LENGTH, "right")
+    device = model.ln_vision.weight.device
+    return tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+
+
+def _check_pairs(what: str, images: int, texts: int) -> None:
+    if images != texts:
+        raise ValueError(f"{what} pairs images with texts one by one: got {images} image(s) and {texts} text(s)")
+
+
+@torch.no_grad()
+def features(model: Blip2Stage1, images: Images | None = None, texts: Texts | None = None) -> Features:
+    """:func:`extract_features` from images and texts as users have them (see
+    :func:`image_embeds_of`, :func:`tokenize`); given both, as many images as texts."""
+    if images is None and texts is None:
+        raise ValueError("pass images, texts or both")
+    embeds = None if images is None else image_embeds_of(model, images)
+    input_ids, attention_mask = (None, None) if texts is None else tokenize(model, texts)
+    if embeds is not None and input_ids is not None:
+        _check_pairs("multimodal features", embeds.shape[0], input_ids.shape[0])
+    return extract_features(model, embeds, input_ids, attention_mask)
+
+
+@torch.no_grad()
+def itm_scores(model: Blip2Stage1, images: Images, texts: Texts) -> Tensor:
+    """The probability that each image matches its text, softmax of the ITM head's logits
+    (LAVIS's ``Blip2ITM``, ``match_head="itm"``): (N,)."""
+    embeds = image_embeds_of(model, images)
+    input_ids, attention_mask = tokenize(model, texts)
+    _check_pairs("itm_scores", embeds.shape[0], input_ids.shape[0])
+    hidden = model.multimodal_pass(input_ids, attention_mask, model.qformer.encoder_key_values(embeds))
+    return model.itm_logits(hidden.last_hidden_state).softmax(dim=-1)[:, 1]
+
+
+@torch.no_grad()
+def itc_scores(model: Blip2Stage1, images: Images, texts: Texts) -> Tensor:
+    """Every image's ITC similarity with every text, the max over queries (Ni, Nt), as
+    transformers' ``Blip2ForImageTextRetrieval`` without the ITM head; LAVIS's ``Blip2ITM``
+    (``match_head="itc"``) gives its diagonal."""
+    image = extract_features(model, image_embeds_of(model, images)).image
+    input_ids, attention_mask = tokenize(model, texts)
+    return model.similarity(image, extract_features(model, input_ids=input_ids, attention_mask=attention_mask).text)
+
+
+@dataclass
+class SearchResult:
+    """Per query, the best images first with their scores (ITM logit + ITC similarity, as
+    :func:`retrieval_scores`); and one message per image (or argument) that could not be read."""
+
+    queries: list[str]
+    matches: list[list[tuple[str, float]]]  # one list per query: (image, score), best first
+    skipped: list[str] = field(default_factory=list)
+
+
+def _read_pixels(model: Blip2Stage1, names: Sequence[str], skipped: list[str]) -> tuple[list[str], Tensor | None]:
+    """The readable images of ``names`` and their pixels (B, 3, S, S); the others noted in ``skipped``."""
+    kept, pixels = [], []
+    for name in names:
+        try:
+            pixels.append(eval_image(name, model.config.image))
+            kept.append(name)
+        except ValueError as err:
+            skipped.append(str(err))
+    return kept, (torch.stack(pixels) if pixels else None)
+
+
+def check_search_options(top: int, k: int, batch_size: int) -> None:
+    """:func:`search`'s numbers, checked (the CLI checks them before the model loads)."""
+    for name, value in (("top", top), ("k", k), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if top > k:
+        raise ValueError(f"top ({top}) must not exceed k ({k}): only the k ITC candidates are re-ranked")
+
+
+@torch.no_grad()
+def search(
+    model: Blip2Stage1,
+    images: str | Path | Sequence[str | Path],
+    queries: Texts,
+    top: int = 10,
+    k: int = RERANK_DEPTH,
+    batch_size: int = 32,
+) -> SearchResult:
+    """The images (a folder, a glob, files, or a list of them) that best match each query, as
+    BLIP-2 retrieves: every image's ITC similarity ranks them, the ``k`` best are re-scored
+    with ITM logit + ITC similarity and the ``top`` of those returned. Images are encoded
+    ``batch_size`` at a time, holding only their features (the ``k`` candidates are read again
+    for ITM); unreadable files are skipped and named in ``SearchResult.skipped``."""
+    check_search_options(top, k, batch_size)
+    queries = [queries] if isinstance(queries, str) else list(queries)
+    arguments = [str(images)] if isinstance(images, (str, Path)) else [str(image) for image in images]
+    paths, skipped = expand_images(arguments)
+    input_ids, attention_mask = tokenize(model, queries)
+    text_feats = extract_features(model, input_ids=input_ids, attention_mask=attention_mask).text  # (Nq, E)
+
+    readable, image_feats = [], []
+    for names in batches(paths, batch_size):
+        kept, pixels = _read_pixels(model, names, skipped)
+        if kept:
+            image_feats.append(extract_features(model, image_embeds_of(model, pixels)).image)  # (B, Q, E)
+            readable += kept
+    if not readable:
+        raise ValueError(f"no readable image among {', '.join(arguments)}")
+    sim = model.similarity(torch.cat(image_feats), text_feats).t()  # (Nq, Ni)
+    scores, candidates = sim.topk(min(k, len(readable)), dim=1)  # (Nq, k)
+
+    for chunk in batches(sorted(set(candidates.flatten().tolist())), batch_size):
+        image_kv = model.qformer.encoder_key_values(image_embeds_of(model, [readable[i] for i in chunk]))
+        chosen = torch.as_tensor(chunk, device=candidates.device)
+        query, slot = torch.isin(candidates, chosen).nonzero(as_tuple=True)  # the pairs this chunk scores
+        rows = torch.searchsorted(chosen, candidates[query, slot])  # each pair's image within the chunk
+        itm = itm_match_logits(model, expand_key_values(image_kv, rows), input_ids[query], attention_mask[query])
+        scores[query, slot] += itm.to(scores.dtype)
+
+    matches = []
+    for row in range(len(text_feats)):
+        order = scores[row].argsort(descending=True)[:top]
+        matches.append([(readable[int(candidates[row, j])], float(scores[row, j])) for j in order])
+    return SearchResult(queries, matches, skipped)

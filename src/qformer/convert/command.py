@@ -42,6 +42,7 @@ from qformer.convert.transformers_blip2 import blip2_config_from_transformers
 from qformer.devices import DTYPES
 from qformer.loading import tied_parameters
 from qformer.models.blip2 import Blip2Stage1
+from qformer.tokenizer import directory_tokenizer
 
 Model = Blip2Stage1 | Blip2
 PTH_SUFFIXES = (".pth", ".pt")
@@ -72,15 +73,6 @@ def detect_format(path: Path) -> Format:
         f"{path}: config.json has model_type {model_type!r}; expected a transformers BLIP-2 directory ('blip-2') "
         "or a qformer stage-1 directory (Blip2Stage1Config fields)"
     )
-
-
-def _tokenizer(directory: Path):
-    """The directory's tokenizer, if it has one."""
-    if not (directory / "tokenizer_config.json").is_file():
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(directory))
 
 
 def _llm_config(directory: Path) -> dict[str, Any]:
@@ -204,7 +196,7 @@ def _read_lavis(
         if layout is None:
             model, report = stage1_from_lavis(state, our_config)
         else:
-            tokenizer = None if llm is None else _tokenizer(llm)
+            tokenizer = None if llm is None else directory_tokenizer(llm)
             model_cls = InstructBlip if layout.qformer_text else Blip2
             model, report = stage2_from_lavis(state, our_config, layout, model_cls, tokenizer=tokenizer)
     except StateDictMismatchError as err:
@@ -235,7 +227,7 @@ def read_checkpoint(
         return stage1_from_transformers(read_weights(src), stage1_config_from_transformers(values))
     model_cls = InstructBlip if values.get("model_type") == "instructblip" else Blip2
     model, report = model_cls.load_weights(src)
-    model.tokenizer = _tokenizer(src)
+    model.tokenizer = directory_tokenizer(src)
     model.load_extra_tokenizers(src)
     return model, report
 

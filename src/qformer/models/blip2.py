@@ -5,17 +5,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from qformer.config import Blip2Config, Blip2Stage1Config, QFormerConfig, VisionConfig
 from qformer.devices import DTYPES
 from qformer.models.qformer import KeyValue, QFormer, QFormerOutput
 from qformer.models.vision import EvaViT
+
+if TYPE_CHECKING:
+    from qformer.retrieval import Features, Images, Texts
 
 ImageKeyValues = tuple[KeyValue | None, ...]
 
@@ -126,6 +135,8 @@ class Blip2Stage1(Blip2Base):
     no tower, images come as precomputed encoder outputs.
     """
 
+    tokenizer: PreTrainedTokenizerBase | None = None  # the Q-Former's, for the methods that take text
+
     def __init__(self, config: Blip2Stage1Config, vision: nn.Module | None = None) -> None:
         super().__init__(
             config.vision, config.qformer, config.num_query_tokens, config.ln_vision_eps, config.vision_dtype, vision
@@ -164,26 +175,46 @@ class Blip2Stage1(Blip2Base):
         """Image-text similarity, the max over queries: (Ni, Q, E) x (Nt, E) -> (Ni, Nt)."""
         return torch.einsum("iqe,te->itq", image_feats, text_feats).amax(dim=-1)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """``config.json`` + ``model.safetensors``, each written atomically."""
-        from qformer.checkpoint import save_model
+    # what turns user inputs into model inputs, and saving/loading: thin methods over
+    # qformer.retrieval and qformer.stage1_pretrained (this file holds the architecture)
+    def extract_features(self, images: Images | None = None, texts: Texts | None = None) -> Features:
+        """Normalised image features (N, Q, E), text features (N, E) and, given both (pair by
+        pair), the multimodal query outputs (N, Q, D); see :func:`qformer.retrieval.features`."""
+        from qformer.retrieval import features
 
-        save_model(self, self.config, directory)
+        return features(self, images, texts)
+
+    def itm_scores(self, images: Images, texts: Texts) -> Tensor:
+        """The ITM match probability of each (image, text) pair: (N,)."""
+        from qformer.retrieval import itm_scores
+
+        return itm_scores(self, images, texts)
+
+    def itc_scores(self, images: Images, texts: Texts) -> Tensor:
+        """The ITC similarity of every image with every text, the max over queries: (Ni, Nt)."""
+        from qformer.retrieval import itc_scores
+
+        return itc_scores(self, images, texts)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """``config.json``, ``model.safetensors`` and the tokenizer, each written atomically."""
+        from qformer.stage1_pretrained import save_stage1
+
+        save_stage1(self, directory)
 
     @classmethod
     def from_pretrained(
         cls, path_or_hub_id: str | Path, dtype: Any = None, device: Any = None, device_map: Any = None
     ) -> Blip2Stage1:
-        """A directory written by ``save_pretrained`` (or a hub id). ``dtype``: None or "auto" as
-        stored; ``float16`` as LAVIS runs stage 1 (the frozen image encoder in fp16, everything
-        else in fp32); ``bfloat16`` everywhere. ``device``, or ``device_map`` naming one device."""
-        from qformer.checkpoint import load_model
+        """A directory (or hub id) written by ``save_pretrained`` or a training run's ``final/``,
+        or transformers' ``Blip2ForImageTextRetrieval`` (``Salesforce/blip2-itm-vit-g``; its LM
+        head and temperature start fresh, logged), with its tokenizer, in eval mode. ``dtype``:
+        None or "auto" as stored; ``float16`` as LAVIS runs stage 1 (the frozen image encoder in
+        fp16, everything else in fp32); ``bfloat16`` everywhere. ``device``, or ``device_map``
+        naming one device."""
+        from qformer.stage1_pretrained import load_stage1
 
-        return load_model(
-            cls, Blip2Stage1Config, path_or_hub_id, dtype=dtype, device=device, device_map=device_map,
-            keep_fp32=lambda key, dt: dt == torch.float16 and not key.startswith("vision."),
-            config_for_dtype=lambda config, name: config.replace(vision_dtype=name),
-        )
+        return load_stage1(path_or_hub_id, dtype=dtype, device=device, device_map=device_map)
 
 
 @dataclass

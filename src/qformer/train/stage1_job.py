@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from qformer.config import ImageConfig
 from qformer.data.collate import CaptionCollator
 from qformer.models.blip2 import Blip2Stage1
 from qformer.models.qformer import QFormer
-from qformer.retrieval import retrieval_recall, retrieval_scores
+from qformer.retrieval import RERANK_DEPTH, retrieval_recall, retrieval_scores
 from qformer.stage1 import Stage1Objective
 from qformer.tokenizer import load_tokenizer
 from qformer.train.build import Job, check_sources, eval_pixels, evaluate_sets, resolve_bert
@@ -91,12 +92,24 @@ def build(
 
     # the objective gathers token ids across processes: one text length for every batch there
     collate = CaptionCollator(tokenizer, config.data.max_text_length, pad_to_max_length=runtime.world_size > 1)
-    return Job(model, objective, dataset, collate, losses, evaluate, tokenizer, save_final=Blip2Stage1.save_pretrained)
+
+    def save_final(module: Blip2Stage1, directory: Path) -> None:
+        """``final/``: the model with its tokenizer, ready for ``Blip2Stage1.from_pretrained``."""
+        module.tokenizer = tokenizer
+        module.save_pretrained(directory)
+
+    return Job(model, objective, dataset, collate, losses, evaluate, tokenizer, save_final=save_final)
 
 
 @torch.no_grad()
 def evaluate_retrieval(
-    model: Blip2Stage1, data: Dataset, tokenizer, image: ImageConfig, max_length: int, k: int = 8, chunk: int = 64
+    model: Blip2Stage1,
+    data: Dataset,
+    tokenizer,
+    image: ImageConfig,
+    max_length: int,
+    k: int = RERANK_DEPTH,
+    chunk: int = 64,
 ) -> dict[str, Any]:
     """Image<->text recall@1/5/10 over a held-out set (one caption per image: its canonical or
     first caption), ITC top-k re-ranked by ITM."""
