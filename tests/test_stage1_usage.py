@@ -268,3 +268,18 @@ def test_cli_retrieve(tokenizer, photos, tmp_path, capsys):
         err = capsys.readouterr().err
         assert stop.value.code == 1 and err.startswith("qformer retrieve: ") and message in err
         assert len(err.strip().splitlines()) == 1, err
+
+
+def test_convert_keeps_tokenizer_and_preprocessing(itm_dir, tmp_path):
+    """qformer convert from and to transformers' retrieval layout carries the tokenizer and the
+    image preprocessing, so that each side loads ready to use."""
+    from qformer.convert.command import convert
+
+    directory, _ = itm_dir
+    convert(directory, tmp_path / "ours", to="qformer")
+    ours = Blip2Stage1.from_pretrained(tmp_path / "ours")
+    assert ours.config.image == IMAGE_CONFIG and ours.tokenizer is not None
+    convert(tmp_path / "ours", tmp_path / "back", to="transformers")
+    back = Blip2Stage1.from_pretrained(tmp_path / "back")
+    assert back.config.image == IMAGE_CONFIG
+    assert tokenize(back, TEXTS)[0].tolist() == tokenize(ours, TEXTS)[0].tolist()

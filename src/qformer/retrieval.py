@@ -13,9 +13,9 @@ from PIL import Image
 from torch import Tensor
 
 from qformer.data.collate import _tokenize
+from qformer.data.image_files import batches, expand_images
 from qformer.data.transforms import eval_image
 from qformer.generate import DecodingOptions, qformer_generate
-from qformer.infer_command import batches, expand_images
 from qformer.models.blip2 import Blip2Stage1, expand_key_values
 
 RERANK_DEPTH = 128  # BLIP-2's k: the ITC candidates re-ranked by ITM

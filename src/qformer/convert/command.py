@@ -38,11 +38,16 @@ from qformer.convert.lavis_pth import (
 from qformer.convert.parser import Format
 from qformer.convert.qformer_layouts import BERT_FIELDS
 from qformer.convert.rename import ConversionReport, RenameTable
-from qformer.convert.transformers_blip2 import blip2_config_from_transformers
+from qformer.convert.transformers_blip2 import (
+    PREPROCESSOR_NAME,
+    blip2_config_from_transformers,
+    image_config_from_directory,
+    preprocessor_dict,
+)
 from qformer.devices import DTYPES
 from qformer.loading import tied_parameters
 from qformer.models.blip2 import Blip2Stage1
-from qformer.tokenizer import directory_tokenizer
+from qformer.tokenizer import directory_tokenizer, save_tokenizer
 
 Model = Blip2Stage1 | Blip2
 PTH_SUFFIXES = (".pth", ".pt")
@@ -224,7 +229,12 @@ def read_checkpoint(
         return Blip2Stage1.from_pretrained(src), ConversionReport()
     values = _config_json(src)
     if "Blip2ForImageTextRetrieval" in (values.get("architectures") or []):
-        return stage1_from_transformers(read_weights(src), stage1_config_from_transformers(values))
+        model, report = stage1_from_transformers(read_weights(src), stage1_config_from_transformers(values))
+        image = image_config_from_directory(src)
+        if image is not None:
+            model.config = model.config.replace(image=image)
+        model.tokenizer = directory_tokenizer(src)
+        return model, report
     model_cls = InstructBlip if values.get("model_type") == "instructblip" else Blip2
     model, report = model_cls.load_weights(src)
     model.tokenizer = directory_tokenizer(src)
@@ -275,6 +285,9 @@ def save_transformers_stage1(model: Blip2Stage1, directory: str | Path) -> Conve
     tensors = {key: value.detach().contiguous().cpu() for key, value in theirs.items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    preprocessor = json.dumps(preprocessor_dict(model.config.image), indent=2) + "\n"
+    atomic_write(directory / PREPROCESSOR_NAME, lambda tmp: Path(tmp).write_text(preprocessor))
+    save_tokenizer(model.tokenizer, directory)
     return report
 
 

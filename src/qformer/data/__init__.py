@@ -1,1 +1,1 @@
-"""Data: image transforms (datasets and collation land with the training issue)."""
+"""Data: caption, VQA, instruction and tar-shard datasets, image transforms, collation, image files, built-in scenes."""
