@@ -92,7 +92,7 @@ class Blip2(Blip2Stage2):
         model, report = target.load_weights(directory, dtype=dtype, device=device, device_map=device_map,
                                             max_memory=max_memory, quantization_config=quantization_config)
         if report.dropped:
-            logger.info("loaded %s\n%s", directory, report.summary())
+            logger.debug("loaded %s\n%s", directory, report.summary())
         model.tokenizer = directory_tokenizer(directory)
         model.load_extra_tokenizers(directory)
         return model.eval()

@@ -210,7 +210,7 @@ def _train(
                 values /= runtime.world_size
             elapsed = time.perf_counter() - window_start
             last = {name: round(float(v), 6) for name, v in zip(sums, values)}
-            last.update(step=step, lr=scheduler.get_last_lr()[0], epoch=batches.epoch, skipped=skipped,
+            last.update(step=step, lr=float(f"{scheduler.get_last_lr()[0]:.6g}"), epoch=batches.epoch, skipped=skipped,
                         samples_per_second=round(window_samples / max(elapsed, 1e-9), 2))
             window_start, window_samples = time.perf_counter(), 0
             if runtime.is_main:
