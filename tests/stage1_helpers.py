@@ -98,3 +98,24 @@ def reference_step(model: Blip2Stage1, ids, mask, features, neg_image, neg_text,
         labels=labels,
     )
     return loss_itc, loss_itm, lm_output.loss
+
+
+def tiny_retrieval_model(vocab_size: int = 50):
+    """A tiny random transformers ``Blip2ForImageTextRetrieval`` (the layout of blip2-itm-vit-g)."""
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+
+    config = Blip2Config(
+        vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=IMAGE, patch_size=14),
+        qformer_config=dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                            intermediate_size=48, max_position_embeddings=40, encoder_hidden_size=24,
+                            use_qformer_text_input=True),
+        num_query_tokens=4,
+        image_text_hidden_size=16,
+    )
+    torch.manual_seed(0)
+    model = Blip2ForImageTextRetrieval(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name.lower() and name.endswith("weight") else 0.0, 0.3)
+    return model

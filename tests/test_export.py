@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from stage2_helpers import IMAGE_TOKEN, tiny_blip2_config, tiny_tokenizer, with_image_tokens
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -24,6 +23,7 @@ from transformers import (
 from qformer.blip2 import Blip2, InstructBlip, reserve_image_token
 from qformer.cli import main
 from qformer.data.transforms import eval_transform
+from stage2_helpers import IMAGE_TOKEN, tiny_blip2_config, tiny_tokenizer, with_image_tokens
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 SIZE = 32  # the tiny recipe's image size (the transformers default would be 224)

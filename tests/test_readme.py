@@ -36,14 +36,11 @@ def tiny_instructblip_dir(directory: Path) -> dict:
 
 
 def transformers_models(directory: Path) -> dict:
-    from stage2_helpers import tiny_blip2_config, tiny_transformers_blip2
+    from stage1_helpers import tiny_retrieval_model
+    from stage2_helpers import tiny_transformers_blip2
     from test_instructblip import tiny_transformers_instructblip
-    from transformers import Blip2ForImageTextRetrieval
 
-    config = tiny_blip2_config("opt")
-    config.qformer_config.use_qformer_text_input = True
-    config.image_text_hidden_size = 16
-    return {"blip2": tiny_transformers_blip2("opt"), "itm": Blip2ForImageTextRetrieval(config).eval(),
+    return {"blip2": tiny_transformers_blip2("opt"), "itm": tiny_retrieval_model(),
             "iblip": tiny_transformers_instructblip("t5")}
 
 

@@ -3,9 +3,7 @@ LAVIS's stage-1 key layout."""
 
 import pytest
 import torch
-from stage1_helpers import tiny_stage1
 from torch.testing import assert_close
-from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
 from qformer.convert.blip2_layouts import (
     stage1_config_from_transformers,
@@ -16,26 +14,9 @@ from qformer.convert.blip2_layouts import (
 )
 from qformer.models.blip2 import Blip2Stage1
 from qformer.retrieval import extract_features
+from stage1_helpers import tiny_retrieval_model, tiny_stage1
 
 IMAGE = 28
-
-
-def tiny_retrieval_model() -> Blip2ForImageTextRetrieval:
-    config = Blip2Config(
-        vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=IMAGE, patch_size=14),
-        qformer_config=dict(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                            intermediate_size=48, max_position_embeddings=40, encoder_hidden_size=24,
-                            use_qformer_text_input=True),
-        num_query_tokens=4,
-        image_text_hidden_size=16,
-    )
-    torch.manual_seed(0)
-    model = Blip2ForImageTextRetrieval(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name.lower() and name.endswith("weight") else 0.0, 0.3)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.testing import assert_close
-from transformers import AutoTokenizer, Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor, BlipImageProcessor
+from transformers import AutoTokenizer, Blip2Processor, BlipImageProcessor
 
 from qformer import Blip2Stage1, ImageConfig, load_tokenizer
 from qformer.cli import main
@@ -23,7 +23,7 @@ from qformer.retrieval import extract_features, retrieval_scores, search, tokeni
 from qformer.train.config import load_train_config
 from qformer.train.loop import train
 from qformer.train.stage1_job import evaluate_retrieval
-from stage1_helpers import IMAGE, tiny_stage1, tiny_stage1_config
+from stage1_helpers import IMAGE, tiny_retrieval_model, tiny_stage1, tiny_stage1_config
 from stage2_helpers import save_tiny_blip2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,24 +88,6 @@ def test_our_layout_round_trip_with_tokenizer_and_image_config(tokenizer, photos
     assert bare.tokenizer is None and bare.extract_features(images).text is None
     with pytest.raises(ValueError, match="this model has no tokenizer"):
         bare.extract_features(texts=TEXTS)
-
-
-def tiny_retrieval_model(vocab_size: int) -> Blip2ForImageTextRetrieval:
-    config = Blip2Config(
-        vision_config={"hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4,
-                       "image_size": IMAGE, "patch_size": 14},
-        qformer_config={"vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 3,
-                        "num_attention_heads": 4, "intermediate_size": 48, "max_position_embeddings": 40,
-                        "encoder_hidden_size": 24, "use_qformer_text_input": True},
-        num_query_tokens=4,
-        image_text_hidden_size=16,
-    )
-    torch.manual_seed(0)
-    model = Blip2ForImageTextRetrieval(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name.lower() and name.endswith("weight") else 0.0, 0.3)
-    return model
 
 
 @pytest.fixture(scope="module")
