@@ -162,9 +162,13 @@ def test_a_signal_saves_a_checkpoint_and_resume_reaches_the_same_weights(tmp_pat
     run = tmp_path / "run"
     process = subprocess.Popen(QFORMER + ["train", str(TINY), "--output_dir", str(run), *args], env=ENV,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for_metrics(process, run)
-    os.killpg(process.pid, signum) if group else process.send_signal(signum)
-    out, err = process.communicate(timeout=120)
+    try:
+        wait_for_metrics(process, run)
+        os.killpg(process.pid, signum) if group else process.send_signal(signum)
+        out, err = process.communicate(timeout=120)
+    finally:  # a run that did not stop leaves nothing behind
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 128 + signum, err[-3000:]
     assert "Traceback" not in err and out == ""
     saved = sorted(run.glob("step_*"))
