@@ -65,9 +65,9 @@ def cli_error(capsys, command: str, *args: object) -> str:
     (["--optim.grad_accum_steps", "0"], "optim.grad_accum_steps must be at least 1, got 0"),
     (["--optim.lr", "0"], "optim.lr must be greater than 0, got 0.0"),
     (["--optim.warmup_steps", "-1"], "optim.warmup_steps must be at least 0, got -1"),
-    (["--data.augment", "nope"], "DataSpec.augment must be true or false, got 'nope'"),
-    (["--data.augment", "1"], "DataSpec.augment must be true or false, got 1"),
-    (["--tensorboard", "2"], "TrainConfig.tensorboard must be true or false, got 2"),
+    (["--data.augment", "nope"], "data.augment must be true or false, got 'nope'"),
+    (["--data.augment", "1"], "data.augment must be true or false, got 1"),
+    (["--tensorboard", "2"], "tensorboard must be true or false, got 2"),
 ])
 def test_recipe_values_are_checked(tmp_path, override, message):
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):

@@ -21,20 +21,24 @@ class ConfigBase:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls: type[T], values: dict[str, Any]) -> T:
-        """Build from a dict; fields typed as another config are built from nested dicts."""
+    def from_dict(cls: type[T], values: dict[str, Any], where: str | None = None) -> T:
+        """Build from a dict; fields typed as another config are built from nested dicts.
+        Errors name a field as ``where.field`` (a recipe's ``data.batch_size``: ``where=""`` at
+        its top), or as ``ClassName.field`` when ``where`` is None."""
+        prefix = cls.__name__ if where is None else where
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(fields)}")
+            raise ValueError(f"{prefix or cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(fields)}")
         nested = typing.get_type_hints(cls)
         built = {}
         for name, value in values.items():
+            key = f"{prefix}.{name}" if prefix else name
             sub = _config_class(nested[name])
             if sub is not None and isinstance(value, dict):
-                built[name] = sub.from_dict(value)
+                built[name] = sub.from_dict(value, None if where is None else key)
             else:
-                built[name] = _coerce(cls.__name__, name, nested[name], value)
+                built[name] = _coerce(key, nested[name], value)
         return cls(**built)
 
     def replace(self: T, **changes: Any) -> T:
@@ -48,24 +52,24 @@ class ConfigBase:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
+def _coerce(key: str, hint: Any, value: Any) -> Any:
     """Numbers written as text (YAML reads "3e-4" as a string) become numbers where the field
     is a number; a boolean field takes only true or false (not "yes", 1 or "nope"); anything
     else of the wrong kind is refused."""
     is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     options = typing.get_args(hint) if is_union else (hint,)
     if value is not None and bool in options and not isinstance(value, bool):
-        raise ValueError(f"{owner}.{name} must be true or false, got {value!r}")
+        raise ValueError(f"{key} must be true or false, got {value!r}")
     if value is None or not any(t in (int, float) for t in options):
         return value
     if isinstance(value, bool):
-        raise ValueError(f"{owner}.{name} must be a number, got {value!r}")
+        raise ValueError(f"{key} must be a number, got {value!r}")
     try:
         if float in options:
             return float(value)
         return int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{owner}.{name} must be a number, got {value!r}") from None
+        raise ValueError(f"{key} must be a number, got {value!r}") from None
 
 
 def _dtype_field(name: str, value: Any) -> str:

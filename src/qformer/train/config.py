@@ -191,7 +191,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """A recipe (YAML) plus overrides -> a checked :class:`TrainConfig`."""
     values = {} if path is None else yaml.safe_load(Path(path).read_text()) or {}
-    return TrainConfig.from_dict(apply_overrides(values, list(overrides)))
+    return TrainConfig.from_dict(apply_overrides(values, list(overrides)), where="")
 
 
 def dump_yaml(config: ConfigBase) -> str:
