@@ -16,7 +16,7 @@ def test_demo_reaches_its_figures(tmp_path):
     summary = run_demo(DemoConfig(out_dir=str(tmp_path)), log=lines.append)
     encoder, stage1, stage2 = summary["image_encoder"], summary["stage1"], summary["stage2"]
     assert min(encoder.values()) >= 60  # colour, shape, count, position of new combinations; photographs
-    assert stage1["new_combinations/chance_r1"] == pytest.approx(100 / 32)
+    assert stage1["new_combinations/chance_r1"] == pytest.approx(100 / 32, abs=0.005)  # logged to 2 decimals
     assert stage1["new_combinations/txt_r1"] >= 40 and stage1["new_combinations/img_r1"] >= 40
     assert stage1["new_images/txt_r1"] >= 15 and stage1["new_images/img_r1"] >= 15  # chance 0.5
     assert stage2["new_images/exact_match"] >= 60  # chance 0.5

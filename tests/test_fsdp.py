@@ -122,3 +122,12 @@ def test_fsdp_stage2_with_lora_in_the_sharded_llm(tmp_path):
     evaluation = json.loads((fsdp / "eval_step_0000002.json").read_text())
     assert evaluation.keys() == json.loads((ddp / "eval_step_0000002.json").read_text()).keys()
     assert 0 <= evaluation["new_images/exact_match"] <= 100 and logged(fsdp, "step", evaluation=True) == [2]
+    # final/: rebuilt whole from the last checkpoint under FSDP: the trained weights exactly, LoRA merged
+    final = Blip2.from_pretrained(fsdp / "final", dtype="float32")
+    trained, start = dict(final.named_parameters()), dict(Blip2.from_pretrained(tmp_path / "blip2").named_parameters())
+    assert trained.keys() == start.keys()
+    for key, tensor in b.items():
+        if "lora_" not in key:
+            assert torch.equal(trained[key], tensor), key
+    merged = [k for k in trained if k.startswith("language_model.") and not torch.equal(trained[k], start[k])]
+    assert merged and all(k.endswith(".weight") for k in merged)

@@ -52,7 +52,7 @@ class Job:
     losses: Callable[[nn.Module, dict, torch.Generator], dict[str, Tensor]]
     evaluate: Callable[[nn.Module], dict[str, Any]] | None
     tokenizer: Any
-    save_final: Callable[[nn.Module, Path], None] | None = None
+    save_final: Callable[[nn.Module, Path], None]  # writes the run's final/
 
     @staticmethod
     def batch_size(batch: dict) -> int:

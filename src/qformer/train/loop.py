@@ -19,6 +19,7 @@ from qformer.train.batches import data_batches
 from qformer.train.build import Job, TrainShards, build_job
 from qformer.train.config import TrainConfig, dump_yaml, load_train_config, resume_changes
 from qformer.train.distributed import Runtime, setup_runtime, teardown_runtime
+from qformer.train.export import build_trained_model, save_final
 from qformer.train.optim import build_optimizer, build_scheduler
 from qformer.train.parallel import (
     clip_gradients,
@@ -26,7 +27,6 @@ from qformer.train.parallel import (
     is_sharded,
     parallelize,
     whole_root,
-    whole_state_dict,
 )
 from qformer.train.plots import plot_metrics
 from qformer.train.signals import StopRequests, TrainingStopped
@@ -248,12 +248,15 @@ def _train(
             last.update(_evaluate(job, model, objective, step, run_dir, runtime, metrics_file))
 
     progress.close()
-    if job.save_final is not None:
-        with whole_state_dict(objective, model):
-            if runtime.is_main:
-                job.save_final(model, run_dir / "final")
-                loader = "Blip2Stage1" if config.model.stage == "stage1" else "Blip2"
-                logger.info("final model: %s (qformer.%s.from_pretrained loads it)", run_dir / "final", loader)
+    if runtime.is_main:
+        final = run_dir / "final"
+        if is_sharded(objective):  # the weights are in shards: rebuilt whole from the last checkpoint
+            save_final(build_trained_model(config, run_dir / f"step_{step:07d}"), final)
+        else:
+            job.save_final(model, final)
+        loader = "Blip2Stage1" if config.model.stage == "stage1" else "Blip2"
+        logger.info("final model: %s (qformer.%s.from_pretrained loads it)", final, loader)
+    _barrier(runtime)
     return last
 
 

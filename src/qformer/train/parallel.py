@@ -23,7 +23,6 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 from transformers import GenerationMixin
@@ -154,27 +153,3 @@ def whole_root(objective: nn.Module) -> Iterator[None]:
         yield
     finally:
         objective.reshard()
-
-
-@contextmanager
-def whole_state_dict(objective: nn.Module, model: nn.Module) -> Iterator[None]:
-    """With FSDP, ``model.state_dict()`` on rank 0 returns every weight whole, on the CPU, until
-    the block exits (the weights are gathered on entry: every process must enter it). Without
-    FSDP, nothing."""
-    if not isinstance(objective, FSDPModule):
-        yield
-        return
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    gathered = get_model_state_dict(model, options=options)  # empty except on rank 0
-    if not gathered:
-        yield
-        return
-
-    def swap(module: nn.Module, state: dict[str, Tensor], prefix: str, metadata: dict) -> None:
-        state.update({key: gathered[key] for key in state})
-
-    handle = model.register_state_dict_post_hook(swap)
-    try:
-        yield
-    finally:
-        handle.remove()
