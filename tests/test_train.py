@@ -369,5 +369,7 @@ def test_vqa_finetune_and_eval(tmp_path):
         assert 0 <= results["eval/accuracy"] <= 100 and results["eval/accuracy"] == expected
 
     check(json.loads((run / "eval_step_0000002.json").read_text()))
+    from qformer.blip2 import Blip2  # a fine-tuned released model ends in final/ as well
+    assert Blip2.from_pretrained(run / "final").config.image_token_index == job.model.config.image_token_index
     main(["eval", str(run / "config.yaml"), "--checkpoint", str(run / "step_0000002")])
     check(json.loads((run / "step_0000002" / "eval.json").read_text()))
