@@ -267,9 +267,12 @@ def test_pytorch_model_bin_loads_with_weights_only_and_refuses_code(saved, tmp_p
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    with open(target / "pytorch_model.bin", "wb") as f:
+    with open(target / "pytorch_model.bin", "wb") as f:  # a bare pickle: not even torch's format
         pickle.dump({"x": Payload()}, f)
-    with pytest.raises(ValueError, match="refused to run its pickle"):
+    with pytest.raises(ValueError, match="not a torch checkpoint"):
+        Blip2.from_pretrained(target)
+    torch.save({"x": Payload()}, target / "pytorch_model.bin")  # torch's format, asking for open()
+    with pytest.raises(ValueError, match="refused to unpickle it.*asks for io.open, which could run code"):
         Blip2.from_pretrained(target)
     assert not marker.exists()
 

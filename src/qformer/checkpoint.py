@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,6 +39,30 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def load_plain(path: str | Path, mmap: bool = False) -> Any:
+    """A ``torch.save`` file of tensors and plain containers (dict, list, tuple, numbers,
+    strings), read with ``torch.load(weights_only=True)``: a pickle that asks for anything else,
+    which could run code, is refused, and a damaged file is named, each in one line."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        wanted = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if wanted is None:
+            detail = str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+            reason = re.sub(r"\s+", " ", detail).strip()[:200]
+            raise ValueError(f"{path}: not a torch checkpoint, or a damaged one ({reason})") from None
+        raise ValueError(
+            f"{path}: refused to unpickle it: only plain tensors and containers (dict, list, numbers, strings) are "
+            f"read (torch.load(weights_only=True)); this file asks for {wanted.group(1)}, which could run code"
+        ) from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except (RuntimeError, EOFError, OSError) as err:  # a truncated zip: torch's reader errors
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: a damaged or truncated torch file ({reason})") from None
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], loaded_prefix: str | None = None) -> None:
@@ -124,5 +150,5 @@ def read_weights(directory: str | Path) -> dict[str, Tensor]:
             tensors.update(load_file(directory / shard))
         return tensors
     if legacy.is_file():
-        return torch.load(legacy, map_location="cpu", weights_only=True)
+        return load_plain(legacy)
     raise FileNotFoundError(f"no weights in {directory}: expected {WEIGHTS_NAME}, a sharded index or pytorch_model.bin")

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from qformer.checkpoint import check_state_dict
+from qformer.checkpoint import check_state_dict, load_plain
 from qformer.devices import DTYPES, DeviceArg, DeviceMapArg, dtype_name, parse_device
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -92,13 +92,9 @@ def weight_files(directory: Path) -> list[Path]:
 
 def _load_bin(file: Path) -> dict[str, Tensor]:
     """A ``pytorch_model.bin`` memory-mapped, with ``weights_only=True`` (no code runs)."""
-    import pickle
     import zipfile
 
-    try:  # torch.save's zip format maps lazily; an old-style pickle is read whole
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{file} is not a plain tensor file (refused to run its pickle): {err}") from None
+    return load_plain(file, mmap=zipfile.is_zipfile(file))  # torch.save's zip format maps lazily
 
 
 def index_checkpoint(directory: str | Path) -> dict[str, StoredTensor]:

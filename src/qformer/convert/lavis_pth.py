@@ -3,7 +3,6 @@ key layouts of LAVIS's stage-2 models (``Blip2OPT``, ``Blip2T5``)."""
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qformer.checkpoint import atomic_write, load_state_dict_strict
+from qformer.checkpoint import atomic_write, load_plain, load_state_dict_strict
 from qformer.config import Blip2Config, QFormerConfig
 from qformer.convert.blip2_layouts import LAVIS_VISION, fuse_lavis_qkv_bias, split_lavis_qkv_bias
 from qformer.convert.qformer_layouts import BERT_ENCODER
@@ -29,15 +28,7 @@ def read_lavis_pth(path: str | Path) -> dict[str, Tensor]:
     ``optimizer`` or ``epoch``, are ignored), or the whole file when it is a bare state dict.
     Loaded with ``weights_only=True``: a pickle that would run code is refused."""
     path = Path(path)
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0]
-        raise ValueError(
-            f"{path}: refused to unpickle it. Only plain tensors and containers (dict, list, numbers, strings) are "
-            f"accepted, read with torch.load(weights_only=True); this file asks for something else, which could run "
-            f"code. ({reason})"
-        ) from None
+    content = load_plain(path)
     state = content.get("model", content) if isinstance(content, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a LAVIS checkpoint, a dict whose 'model' entry maps names to tensors")

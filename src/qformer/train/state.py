@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from qformer.checkpoint import load_plain
 from qformer.train.parallel import shard_like, whole
 
 STATE_NAME = "trainer.pt"
@@ -22,15 +23,25 @@ WEIGHTS_NAME = "trainable.safetensors"
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values (read back without unpickling code)."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state["numpy"]
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((numpy["name"], keys, numpy["position"], numpy["has_gauss"], numpy["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -118,8 +129,8 @@ def load_checkpoint(path: Path, model: nn.Module, rank: int) -> dict[str, Any]:
     rng_file = path / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
         raise ValueError(f"{path} has no RNG state for rank {rank}: resume with the world size it was saved with")
-    set_rng_state(torch.load(rng_file, weights_only=False))
-    return torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
+    set_rng_state(load_plain(rng_file))
+    return load_plain(path / STATE_NAME)
 
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", "final", "tensorboard")

@@ -1,0 +1,53 @@
+"""Files from strangers: a run folder or checkpoint never executes a pickle, and a damaged file
+is named in one line."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import TINY
+
+from qformer.checkpoint import load_plain
+from qformer.cli import main
+
+
+class Payload:
+    """Unpickling this creates a file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("run") / "run"
+    main(["train", str(TINY), "--output_dir", str(folder), "--steps", "3", "--save_every", "3"])
+    return folder
+
+
+@pytest.mark.parametrize("name", ["trainer.pt", "rng_rank0.pt"])
+def test_a_run_folder_that_would_run_code_is_refused(run, name, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    torch.save({"step": 3, "x": Payload(marker)}, run / "step_0000003" / name)
+    with pytest.raises(SystemExit) as stop:
+        main(["train", str(run), "--resume", "--steps", "4"])
+    assert stop.value.code == 1 and not marker.exists()
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and name in error and "refused to unpickle" in error and "could run code" in error
+
+
+def test_damaged_torch_files_are_named(tmp_path):
+    garbage, truncated, good = tmp_path / "garbage.pth", tmp_path / "truncated.pth", tmp_path / "good.pth"
+    garbage.write_bytes(b"\x00 this is not a torch file" * 10)
+    torch.save({"model": {"w": torch.randn(64, 64)}}, good)
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    assert torch.equal(load_plain(good)["model"]["w"], torch.load(good, weights_only=True)["model"]["w"])
+    for path, message in ((garbage, "not a torch checkpoint, or a damaged one"),
+                          (truncated, "damaged or truncated torch file")):
+        with pytest.raises(ValueError) as err:
+            load_plain(path)
+        text = str(err.value)
+        assert text.startswith(str(path)) and message in text and "could run code" not in text and "\n" not in text
