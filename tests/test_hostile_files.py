@@ -51,3 +51,34 @@ def test_damaged_torch_files_are_named(tmp_path):
             load_plain(path)
         text = str(err.value)
         assert text.startswith(str(path)) and message in text and "could run code" not in text and "\n" not in text
+
+
+def damaged_safetensors(good: Path, folder: Path) -> dict[str, Path]:
+    import struct
+
+    data = good.read_bytes()
+    files = {"truncated": data[: len(data) // 2], "garbage": b"garbage " * 8,
+             "oversized header": struct.pack("<Q", 10**12) + b"{}"}
+    paths = {}
+    for kind, content in files.items():
+        paths[kind] = folder / kind.replace(" ", "_")
+        paths[kind].mkdir()
+        (paths[kind] / "model.safetensors").write_bytes(content)
+    return paths
+
+
+def test_damaged_safetensors_are_named(run, tmp_path):
+    """Every reader of safetensors: a stage-1 directory, a training checkpoint's weights."""
+    from qformer import Blip2Stage1
+    from qformer.train.state import load_trainable
+
+    good = run / "final" / "model.safetensors"
+    for kind, folder in damaged_safetensors(good, tmp_path).items():
+        (folder / "config.json").write_bytes((run / "final" / "config.json").read_bytes())
+        with pytest.raises(ValueError) as err:
+            Blip2Stage1.from_pretrained(folder)
+        text = str(err.value)
+        assert text.startswith(str(folder / "model.safetensors")) and "not a readable safetensors file" in text, kind
+        (folder / "model.safetensors").rename(folder / "trainable.safetensors")
+        with pytest.raises(ValueError, match="not a readable safetensors file"):
+            load_trainable(folder, Blip2Stage1.from_pretrained(run / "final"))

@@ -6,11 +6,13 @@ import os
 import pickle
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -39,6 +41,22 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def safetensors_errors(path: str | Path) -> Iterator[None]:
+    """A damaged safetensors file (truncated, garbage, an oversized header) read inside: one
+    line naming it."""
+    try:
+        yield
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file, damaged or truncated? ({err})") from None
+
+
+def read_safetensors(path: str | Path) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file (see :func:`safetensors_errors`)."""
+    with safetensors_errors(path):
+        return load_file(path)
 
 
 def load_plain(path: str | Path, mmap: bool = False) -> Any:
@@ -142,12 +160,12 @@ def read_weights(directory: str | Path) -> dict[str, Tensor]:
     index = directory / "model.safetensors.index.json"
     legacy = directory / "pytorch_model.bin"
     if single.is_file():
-        return load_file(single)
+        return read_safetensors(single)
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         tensors: dict[str, Tensor] = {}
         for shard in shards:
-            tensors.update(load_file(directory / shard))
+            tensors.update(read_safetensors(directory / shard))
         return tensors
     if legacy.is_file():
         return load_plain(legacy)

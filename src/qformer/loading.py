@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from qformer.checkpoint import check_state_dict, load_plain
+from qformer.checkpoint import check_state_dict, load_plain, safetensors_errors
 from qformer.devices import DTYPES, DeviceArg, DeviceMapArg, dtype_name, parse_device
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -107,7 +107,7 @@ def index_checkpoint(directory: str | Path) -> dict[str, StoredTensor]:
             for name, tensor in _load_bin(file).items():
                 stored[name] = StoredTensor(file, name, tuple(tensor.shape), tensor.dtype)
             continue
-        with safe_open(file, framework="pt") as f:
+        with safetensors_errors(file), safe_open(file, framework="pt") as f:
             for name in f.keys():
                 piece = f.get_slice(name)
                 stored[name] = StoredTensor(file, name, tuple(piece.get_shape()),
@@ -172,7 +172,7 @@ def read_tensors(
                 out[key] = tensors[stored[key].name].to(device=device, dtype=dtype)
             continue
         kept = {k for k in keys if target(k, stored[k]) == (stored[k].dtype, torch.device("cpu"))}
-        with safe_open(file, framework="pt", backend="mmap") as mapped:
+        with safetensors_errors(file), safe_open(file, framework="pt", backend="mmap") as mapped:
             out.update({key: mapped.get_tensor(stored[key].name) for key in keys if key in kept})
         _read_converted(file, [k for k in keys if k not in kept], stored, target, out)
     return out

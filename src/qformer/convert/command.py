@@ -9,11 +9,18 @@ import re
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from qformer.blip2 import Blip2, InstructBlip
-from qformer.checkpoint import CONFIG_NAME, WEIGHTS_NAME, StateDictMismatchError, atomic_write, read_weights
+from qformer.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    StateDictMismatchError,
+    atomic_write,
+    read_safetensors,
+    read_weights,
+)
 from qformer.config import Blip2Config, Blip2Stage1Config, ImageConfig
 from qformer.convert.blip2_layouts import (
     LAVIS_VISION,
@@ -130,7 +137,7 @@ def read_vision_weights(path: str | Path, num_layers: int) -> tuple[dict[str, Te
     reported as dropped."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        state, prefix, table = load_file(path), "vision.", RenameTable((("vision.", "vision."),))
+        state, prefix, table = read_safetensors(path), "vision.", RenameTable((("vision.", "vision."),))
     elif detect_format(path) == "lavis":
         state = read_lavis_pth(path)
         if not any(key.startswith(VISION_PREFIX) for key in state):  # a bare EVA ViT
@@ -140,7 +147,7 @@ def read_vision_weights(path: str | Path, num_layers: int) -> tuple[dict[str, Te
         state, prefix = read_weights(path), "vision_model."
         table = TRANSFORMERS_VISION.under(prefix, "vision.")
     else:
-        state, prefix, table = load_file(path / WEIGHTS_NAME), "vision.", RenameTable((("vision.", "vision."),))
+        state, prefix, table = read_safetensors(path / WEIGHTS_NAME), "vision.", RenameTable((("vision.", "vision."),))
     ours, report = table.to_ours({key: value for key, value in state.items() if key.startswith(prefix)})
     report.dropped.update({key: f"from {path}: not part of the image encoder" for key in report.unmatched})
     report.unmatched = []

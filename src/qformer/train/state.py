@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from qformer.checkpoint import load_plain
+from qformer.checkpoint import load_plain, read_safetensors
 from qformer.train.parallel import shard_like, whole
 
 STATE_NAME = "trainer.pt"
@@ -110,7 +110,7 @@ def load_trainable(path: Path, model: nn.Module) -> None:
     file = path / WEIGHTS_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: expected a step_XXXXXXX folder of a training run")
-    weights = load_file(file)
+    weights = read_safetensors(file)
     trainable = dict(model.named_parameters())
     expected = {n for n, p in trainable.items() if p.requires_grad}
     if set(weights) != expected:
