@@ -125,14 +125,19 @@ def test_sampled_negatives_are_reproducible_with_a_generator():
     assert_close(a.loss, b.loss)
 
 
-def test_temperature_is_kept_in_range():
+def test_temperature_is_kept_in_range_and_keeps_its_gradient():
+    """Clamped in place, as LAVIS: at a bound the loss still moves it (a clamp in the graph
+    would give it a zero gradient there, and it could never come back)."""
     model = tiny_stage1()
-    with torch.no_grad():
-        model.temp.fill_(5.0)
-    assert model.temperature() == 0.5
-    with torch.no_grad():
-        model.temp.fill_(-1.0)
-    assert model.temperature() == 0.001
+    ids, mask, features = tiny_batch(4)
+    for value, bound in ((5.0, 0.5), (-1.0, 0.001)):
+        with torch.no_grad():
+            model.temp.fill_(value)
+        out = Stage1Objective(model)(ids, mask, image_features=features)
+        assert model.temp.item() == pytest.approx(bound)
+        model.zero_grad()
+        out.itc.backward()
+        assert model.temp.grad is not None and model.temp.grad.abs().item() > 0
 
 
 def test_any_transformers_vision_tower():

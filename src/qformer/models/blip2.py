@@ -152,7 +152,11 @@ class Blip2Stage1(Blip2Base):
             nn.init.zeros_(head.bias)
 
     def temperature(self) -> Tensor:
-        return self.temp.clamp(self.config.min_temperature, self.config.max_temperature)
+        """The ITC temperature. The parameter itself is kept in [min, max] (in place, as LAVIS and
+        ALBEF do), so that at a bound its gradient does not vanish and it can come back."""
+        with torch.no_grad():
+            self.temp.clamp_(self.config.min_temperature, self.config.max_temperature)
+        return self.temp
 
     def image_features(self, query_hidden: Tensor) -> Tensor:
         """(B, Q, D) query outputs -> (B, Q, E) L2-normalised image features."""
