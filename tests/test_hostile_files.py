@@ -82,3 +82,16 @@ def test_damaged_safetensors_are_named(run, tmp_path):
         (folder / "model.safetensors").rename(folder / "trainable.safetensors")
         with pytest.raises(ValueError, match="not a readable safetensors file"):
             load_trainable(folder, Blip2Stage1.from_pretrained(run / "final"))
+
+
+def test_a_checkpoint_of_another_shape_names_the_parameter(run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qformer import Blip2Stage1
+    from qformer.train.state import load_trainable
+
+    weights = load_file(run / "step_0000003" / "trainable.safetensors")
+    weights["query_tokens"] = torch.zeros(1, 7, weights["query_tokens"].shape[-1])
+    save_file(weights, tmp_path / "trainable.safetensors")
+    with pytest.raises(ValueError, match=r"query_tokens \(1, 7, 32\) vs the model's \(1, 4, 32\)"):
+        load_trainable(tmp_path, Blip2Stage1.from_pretrained(run / "final"))

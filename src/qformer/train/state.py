@@ -116,6 +116,10 @@ def load_trainable(path: Path, model: nn.Module) -> None:
     if set(weights) != expected:
         missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
         raise ValueError(f"{path} does not fit this model: missing {missing}, unexpected {unexpected}")
+    misshaped = [f"{name} {tuple(tensor.shape)} vs the model's {tuple(trainable[name].shape)}"  # DTensor: whole
+                 for name, tensor in weights.items() if tensor.shape != trainable[name].shape]
+    if misshaped:
+        raise ValueError(f"{path} does not fit this model: {'; '.join(misshaped)}")
     with torch.no_grad():
         for name, tensor in weights.items():
             trainable[name].copy_(shard_like(tensor, trainable[name]))
