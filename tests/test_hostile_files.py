@@ -1,6 +1,7 @@
 """Files from strangers: a run folder or checkpoint never executes a pickle, and a damaged file
 is named in one line."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,11 @@ def run(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("name", ["trainer.pt", "rng_rank0.pt"])
 def test_a_run_folder_that_would_run_code_is_refused(run, name, tmp_path, capsys):
-    marker = tmp_path / "ran"
-    torch.save({"step": 3, "x": Payload(marker)}, run / "step_0000003" / name)
+    marker, copy = tmp_path / "ran", tmp_path / "run"
+    shutil.copytree(run, copy)  # the shared run stays as trained
+    torch.save({"step": 3, "x": Payload(marker)}, copy / "step_0000003" / name)
     with pytest.raises(SystemExit) as stop:
-        main(["train", str(run), "--resume", "--steps", "4"])
+        main(["train", str(copy), "--resume", "--steps", "4"])
     assert stop.value.code == 1 and not marker.exists()
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and name in error and "refused to unpickle" in error and "could run code" in error
@@ -95,3 +97,14 @@ def test_a_checkpoint_of_another_shape_names_the_parameter(run, tmp_path):
     save_file(weights, tmp_path / "trainable.safetensors")
     with pytest.raises(ValueError, match=r"query_tokens \(1, 7, 32\) vs the model's \(1, 4, 32\)"):
         load_trainable(tmp_path, Blip2Stage1.from_pretrained(run / "final"))
+
+
+def test_a_checkpoint_of_two_processes_does_not_resume_on_one(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    step = copy / "step_0000003"
+    shutil.copy(step / "rng_rank0.pt", step / "rng_rank1.pt")  # as two processes save it
+    with pytest.raises(SystemExit) as stop:
+        main(["train", str(copy), "--resume", "--steps", "4"])
+    assert stop.value.code == 1
+    assert "was saved by 2 process(es) and this run has 1: the global batch" in capsys.readouterr().err

@@ -94,6 +94,12 @@ def _open_run(config: TrainConfig, resume: bool, overwrite: bool, runtime: Runti
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise FileNotFoundError(f"{run_dir} holds no checkpoint (step_XXXXXXX/) to resume from")
+        saved = len(list(checkpoint.glob("rng_rank*.pt")))
+        if saved != runtime.world_size:
+            raise ValueError(
+                f"{checkpoint} was saved by {saved} process(es) and this run has {runtime.world_size}: the global "
+                f"batch and the data order would change; resume with {saved} process(es)"
+            )
         changes = resume_changes(load_train_config(run_dir / "config.yaml"), config)
         if config.steps < checkpoint_step(checkpoint):
             raise ValueError(f"steps {config.steps} is before the checkpoint {checkpoint} to resume from")
