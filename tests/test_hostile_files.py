@@ -108,3 +108,39 @@ def test_a_checkpoint_of_two_processes_does_not_resume_on_one(run, tmp_path, cap
         main(["train", str(copy), "--resume", "--steps", "4"])
     assert stop.value.code == 1
     assert "was saved by 2 process(es) and this run has 1: the global batch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv"])
+def test_caption_files_name_the_line_of_a_bad_byte_and_skip_blank_captions(suffix, tmp_path, caplog):
+    import logging
+
+    from qformer.data.datasets import read_captions
+
+    rows = [("a.jpg", "a red car"), ("b.jpg", "   "), ("c.jpg", "caf\u00e9 tables")]
+    if suffix == ".json":
+        text = "[\n" + ",\n".join(f'{{"image": "{i}", "caption": "{c}"}}' for i, c in rows) + "\n]\n"
+    elif suffix == ".jsonl":
+        text = "".join(f'{{"image": "{i}", "caption": "{c}"}}\n' for i, c in rows)
+    else:
+        text = "image,caption\n" + "".join(f"{i},{c}\n" for i, c in rows)
+    good = tmp_path / f"good{suffix}"
+    good.write_text(text, encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        records = read_captions(good)
+    assert [r.caption for r in records] == ["a red car", "caf\u00e9 tables"]  # the blank one left out
+    assert any("1 caption(s) of whitespace only skipped" in r.getMessage() for r in caplog.records)
+
+    latin = tmp_path / f"latin{suffix}"
+    latin.write_bytes(text.encode("latin-1"))  # the é as the single byte 0xe9
+    line = text[: text.index("caf")].count("\n") + 1
+    with pytest.raises(ValueError, match=rf"latin{suffix}: line {line}: not UTF-8 text \(byte 0xe9"):
+        read_captions(latin)
+
+
+def test_instruction_jsonl_names_file_and_line(tmp_path):
+    from qformer.data.datasets import read_instructions
+
+    path = tmp_path / "instructions.jsonl"
+    path.write_text('{"image": "a.jpg", "instruction": "describe", "answer": "a car"}\n{"image": "b.jpg", oops}\n')
+    with pytest.raises(ValueError, match=r"instructions.jsonl: line 2: invalid JSON"):
+        read_instructions(path)

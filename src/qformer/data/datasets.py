@@ -16,6 +16,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import random
 import tarfile
 from collections import Counter
@@ -27,6 +28,8 @@ from typing import Any
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+logger = logging.getLogger(__name__)
 
 from qformer.data.transforms import clean_caption, clean_question, load_image
 
@@ -83,20 +86,52 @@ def _strings(value: Any, key: str, where: str) -> list[str]:
     return values
 
 
-def _caption_records(entry: Any, where: str) -> list[CaptionRecord]:
-    """One record per caption of an ``{"image", "caption", "image_id"?}`` entry."""
+def _caption_records(entry: Any, where: str, blank: list[str]) -> list[CaptionRecord]:
+    """One record per caption of an ``{"image", "caption", "image_id"?}`` entry; a caption of
+    whitespace only is left out and its place noted in ``blank``."""
     _require(entry, ("image", "caption"), where)
     image_id = entry.get("image_id")
     if image_id == "":  # an empty CSV cell
         image_id = None
-    return [CaptionRecord(str(entry["image"]), c, image_id) for c in _strings(entry["caption"], "caption", where)]
+    captions = _strings(entry["caption"], "caption", where)
+    blank.extend(where for c in captions if not c.strip())
+    return [CaptionRecord(str(entry["image"]), c, image_id) for c in captions if c.strip()]
+
+
+def _report_blank(path: Path, blank: list[str]) -> None:
+    if blank:
+        logger.warning("%s: %d caption(s) of whitespace only skipped (first at %s)", path, len(blank),
+                       blank[0].removeprefix(f"{path}: "))
+
+
+def _read_text(path: Path) -> str:
+    """A text file as UTF-8; other bytes are named by line and offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                         f"{err.start}); save the file as UTF-8") from None
 
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(_read_text(path))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON: {err}") from err
+        raise ValueError(f"{path}: invalid JSON: {err}") from None
+
+
+def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, object)`` for each non-empty line of a JSONL file, ``where`` naming file and line."""
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {number}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: invalid JSON: {err}") from None
 
 
 def read_coco_captions(path: str | Path) -> list[CaptionRecord]:
@@ -105,8 +140,11 @@ def read_coco_captions(path: str | Path) -> list[CaptionRecord]:
     (a list caption gives one record per caption)."""
     path = Path(path)
     data = _read_json(path)
+    blank: list[str] = []
     if isinstance(data, list):
-        return [record for i, entry in enumerate(data) for record in _caption_records(entry, f"{path}: entry {i}")]
+        records = [r for i, entry in enumerate(data) for r in _caption_records(entry, f"{path}: entry {i}", blank)]
+        _report_blank(path, blank)
+        return records
     if not (isinstance(data, dict) and "images" in data and "annotations" in data):
         raise ValueError(f"{path}: expected COCO's {{'images', 'annotations'}} or a list of {{'image', 'caption'}}")
     files = {}
@@ -120,25 +158,17 @@ def read_coco_captions(path: str | Path) -> list[CaptionRecord]:
         image_id = annotation["image_id"]
         if image_id not in files:
             raise ValueError(f"{where}: image_id {image_id!r} is not in 'images'")
-        captions = _strings(annotation["caption"], "caption", where)
-        records.extend(CaptionRecord(files[image_id], caption, image_id) for caption in captions)
+        records.extend(_caption_records({**annotation, "image": files[image_id]}, where, blank))
+    _report_blank(path, blank)
     return records
 
 
 def read_jsonl_captions(path: str | Path) -> list[CaptionRecord]:
     """Captions from one ``{"image", "caption", "image_id"?}`` JSON object per line."""
     path = Path(path)
-    records = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {number}"
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: invalid JSON: {err}") from err
-            records.extend(_caption_records(entry, where))
+    blank: list[str] = []
+    records = [record for where, entry in _json_lines(path) for record in _caption_records(entry, where, blank)]
+    _report_blank(path, blank)
     return records
 
 
@@ -146,14 +176,15 @@ def read_csv_captions(path: str | Path) -> list[CaptionRecord]:
     """Captions from a CSV file with a header naming columns ``image``, ``caption`` and
     optionally ``image_id`` (an empty cell means none)."""
     path = Path(path)
-    records = []
-    with path.open(newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        missing = sorted({"image", "caption"} - set(reader.fieldnames or ()))
-        if missing:
-            raise ValueError(f"{path}: the header lacks column(s) {missing}")
-        for row in reader:
-            records.extend(_caption_records(row, f"{path}: line {reader.line_num}"))
+    records: list[CaptionRecord] = []
+    blank: list[str] = []
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    missing = sorted({"image", "caption"} - set(reader.fieldnames or ()))
+    if missing:
+        raise ValueError(f"{path}: the header lacks column(s) {missing}")
+    for row in reader:
+        records.extend(_caption_records(row, f"{path}: line {reader.line_num}", blank))
+    _report_blank(path, blank)
     return records
 
 
@@ -186,8 +217,7 @@ def read_instructions(path: str | Path) -> list[InstructionRecord]:
     of the same objects."""
     path = Path(path)
     if path.suffix.lower() == ".jsonl":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        entries = [(f"{path}: line {n}", json.loads(line)) for n, line in enumerate(lines, 1) if line.strip()]
+        entries = list(_json_lines(path))
     else:
         data = _read_json(path)
         if not isinstance(data, list):
