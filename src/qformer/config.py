@@ -64,12 +64,22 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         return value
     if isinstance(value, bool):
         raise ValueError(f"{key} must be a number, got {value!r}")
+    if float not in options and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{key} must be a whole number, got {value!r}")
     try:
         if float in options:
             return float(value)
         return int(value)
     except (TypeError, ValueError):
         raise ValueError(f"{key} must be a number, got {value!r}") from None
+
+
+def _at_least_one(config: ConfigBase, *names: str) -> None:
+    """Sizes and counts of a config: each at least 1, or one line naming it."""
+    for name in names:
+        value = getattr(config, name)
+        if value < 1:
+            raise ValueError(f"{type(config).__name__}.{name} must be at least 1, got {value}")
 
 
 def _dtype_field(name: str, value: Any) -> str:
@@ -121,6 +131,8 @@ class QFormerConfig(ConfigBase):
     lm_label_smoothing: float = 0.1
 
     def __post_init__(self) -> None:
+        _at_least_one(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                      "intermediate_size", "max_position_embeddings", "encoder_hidden_size")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
@@ -158,6 +170,8 @@ class VisionConfig(ConfigBase):
     qkv_bias: bool = True
 
     def __post_init__(self) -> None:
+        _at_least_one(self, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "image_size", "patch_size")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of {self.num_attention_heads} heads")
         if self.image_size % self.patch_size:
@@ -207,6 +221,7 @@ class Blip2Stage1Config(ConfigBase):
     image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
 
     def __post_init__(self) -> None:
+        _at_least_one(self, "num_query_tokens", "embed_dim")
         if self.vision is not None and self.vision.hidden_size != self.qformer.encoder_hidden_size:
             raise ValueError(
                 f"the image encoder is {self.vision.hidden_size} wide but the Q-Former cross-attends to "
@@ -246,6 +261,7 @@ class Blip2Config(ConfigBase):
     image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
 
     def __post_init__(self) -> None:
+        _at_least_one(self, "num_query_tokens")
         if self.vision is not None and self.vision.hidden_size != self.qformer.encoder_hidden_size:
             raise ValueError(
                 f"the image encoder is {self.vision.hidden_size} wide but the Q-Former cross-attends to "

@@ -155,6 +155,10 @@ class TrainConfig(ConfigBase):
             raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
         for key, low in (("steps", 1), ("log_every", 1), ("save_every", 1), ("eval_every", 0), ("keep_last", 0)):
             _at_least(key, getattr(self, key), low)
+        positions = self.model.stage1.qformer.max_position_embeddings
+        if self.model.stage == "stage1" and self.data.max_text_length > positions:
+            raise ValueError(f"data.max_text_length {self.data.max_text_length} is longer than the Q-Former's "
+                             f"position table (model.stage1.qformer.max_position_embeddings {positions})")
 
 
 def _parse_value(text: str) -> Any:
