@@ -1,7 +1,6 @@
 """Files from strangers: a run folder or checkpoint never executes a pickle, and a damaged file
 is named in one line."""
 
-import re
 import shutil
 from pathlib import Path
 
@@ -145,17 +144,3 @@ def test_instruction_jsonl_names_file_and_line(tmp_path):
     path.write_text('{"image": "a.jpg", "instruction": "describe", "answer": "a car"}\n{"image": "b.jpg", oops}\n')
     with pytest.raises(ValueError, match=r"instructions.jsonl: line 2: invalid JSON"):
         read_instructions(path)
-
-
-@pytest.mark.parametrize("override, message", [
-    (["--data.max_text_length", "100"], "data.max_text_length 100 is longer than the Q-Former's position table"),
-    (["--model.stage1.qformer.num_attention_heads", "0"], "QFormerConfig.num_attention_heads must be at least 1"),
-    (["--model.stage1.vision.patch_size", "0"], "VisionConfig.patch_size must be at least 1, got 0"),
-    (["--model.stage1.num_query_tokens", "0"], "Blip2Stage1Config.num_query_tokens must be at least 1"),
-    (["--data.batch_size", "2.5"], "data.batch_size must be a whole number, got 2.5"),
-])
-def test_recipe_sizes_are_checked_at_load(override, message):
-    from qformer.train.config import load_train_config
-
-    with pytest.raises(ValueError, match=re.escape(message)):
-        load_train_config(TINY, override)

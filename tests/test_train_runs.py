@@ -68,6 +68,12 @@ def cli_error(capsys, command: str, *args: object) -> str:
     (["--data.augment", "nope"], "data.augment must be true or false, got 'nope'"),
     (["--data.augment", "1"], "data.augment must be true or false, got 1"),
     (["--tensorboard", "2"], "tensorboard must be true or false, got 2"),
+    (["--data.batch_size", "2.5"], "data.batch_size must be a whole number, got 2.5"),
+    (["--data.max_text_length", "100"], "data.max_text_length 100 is longer than the Q-Former's position table "
+                                        "(model.stage1.qformer.max_position_embeddings 64)"),
+    (["--model.stage1.qformer.num_attention_heads", "0"], "QFormerConfig.num_attention_heads must be at least 1, got 0"),
+    (["--model.stage1.vision.patch_size", "0"], "VisionConfig.patch_size must be at least 1, got 0"),
+    (["--model.stage1.num_query_tokens", "0"], "Blip2Stage1Config.num_query_tokens must be at least 1, got 0"),
 ])
 def test_recipe_values_are_checked(tmp_path, override, message):
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
