@@ -88,8 +88,7 @@ def build_trained_model(config: TrainConfig, checkpoint: Path) -> nn.Module:
     if config.model.stage == "stage1":
         from qformer.train.stage1_job import build_model
 
-        model, tokenizer = build_model(config)
-        model.tokenizer = tokenizer
+        model, _ = build_model(config)
     else:
         from qformer.train.stage2_job import build_model
 

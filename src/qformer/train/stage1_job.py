@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +48,7 @@ def build_model(config: TrainConfig) -> tuple[Blip2Stage1, Any]:
         model.qformer.load_state_dict(qformer.state_dict())
     if spec.vision_weights:
         load_vision_weights(model, spec.vision_weights)
+    model.tokenizer = tokenizer  # saved with it: final/ is ready for Blip2Stage1.from_pretrained
     return model, tokenizer
 
 
@@ -93,12 +93,7 @@ def build(
     # the objective gathers token ids across processes: one text length for every batch there
     collate = CaptionCollator(tokenizer, config.data.max_text_length, pad_to_max_length=runtime.world_size > 1)
 
-    def save_final(module: Blip2Stage1, directory: Path) -> None:
-        """``final/``: the model with its tokenizer, ready for ``Blip2Stage1.from_pretrained``."""
-        module.tokenizer = tokenizer
-        module.save_pretrained(directory)
-
-    return Job(model, objective, dataset, collate, losses, evaluate, tokenizer, save_final=save_final)
+    return Job(model, objective, dataset, collate, losses, evaluate, tokenizer, save_final=Blip2Stage1.save_pretrained)
 
 
 @torch.no_grad()
