@@ -168,7 +168,7 @@ def test_round_trip_through_transformers(saved, tmp_path):
 def test_wrong_instruction_batch_is_refused(saved):
     _, _, ours, tokenizer, qformer_tokenizer = saved
     text = tokenizer(PROMPTS[:1], return_tensors="pt")
-    with pytest.raises(ValueError, match="2 instructions for 1 images"):
+    with pytest.raises(ValueError, match="pixel_values 1, input_ids 1, qformer_input_ids 2"):
         ours.generate(pixels(1), text.input_ids, **instruction(qformer_tokenizer, PROMPTS[:2]), max_new_tokens=2)
 
 

@@ -18,6 +18,7 @@ from qformer.convert.transformers_blip2 import load_transformers_blip2, save_tra
 from qformer.convert.transformers_instructblip import load_transformers_instructblip, save_transformers_instructblip
 from qformer.data.transforms import eval_transform
 from qformer.devices import DeviceArg, DeviceMapArg, DtypeArg
+from qformer.inputs import check_images
 from qformer.loading import resolve_checkpoint
 from qformer.models.blip2 import Blip2Stage1, Blip2Stage2
 from qformer.models.instructblip import InstructBlipStage2
@@ -176,6 +177,7 @@ class Blip2(Blip2Stage2):
 
     def generate_text(self, images: Sequence[ImageInput], prompts: Sequence[str], **generation: Any) -> list[str]:
         """One prompt per image; returns the decoded new text."""
+        check_images(images)
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
         tokenizer = self._tokenizer()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qformer.inputs import check_positions
 from qformer.models.qformer import QFormer
 
 
@@ -71,6 +72,9 @@ def qformer_generate(
     bos = model.config.bos_token_id
     if bos is None:
         raise ValueError("the Q-Former config has no bos_token_id ([DEC])")
+    check_positions(f"max_new_tokens={options.max_new_tokens} ([DEC] first)", options.max_new_tokens,
+                    model.config.max_position_embeddings, "the Q-Former's position table (max_position_embeddings)",
+                    "generate fewer tokens")
     pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
     batch, beams, device = query_embeds.shape[0], options.num_beams, query_embeds.device
     cache = model(query_embeds=query_embeds, encoder_key_values=image_key_values, use_cache=True).past_key_values

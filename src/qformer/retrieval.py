@@ -177,7 +177,7 @@ def image_embeds_of(model: Blip2Stage1, images: Images) -> Tensor:
         wanted = "(N, 3, H, W)" if size is None else f"(N, 3, {size}, {size})"
         raise ValueError(f"images: pixels must be {wanted} for this model, or encoder outputs (N, S, W); got "
                          f"{tuple(pixels.shape)}")
-    return model.image_embeds(pixels.to(device=first.device, dtype=first.dtype))
+    return model.image_embeds(pixels.to(first.device))  # the encoder casts; its checks see the pixels as given
 
 
 def tokenize(model: Blip2Stage1, texts: Texts) -> tuple[Tensor, Tensor]:

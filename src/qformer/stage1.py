@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from qformer.distributed import Group, gather, gather_with_grad, rank_and_world
+from qformer.inputs import check_batch, check_tokens
 from qformer.losses import (
     IGNORE_INDEX,
     HardNegatives,
@@ -67,6 +68,8 @@ class Stage1Objective(nn.Module):
         mark pairs of the same image (soft ITC targets, excluded from negatives). ``negatives``
         fixes the ITM negatives (global indices); otherwise they are sampled with ``generator``.
         """
+        check_tokens(input_ids, attention_mask)
+        check_batch(input_ids=input_ids, pixel_values=pixel_values, image_features=image_features, image_ids=image_ids)
         model, group = self.model, self.group
         rank, world = rank_and_world(group)
         batch = input_ids.shape[0]

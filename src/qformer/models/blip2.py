@@ -20,6 +20,7 @@ from transformers import (
 
 from qformer.config import Blip2Config, Blip2Stage1Config, QFormerConfig, VisionConfig
 from qformer.devices import DTYPES
+from qformer.inputs import check_features, check_pixels, check_stage2_inputs
 from qformer.models.qformer import KeyValue, QFormer, QFormerOutput
 from qformer.models.vision import EvaViT
 
@@ -95,12 +96,15 @@ class Blip2Base(nn.Module):
         """Frozen encoder output (B, S, W), before ``ln_vision``: the features to precompute."""
         if self.vision is None:
             raise ValueError("this model has no image encoder (config.vision is None): pass image features")
+        check_pixels(pixel_values, getattr(self.vision, "image_size", None), check_range=not self.training)
         return self.vision(pixel_values)
 
     def image_embeds(self, pixel_values: Tensor | None = None, image_features: Tensor | None = None) -> Tensor:
         """``ln_vision`` over encoder outputs (B, S, W); pixels or precomputed features."""
         if (pixel_values is None) == (image_features is None):
             raise ValueError("pass exactly one of pixel_values and image_features")
+        if image_features is not None:
+            check_features(image_features, self.ln_vision.normalized_shape[0])
         features = self.encode_image(pixel_values) if image_features is None else image_features
         return self.ln_vision(features.to(self.ln_vision.weight.dtype))
 
@@ -319,6 +323,8 @@ class Blip2Stage2(Blip2Base):
         """Decoder-only: ``labels`` (B, T) align with ``input_ids``, -100 ignored; logits of the
         text positions. Encoder-decoder: ``input_ids`` go to the encoder after the queries,
         ``labels`` are the decoder's targets."""
+        check_stage2_inputs(self, pixel_values, image_features, input_ids, attention_mask, qformer_input_ids,
+                            qformer_attention_mask, labels)
         image_embeds = self.image_embeds(pixel_values, image_features)
         queries = self.language_model_inputs(image_embeds, qformer_input_ids, qformer_attention_mask)  # (B, Q, H)
         batch, num_queries = queries.shape[:2]
@@ -354,6 +360,8 @@ class Blip2Stage2(Blip2Base):
     ) -> Tensor:
         """The new tokens only (B, N), for a text-only prompt per image (any padding side: the
         batch is re-padded so that each row generates as it would alone)."""
+        check_stage2_inputs(self, pixel_values, image_features, input_ids, attention_mask, qformer_input_ids,
+                            qformer_attention_mask)
         if input_ids is not None and self.config.image_token_index is not None:
             count = int((input_ids == self.config.image_token_index).sum())
             if count:

@@ -46,10 +46,6 @@ class InstructBlipStage2(Blip2Stage2):
         in the LLM's dtype."""
         if qformer_input_ids is None:
             return super().language_model_inputs(image_embeds)
-        if qformer_input_ids.shape[0] != image_embeds.shape[0]:
-            raise ValueError(
-                f"{qformer_input_ids.shape[0]} instructions for {image_embeds.shape[0]} images: pass one per image"
-            )
         if qformer_attention_mask is None:
             qformer_attention_mask = torch.ones_like(qformer_input_ids)
         ids, mask = move_padding(qformer_input_ids, qformer_attention_mask.to(qformer_input_ids.device), "right")

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from qformer.config import QFormerConfig
+from qformer.inputs import check_qformer_inputs
 from qformer.losses import causal_lm_loss
 
 KeyValue = tuple[Tensor, Tensor]  # each (B, nh, T, hs)
@@ -389,6 +390,8 @@ class QFormer(nn.Module):
         past_length = 0 if past is None else past[0][0].shape[2]
         past_queries = past_key_values.query_length if isinstance(past_key_values, QFormerCache) else 0
         query_length = 0 if query_embeds is None else query_embeds.shape[1]
+        check_qformer_inputs(self.config.max_position_embeddings, input_ids, inputs_embeds, attention_mask,
+                             query_embeds, past, None if position_ids is not None else past_length - past_queries)
 
         text = None
         if input_ids is not None or inputs_embeds is not None:

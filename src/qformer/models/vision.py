@@ -1,6 +1,7 @@
 """Image encoders: BLIP-2's EVA ViT-g, and any transformers vision tower behind one interface.
 
-Both map pixels (B, 3, H, W) to tokens (B, S, W) and expose ``width``. BLIP-2 keeps them frozen.
+Both map pixels (B, 3, H, W) to tokens (B, S, W) and expose ``width`` and ``image_size`` (the
+side of the images they take; None: any). BLIP-2 keeps them frozen.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class EvaViT(nn.Module):
         super().__init__()
         self.config = config
         self.width = config.hidden_size
+        self.image_size = config.image_size
         self.patch_embedding = nn.Conv2d(3, config.hidden_size, config.patch_size, stride=config.patch_size)
         self.class_embedding = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.position_embedding = nn.Parameter(torch.zeros(1, config.num_positions, config.hidden_size))
@@ -123,6 +125,7 @@ class TransformersVisionTower(nn.Module):
         super().__init__()
         self.model = model
         self.width = model.config.hidden_size
+        self.image_size: int | None = getattr(model.config, "image_size", None)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         dtype = next(self.model.parameters()).dtype
