@@ -74,12 +74,24 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         raise ValueError(f"{key} must be a number, got {value!r}") from None
 
 
-def _at_least_one(config: ConfigBase, *names: str) -> None:
-    """Sizes and counts of a config: each at least 1, or one line naming it."""
-    for name in names:
+# The most a size may be: far above any released model's (BLIP-2: a 1408-wide, 39-layer ViT on
+# 224-px images, 256 image tokens, 512 text positions, 32 queries), so that a typo (a few extra
+# zeros) fails in one line instead of allocating gigabytes.
+MAX_WIDTH = 2**16  # hidden, intermediate and projection sizes; heads
+MAX_LAYERS = 1024
+MAX_TOKENS = 2**16  # position tables, image tokens, queries
+MAX_VOCAB = 2**20
+MAX_IMAGE_SIZE = 8192  # pixels a side
+
+
+def _sizes(config: ConfigBase, **limits: int) -> None:
+    """Sizes and counts of a config, each between 1 and its limit, or one line naming it."""
+    for name, limit in limits.items():
         value = getattr(config, name)
         if value < 1:
             raise ValueError(f"{type(config).__name__}.{name} must be at least 1, got {value}")
+        if value > limit:
+            raise ValueError(f"{type(config).__name__}.{name} must be at most {limit}, got {value}")
 
 
 def _dtype_field(name: str, value: Any) -> str:
@@ -131,15 +143,14 @@ class QFormerConfig(ConfigBase):
     lm_label_smoothing: float = 0.1
 
     def __post_init__(self) -> None:
-        _at_least_one(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                      "intermediate_size", "max_position_embeddings", "encoder_hidden_size")
+        _sizes(self, vocab_size=MAX_VOCAB, hidden_size=MAX_WIDTH, num_hidden_layers=MAX_LAYERS,
+               num_attention_heads=MAX_WIDTH, intermediate_size=MAX_WIDTH, max_position_embeddings=MAX_TOKENS,
+               encoder_hidden_size=MAX_WIDTH, cross_attention_frequency=MAX_LAYERS)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"QFormerConfig.hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        if self.cross_attention_frequency < 1:
-            raise ValueError(f"cross_attention_frequency must be >= 1, got {self.cross_attention_frequency}")
         if self.bos_token_id is not None and not 0 <= self.bos_token_id < self.vocab_size:
             raise ValueError(f"bos_token_id {self.bos_token_id} is outside the vocabulary (size {self.vocab_size})")
         if self.use_lm_head and not self.use_text_input:
@@ -170,12 +181,17 @@ class VisionConfig(ConfigBase):
     qkv_bias: bool = True
 
     def __post_init__(self) -> None:
-        _at_least_one(self, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                      "image_size", "patch_size")
+        _sizes(self, hidden_size=MAX_WIDTH, intermediate_size=MAX_WIDTH, num_hidden_layers=MAX_LAYERS,
+               num_attention_heads=MAX_WIDTH, image_size=MAX_IMAGE_SIZE, patch_size=MAX_IMAGE_SIZE)
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of {self.num_attention_heads} heads")
+            raise ValueError(f"VisionConfig.hidden_size ({self.hidden_size}) must be a multiple of "
+                             f"num_attention_heads ({self.num_attention_heads})")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ValueError(f"VisionConfig.image_size ({self.image_size}) must be a multiple of patch_size "
+                             f"({self.patch_size})")
+        if self.num_positions - 1 > MAX_TOKENS:
+            raise ValueError(f"VisionConfig.image_size {self.image_size} in patches of {self.patch_size} makes "
+                             f"{self.num_positions - 1} image tokens, more than {MAX_TOKENS}")
 
     @property
     def num_positions(self) -> int:
@@ -197,6 +213,10 @@ class ImageConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         self.mean, self.std = tuple(self.mean), tuple(self.std)
+        _sizes(self, size=MAX_IMAGE_SIZE)
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"ImageConfig needs 3 means and 3 positive stds (RGB), got mean {self.mean}, "
+                             f"std {self.std}")
 
 
 @dataclass
@@ -221,7 +241,7 @@ class Blip2Stage1Config(ConfigBase):
     image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
 
     def __post_init__(self) -> None:
-        _at_least_one(self, "num_query_tokens", "embed_dim")
+        _sizes(self, num_query_tokens=MAX_TOKENS, embed_dim=MAX_WIDTH)
         if self.vision is not None and self.vision.hidden_size != self.qformer.encoder_hidden_size:
             raise ValueError(
                 f"the image encoder is {self.vision.hidden_size} wide but the Q-Former cross-attends to "
@@ -261,7 +281,7 @@ class Blip2Config(ConfigBase):
     image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
 
     def __post_init__(self) -> None:
-        _at_least_one(self, "num_query_tokens")
+        _sizes(self, num_query_tokens=MAX_TOKENS)
         if self.vision is not None and self.vision.hidden_size != self.qformer.encoder_hidden_size:
             raise ValueError(
                 f"the image encoder is {self.vision.hidden_size} wide but the Q-Former cross-attends to "
