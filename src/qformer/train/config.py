@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,14 @@ from typing import Any
 import yaml
 
 from qformer.config import Blip2Stage1Config, ConfigBase
+
+
+def _physical_memory() -> int | None:
+    """This machine's memory in bytes; None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _at_least(key: str, value: float, low: float) -> None:
@@ -159,6 +168,12 @@ class TrainConfig(ConfigBase):
         if self.model.stage == "stage1" and self.data.max_text_length > positions:
             raise ValueError(f"data.max_text_length {self.data.max_text_length} is longer than the Q-Former's "
                              f"position table (model.stage1.qformer.max_position_embeddings {positions})")
+        memory, side = _physical_memory(), self.data.image_size
+        for key in ("batch_size", "eval_batch_size"):
+            pixels = getattr(self.data, key) * 3 * side * side * 4  # one batch of float32 pixels
+            if memory is not None and pixels > memory:
+                raise ValueError(f"data.{key} {getattr(self.data, key)} of {side}-px images is {pixels / 2**30:.3g} "
+                                 f"GiB of pixels, more than this machine's {memory / 2**30:.3g} GiB of memory")
 
 
 def _parse_value(text: str) -> Any:
