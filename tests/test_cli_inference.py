@@ -82,6 +82,8 @@ def test_plain_output_vqa_and_half_precision(model_dir, photos, capsys):
         (["--device", "gpu"], "unknown device 'gpu': use cpu, cuda, cuda:N or mps"),
         (["--dtype", "fp8"], "unknown dtype 'fp8'"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--num-beams", "0"], "--num-beams must be at least 1, got 0"),
+        (["--max-new-tokens", "-3"], "--max-new-tokens must be at least 1, got -3"),
         (["--device", "cpu", "--device-map", "auto"], "pass --device or --device-map, not both"),
         (["--device-map", "disk"], "unknown device 'disk'"),
     ],

@@ -69,6 +69,9 @@ def run_images(args: argparse.Namespace, answer_batch, result_key: str, extra: d
 
     from qformer.data.transforms import load_image
 
+    for flag, value in (("--num-beams", args.num_beams), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     images, problems = expand_images(args.images)
     for problem in problems:
         print(f"qformer {args.command}: {problem}", file=sys.stderr)
