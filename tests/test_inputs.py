@@ -53,6 +53,9 @@ FAILURES = {
         "4 queries + 61 input_ids need 65 positions but the LLM's position table (max_position_embeddings) has 64"),
     "stage-2 generate text too long": (
         lambda s, b, i: b.generate(pixels(1), ids(1, 61), max_new_tokens=1), ValueError, "4 queries + 61 input_ids"),
+    "stage-2 generate, too many new tokens": (
+        lambda s, b, i: b.generate(pixels(1), max_new_tokens=61), ValueError,
+        "4 queries + 0 input_ids + max_new_tokens 61 need 65 positions but the LLM's position table"),
     "instruction too long": (
         lambda s, b, i: i.generate(pixels(1), ids(1, 3), qformer_input_ids=ids(1, 41), max_new_tokens=1), ValueError,
         "41 qformer_input_ids need 41 positions but the Q-Former's position table"),
@@ -135,6 +138,8 @@ def test_checks_change_nothing_on_good_inputs(models):
     stage1, blip2, _ = models
     Stage1Objective(stage1)(ids(2, QFORMER_POSITIONS), ones(2, QFORMER_POSITIONS), pixel_values=pixels(2))
     blip2(pixels(2), ids(2, LLM_POSITIONS - QUERIES), ones(2, LLM_POSITIONS - QUERIES))
+    new = LLM_POSITIONS - QUERIES  # after the bos: the last new token is not fed back
+    assert blip2.generate(pixels(1), max_new_tokens=new, min_new_tokens=new).shape == (1, new)
     caption_images(stage1, stage1.image_embeds(pixels(1)), 1,
                    options=DecodingOptions(max_new_tokens=QFORMER_POSITIONS, min_new_tokens=QFORMER_POSITIONS))
     with torch.no_grad():  # while training, the pixels' range is not read (no host sync in a step)

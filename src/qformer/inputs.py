@@ -123,19 +123,21 @@ def check_stage2_inputs(
     qformer_input_ids: Tensor | None,
     qformer_attention_mask: Tensor | None,
     labels: Tensor | None = None,
+    max_new_tokens: int | None = None,
 ) -> None:
     """What :class:`~qformer.models.blip2.Blip2Stage2`'s forward and generate take: one batch;
-    texts with their masks; the queries and text within the LLM's position table, the
-    instruction within the Q-Former's."""
+    texts with their masks; the queries, text and new tokens within the LLM's position table,
+    the instruction within the Q-Former's."""
     check_batch(pixel_values=pixel_values, image_features=image_features, input_ids=input_ids,
                 attention_mask=attention_mask, labels=labels, qformer_input_ids=qformer_input_ids,
                 qformer_attention_mask=qformer_attention_mask)
     check_tokens(input_ids, attention_mask)
     check_tokens(qformer_input_ids, qformer_attention_mask, ("qformer_input_ids", "qformer_attention_mask"))
-    if input_ids is not None:
-        check_positions(f"{model.num_query_tokens} queries + {input_ids.shape[1]} input_ids",
-                        model.num_query_tokens + input_ids.shape[1], llm_positions(model.language_model),
-                        "the LLM's position table (max_position_embeddings)")
+    text = 0 if input_ids is None else input_ids.shape[1]
+    new = f" + max_new_tokens {max_new_tokens}" if max_new_tokens else ""
+    check_positions(f"{model.num_query_tokens} queries + {text} input_ids{new}",
+                    model.num_query_tokens + text + (max_new_tokens or 0), llm_positions(model.language_model),
+                    "the LLM's position table (max_position_embeddings)", "shorten the text or generate fewer tokens")
     if qformer_input_ids is not None:
         check_positions(f"{qformer_input_ids.shape[1]} qformer_input_ids", qformer_input_ids.shape[1],
                         model.qformer.config.max_position_embeddings,

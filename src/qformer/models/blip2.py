@@ -361,7 +361,7 @@ class Blip2Stage2(Blip2Base):
         """The new tokens only (B, N), for a text-only prompt per image (any padding side: the
         batch is re-padded so that each row generates as it would alone)."""
         check_stage2_inputs(self, pixel_values, image_features, input_ids, attention_mask, qformer_input_ids,
-                            qformer_attention_mask)
+                            qformer_attention_mask, max_new_tokens=generation_kwargs.get("max_new_tokens"))
         if input_ids is not None and self.config.image_token_index is not None:
             count = int((input_ids == self.config.image_token_index).sum())
             if count:
