@@ -126,8 +126,9 @@ def check_stage2_inputs(
     max_new_tokens: int | None = None,
 ) -> None:
     """What :class:`~qformer.models.blip2.Blip2Stage2`'s forward and generate take: one batch;
-    texts with their masks; the queries, text and new tokens within the LLM's position table,
-    the instruction within the Q-Former's."""
+    texts with their masks; the queries, text and new tokens within the LLM's position table
+    (one position to spare after a prompt: the last new token is never fed back), the
+    instruction within the Q-Former's."""
     check_batch(pixel_values=pixel_values, image_features=image_features, input_ids=input_ids,
                 attention_mask=attention_mask, labels=labels, qformer_input_ids=qformer_input_ids,
                 qformer_attention_mask=qformer_attention_mask)
