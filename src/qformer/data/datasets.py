@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 logger = logging.getLogger(__name__)
 
+from qformer.data.image_files import MAX_IMAGE_PIXELS
 from qformer.data.transforms import clean_caption, clean_question, load_image
 
 ImageTransform = Callable[[Image.Image], Tensor]  # an RGB image -> (3, S, S); None keeps the image
@@ -233,8 +234,9 @@ def read_instructions(path: str | Path) -> list[InstructionRecord]:
 class _Skipping:
     """Skip-or-raise policy shared by the datasets; ``skipped`` counts in this process only."""
 
-    def __init__(self, strict: bool) -> None:
+    def __init__(self, strict: bool, max_image_pixels: int | None) -> None:
         self.strict = strict
+        self.max_image_pixels = max_image_pixels
         self.skipped = 0
 
     def _skip(self, name: str, reason: object) -> Skipped:
@@ -254,8 +256,9 @@ class _ImageFolderDataset(_Skipping, Dataset):
         transform: ImageTransform | None = None,
         strict: bool = False,
         max_words: int = 50,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
-        super().__init__(strict)
+        super().__init__(strict, max_image_pixels)
         self.records = list(records)
         self.image_root = Path(image_root)
         self.transform = transform
@@ -276,7 +279,7 @@ class _ImageFolderDataset(_Skipping, Dataset):
         """The transformed image of sample ``index``, or ``Skipped`` (counted) when it cannot be read."""
         file = self.image_root / path
         try:
-            image = load_image(file)
+            image = load_image(file, self.max_image_pixels)
         except ValueError as err:
             return self._skip(f"{index} ({file})", err)
         return image if self.transform is None else self.transform(image)
@@ -301,8 +304,9 @@ class CaptionDataset(_ImageFolderDataset):
         transform: ImageTransform | None = None,
         strict: bool = False,
         max_words: int = 50,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
-        super().__init__(records, image_root, transform, strict, max_words)
+        super().__init__(records, image_root, transform, strict, max_words, max_image_pixels)
         self.image_index: dict[str, int] = {}
         for record in self.records:
             self.image_index.setdefault(_image_key(record), len(self.image_index))
@@ -406,8 +410,9 @@ class TarShardDataset(_Skipping, IterableDataset):
         strict: bool = False,
         max_words: int = 50,
         shuffle_seed: int | None = None,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
-        super().__init__(strict)
+        super().__init__(strict, max_image_pixels)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.shards = [Path(shard) for shard in shards]
@@ -456,7 +461,7 @@ class TarShardDataset(_Skipping, IterableDataset):
         if image_key is None or self.caption_key not in group:
             return self._skip(name, f"needs one of {self.image_keys} and {self.caption_key!r}, has {sorted(group)}")
         try:
-            image = load_image(io.BytesIO(group[image_key]))
+            image = load_image(io.BytesIO(group[image_key]), self.max_image_pixels)
             caption = group[self.caption_key].decode("utf-8")
             meta = json.loads(group["json"]) if "json" in group else {}
         except ValueError as err:  # also UnicodeDecodeError and JSONDecodeError

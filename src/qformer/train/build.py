@@ -182,7 +182,7 @@ def file_sets(data: DataSpec) -> tuple[Dataset, dict[str, Dataset]]:
             raise FileNotFoundError(f"{key}: {path} is not a file")
         if not Path(data.image_root).is_dir():
             raise FileNotFoundError(f"data.image_root: {data.image_root} is not a directory")
-        return dataset(read(path), data.image_root, strict=data.strict)
+        return dataset(read(path), data.image_root, strict=data.strict, max_image_pixels=data.max_image_pixels)
 
     train = load(data.path, "data.path")
     if data.source == "vqa":
@@ -224,14 +224,16 @@ def shard_sets(data: DataSpec, seed: int, runtime: Runtime) -> tuple[TarShardDat
     shards (``.tar``, read whole into memory) or a caption file."""
     from qformer.data.datasets import CaptionDataset, read_captions
 
+    limit = data.max_image_pixels
     train = TarShardDataset(shard_paths(data.path), rank=runtime.rank, world_size=runtime.world_size,
-                            strict=data.strict, shuffle_seed=seed)
+                            strict=data.strict, shuffle_seed=seed, max_image_pixels=limit)
     if not data.eval_path:
         return train, {}
     if data.eval_path.endswith(".tar"):
-        held_out = TarShardDataset(shard_paths(data.eval_path), strict=data.strict)
+        held_out = TarShardDataset(shard_paths(data.eval_path), strict=data.strict, max_image_pixels=limit)
         return train, {"eval": [s for s in held_out if not isinstance(s, Skipped)]}
-    return train, {"eval": CaptionDataset(read_captions(data.eval_path), data.image_root, strict=data.strict)}
+    return train, {"eval": CaptionDataset(read_captions(data.eval_path), data.image_root, strict=data.strict,
+                                          max_image_pixels=limit)}
 
 
 PERCENT = re.compile(r"(_r\d+|r_mean|exact_match|accuracy)$")  # metrics given in percent

