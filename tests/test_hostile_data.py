@@ -6,6 +6,8 @@ on the generated hostile data set (tests/hostile_data.py) in every format."""
 from __future__ import annotations
 
 import io
+import json
+import tarfile
 import warnings
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from hostile_data import (
     transparent_png,
 )
 from qformer.data import transforms
-from qformer.data.datasets import CaptionDataset, CaptionRecord, Skipped
+from qformer.data.datasets import CaptionDataset, CaptionRecord, Skipped, TarShardDataset, write_tar_shard
 from qformer.data.transforms import load_image
 from test_train import tiny
 
@@ -128,3 +130,68 @@ def test_a_large_jpeg_decodes_at_a_reduced_scale(monkeypatch: pytest.MonkeyPatch
     data = image_bytes(picture(2, (128, 64)), "JPEG")
     assert load_image(io.BytesIO(data), max_pixels=2000).size == (32, 16)  # 1/4: 8192 pixels read as 512
     assert load_image(io.BytesIO(image_bytes(picture(2, (128, 64)), "PNG")), max_pixels=None).size == (128, 64)
+
+
+def shard(path: Path, count: int, key: str = "") -> Path:
+    return write_tar_shard(path, [{"__key__": f"{key}{i:04d}", "png": picture(i, (32, 32)), "txt": f"picture {i}"}
+                                  for i in range(count)])
+
+
+def cut(path: Path, member: str, into: int = 40) -> None:
+    """Cut the shard ``into`` bytes into ``member``'s data."""
+    with tarfile.open(path) as tar:
+        at = tar.getmember(member).offset_data + into
+    path.write_bytes(path.read_bytes()[:at])
+
+
+def places(dataset: TarShardDataset, skip: int = 0) -> list:
+    return [sample for _, sample in dataset.keyed(dataset.shards, skip)]
+
+
+def test_a_shard_cut_mid_member_counts_the_samples_it_lost(tmp_path: Path) -> None:
+    first = shard(tmp_path / "00000.tar", 30, "a")  # whole: the bytes per sample
+    counted = shard(tmp_path / "00001.tar", 30, "b")
+    cut(counted, "b0009.png")
+    (tmp_path / "00001_stats.json").write_text(json.dumps({"successes": 30}))
+    estimated = shard(tmp_path / "00002.tar", 30, "c")
+    cut(estimated, "c0009.png")
+    dataset = TarShardDataset([first, counted, estimated])
+    read = places(dataset)
+    lost = [s for s in read if isinstance(s, Skipped)]
+    assert [s.name for s in lost] == [str(counted), str(estimated)]
+    assert lost[0].count == 21 and "21 of its 30 samples lost" in lost[0].reason  # exact, from the stats file
+    assert lost[1].count == 1 and "at least 1 sample lost (00002_stats.json beside it" in lost[1].reason
+    assert len(read) == 30 + 10 + 10 and dataset.skipped == 21 + 1
+    assert places(TarShardDataset([first, counted, estimated]), skip=38)[:3] == read[38:41]  # one place each
+
+
+def test_a_shard_with_a_corrupt_header_counts_the_samples_it_lost(tmp_path: Path) -> None:
+    whole = shard(tmp_path / "whole.tar", 20, "a")
+    broken = shard(tmp_path / "broken.tar", 20, "b")
+    with tarfile.open(broken) as tar:
+        at = tar.getmember("b0012.png").offset
+    data = bytearray(broken.read_bytes())
+    data[at : at + 512] = b"\x07" * 512  # tarfile takes an invalid header for the archive's end
+    broken.write_bytes(bytes(data))
+    read = places(TarShardDataset([whole, broken]))
+    assert len(read) == 20 + 12 + 1 and isinstance(read[-1], Skipped)
+    assert read[-1].count == 8 and "the archive ends early): about 8 sample(s) lost" in read[-1].reason
+    with pytest.raises(ValueError, match=r"cannot read sample .*broken\.tar: cut short after 12 sample"):
+        places(TarShardDataset([whole, broken], strict=True))
+
+
+def test_a_compressed_shard_counts_at_least_the_sample_cut(tmp_path: Path) -> None:
+    """A .tar.gz's file bytes do not measure its tar stream: read whole it lost nothing, cut
+    it lost at least the sample being read."""
+    whole = tmp_path / "whole.tar.gz"
+    with tarfile.open(whole, "w:gz") as tar:
+        for i in range(6):
+            for extension, data in (("png", image_bytes(picture(i, (32, 32)), "PNG")), ("txt", b"a picture")):
+                info = tarfile.TarInfo(f"{i:04d}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert len(places(TarShardDataset([whole]))) == 6
+    cut_file = tmp_path / "cut.tar.gz"
+    cut_file.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    read = places(TarShardDataset([whole, cut_file]))
+    assert isinstance(read[-1], Skipped) and read[-1].count == 1 and "at least 1 sample lost" in read[-1].reason

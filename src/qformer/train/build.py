@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from qformer.config import ImageConfig
-from qformer.data.datasets import Skipped, TarShardDataset
+from qformer.data.datasets import Skipped, TarShardDataset, skipped_count
 from qformer.data.transforms import eval_image, train_transform
 from qformer.train.config import DataSpec, ModelSpec, TrainConfig
 from qformer.train.distributed import Runtime
@@ -120,7 +120,8 @@ class TrainShards:
 
 
 class RefillSkipped:
-    """Collate wrapper: skipped samples (unreadable images) are counted (``skipped``), named
+    """Collate wrapper: skipped samples (unreadable images) are counted (``skipped``; a shard's
+    lost rest counts every sample it lost), named
     with their reason where known (``skipped_samples``: "name: reason" strings) and their places
     taken by readable samples of the same batch, so that every process keeps the same batch size
     (the stage-1 gathers need it). A repeated pair shares its image id, which ITC treats as
@@ -134,7 +135,7 @@ class RefillSkipped:
         if not kept:
             raise ValueError(f"every sample of a batch of {len(samples)} was unreadable: check the data set")
         batch = self.collate([kept[i % len(kept)] for i in range(len(samples))])
-        batch["skipped"] = len(samples) - len(kept)
+        batch["skipped"] = skipped_count(samples)
         batch["skipped_samples"] = [f"{s.name}: {s.reason}" for s in samples if isinstance(s, Skipped)]
         return batch
 
