@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ from hostile_data import (
 from qformer.data import transforms
 from qformer.data.datasets import CaptionDataset, CaptionRecord, Skipped, TarShardDataset, write_tar_shard
 from qformer.data.transforms import load_image
+from qformer.train.loop import train
 from test_train import tiny
 
 
@@ -195,3 +197,71 @@ def test_a_compressed_shard_counts_at_least_the_sample_cut(tmp_path: Path) -> No
     cut_file.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
     read = places(TarShardDataset([whole, cut_file]))
     assert isinstance(read[-1], Skipped) and read[-1].count == 1 and "at least 1 sample lost" in read[-1].reason
+
+
+def caption_files(root: Path, names: list[str]) -> str:
+    """A JSONL caption file for ``names``; a name without a file stays missing."""
+    root.mkdir(exist_ok=True)
+    rows = [json.dumps({"image": name, "caption": f"a picture number {i}", "image_id": i}) for i, name in enumerate(names)]
+    (root / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    return str(root / "captions.jsonl")
+
+
+def losses_logged(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_a_batch_with_no_readable_sample_is_passed_over(tmp_path: Path, caplog) -> None:
+    """The first batch (in the sampler's order) is all missing: every rank moves on to the next
+    one, its skipped samples counted and named with that one's."""
+    from qformer.train.sampler import GlobalBatchSampler
+
+    data = tmp_path / "data"
+    first = next(iter(GlobalBatchSampler(12, 4, seed=3)))  # tiny.yaml's seed and batch size
+    names = [f"{i}.png" for i in range(12)]
+    path = caption_files(data, names)
+    for i, name in enumerate(names):
+        if (0, i) not in first:
+            picture(i).save(data / name)
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="qformer.train.loop"):
+        result = train(tiny(run, "--data.source", "captions", "--data.path", path, "--data.image_root", str(data),
+                            "--steps", "2"))
+    assert result["step"] == 2 and [r["skipped"] for r in losses_logged(run)] == [4, 4]
+    assert [r["epoch"] for r in losses_logged(run)] == [0, 0]  # batches 1 and 2 of epoch 0 trained
+    for _, index in first:
+        assert f"({data / f'{index}.png'}): cannot read image" in caplog.text
+
+
+def test_a_shard_batch_with_no_readable_sample_is_passed_over(tmp_path: Path) -> None:
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for s in range(3):
+        shard(folder / f"{s:05d}.tar", 4, f"{s}")
+    broken = write_tar_shard(folder / "00003.tar", [{"__key__": f"x{i}", "png": b"", "txt": "x"} for i in range(4)])
+    run = tmp_path / "run"
+    result = train(tiny(run, "--data.source", "shards", "--data.path", str(folder / "*.tar"), "--steps", "4"))
+    assert result["step"] == 4 and broken.is_file()
+    lines = losses_logged(run)
+    assert [r["epoch"] for r in lines] == [0, 0, 0, 1] and lines[2]["skipped"] == 4  # 4 batches, one passed over
+
+
+def test_a_mostly_unreadable_run_stops_with_the_ratio(tmp_path: Path) -> None:
+    """Batches 0, 5, 10, 15 and 20 (in the sampler's order) readable, the rest missing: after
+    100 samples, 80 unreadable."""
+    from qformer.train.sampler import GlobalBatchSampler
+
+    data = tmp_path / "data"
+    names = [f"{i}.png" for i in range(120)]
+    path = caption_files(data, names)
+    for number, batch in enumerate(GlobalBatchSampler(120, 4, seed=3)):
+        for _, index in batch if number % 5 == 0 else []:
+            picture(index).save(data / names[index])
+    args = ["--data.source", "captions", "--data.path", path, "--data.image_root", str(data), "--steps", "100"]
+    with pytest.raises(ValueError, match=r"^80 of the 100 samples read so far were unreadable \(80%, over "
+                                         r"data.max_unreadable 0.5\); first: \d+ \(.*\.png\): cannot read image"):
+        train(tiny(tmp_path / "run", *args))
+    nothing = caption_files(tmp_path / "nothing", ["gone.png"] * 8)
+    with pytest.raises(ValueError, match=r"no batch of a whole epoch held a readable sample \(8 of 8 samples"):
+        train(tiny(tmp_path / "never", "--data.source", "captions", "--data.path", nothing,
+                   "--data.image_root", str(tmp_path / "nothing"), "--data.max_unreadable", "1"))

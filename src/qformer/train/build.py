@@ -121,23 +121,25 @@ class TrainShards:
 
 class RefillSkipped:
     """Collate wrapper: skipped samples (unreadable images) are counted (``skipped``; a shard's
-    lost rest counts every sample it lost), named
-    with their reason where known (``skipped_samples``: "name: reason" strings) and their places
-    taken by readable samples of the same batch, so that every process keeps the same batch size
-    (the stage-1 gathers need it). A repeated pair shares its image id, which ITC treats as
-    the same image and ITM never draws as a negative."""
+    lost rest counts every sample it lost), named with their reason where known
+    (``skipped_samples``: "name: reason" strings) and their places taken by readable samples of
+    the same batch, so that every process keeps the same batch size (the stage-1 gathers need
+    it). A repeated pair shares its image id, which ITC treats as the same image and ITM never
+    draws as a negative. ``samples`` is how many samples the batch stands for (read or lost).
+    A batch with no readable sample is only those counts with ``empty: True``: the trainer's
+    batches (:mod:`qformer.train.batches`) pass over it."""
 
     def __init__(self, collate: Callable[[list], dict]) -> None:
         self.collate = collate
 
     def __call__(self, samples: list) -> dict:
         kept = [s for s in samples if s is not None and not isinstance(s, Skipped)]
+        skipped = skipped_count(samples)
+        counts = {"skipped": skipped, "samples": len(kept) + skipped,
+                  "skipped_samples": [f"{s.name}: {s.reason}" for s in samples if isinstance(s, Skipped)]}
         if not kept:
-            raise ValueError(f"every sample of a batch of {len(samples)} was unreadable: check the data set")
-        batch = self.collate([kept[i % len(kept)] for i in range(len(samples))])
-        batch["skipped"] = skipped_count(samples)
-        batch["skipped_samples"] = [f"{s.name}: {s.reason}" for s in samples if isinstance(s, Skipped)]
-        return batch
+            return {**counts, "empty": True}
+        return {**self.collate([kept[i % len(kept)] for i in range(len(samples))]), **counts}
 
 
 def scene_sets(data: DataSpec, seed: int) -> tuple[Dataset, dict[str, Dataset]]:

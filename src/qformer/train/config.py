@@ -76,7 +76,9 @@ class DataSpec(ConfigBase):
 
     Unreadable samples (missing, truncated, not an image, over ``max_image_pixels`` pixels:
     refused before decoding; null: no limit of ours, Pillow's own still refuses over 2 x
-    ``PIL.Image.MAX_IMAGE_PIXELS``) are skipped and counted, unless ``strict``."""
+    ``PIL.Image.MAX_IMAGE_PIXELS``) are skipped and counted, unless ``strict``. A batch with no
+    readable sample is passed over; once 100 samples are read, a run whose share of unreadable
+    samples is over ``max_unreadable`` (a fraction; 1 never stops) stops saying so."""
 
     source: str = "scenes"
     path: str | None = None
@@ -90,6 +92,7 @@ class DataSpec(ConfigBase):
     augment: bool = True
     strict: bool = False
     max_image_pixels: int | None = MAX_IMAGE_PIXELS
+    max_unreadable: float = 0.5
     scenes_per_combination: int = 8
     eval_scenes_per_combination: int = 1
     photographs: int = 0
@@ -108,6 +111,8 @@ class DataSpec(ConfigBase):
             _at_least(f"data.{key}", getattr(self, key), low)
         if self.max_image_pixels is not None:
             _at_least("data.max_image_pixels", self.max_image_pixels, 1)
+        if not 0 <= self.max_unreadable <= 1:
+            raise ValueError(f"data.max_unreadable must be a fraction from 0 to 1, got {self.max_unreadable}")
 
 
 @dataclass
