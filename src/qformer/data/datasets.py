@@ -554,9 +554,11 @@ class TarShardDataset(_Skipping, IterableDataset):
         if image_key is None or self.caption_key not in group:
             return self._skip(name, f"needs one of {self.image_keys} and {self.caption_key!r}, has {sorted(group)}")
         try:
-            image = load_image(io.BytesIO(group[image_key]), self.max_image_pixels)
             caption = group[self.caption_key].decode("utf-8")
+            if not caption.strip():
+                raise ValueError("caption of whitespace only")
             meta = json.loads(group["json"]) if "json" in group else {}
+            image = load_image(io.BytesIO(group[image_key]), self.max_image_pixels)
         except ValueError as err:  # also UnicodeDecodeError and JSONDecodeError
             return self._skip(name, err)
         image_id = meta.get("image_id", key) if isinstance(meta, dict) else key
