@@ -296,3 +296,28 @@ def test_training_on_the_hostile_data_set_runs_to_the_end(tmp_path: Path, caplog
     named = [line for line in caplog.text.splitlines() if "skipped sample " in line]
     bad = hostile.unreadable_in_shards if format == "shards" else [f"/{name}): " for name in hostile.unreadable]
     assert len(named) == 5 and all(any(b in line for b in bad) for line in named), named
+
+
+@pytest.mark.slow
+def test_two_ranks_pass_over_a_batch_that_one_of_them_cannot_read(tmp_path: Path) -> None:
+    """Rank 0's share of the first global batch is all missing, rank 1's readable: both pass
+    over it (the same passes on every rank) and train on the next three."""
+    from qformer.train.sampler import GlobalBatchSampler
+    from test_train import free_port, torchrun
+
+    data = tmp_path / "data"
+    names = [f"{i}.png" for i in range(16)]
+    path = caption_files(data, names)
+    first = next(iter(GlobalBatchSampler(16, 2, rank=0, world_size=2, seed=3)))
+    for i, name in enumerate(names):
+        if (0, i) not in first:
+            picture(i).save(data / name)
+    run = tmp_path / "run"
+    process = torchrun("--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                       overrides=["--data.source", "captions", "--data.path", path, "--data.image_root", str(data),
+                                  "--data.batch_size", "2", "--steps", "3", "--output_dir", str(run)])
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output[-3000:]
+    lines = losses_logged(run)
+    assert [(r["step"], r["epoch"]) for r in lines] == [(1, 0), (2, 0), (3, 0)]  # batches 1-3 of 4
+    assert lines[0]["skipped"] == 2  # rank 0's count
