@@ -264,6 +264,10 @@ def test_a_mostly_unreadable_run_stops_with_the_ratio(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"^80 of the 100 samples read so far were unreadable \(80%, over "
                                          r"data.max_unreadable 0.5\); first: \d+ \(.*\.png\): cannot read image"):
         train(tiny(tmp_path / "run", *args))
+    from qformer.train.config import resume_changes
+
+    higher = tiny(tmp_path / "run", *args, "--data.max_unreadable", "0.9")
+    assert resume_changes(tiny(tmp_path / "run", *args), higher) == {"data.max_unreadable": (0.5, 0.9)}  # may resume
     nothing = caption_files(tmp_path / "nothing", ["gone.png"] * 8)
     with pytest.raises(ValueError, match=r"no batch of a whole epoch held a readable sample \(8 of 8 samples"):
         train(tiny(tmp_path / "never", "--data.source", "captions", "--data.path", nothing,

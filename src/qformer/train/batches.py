@@ -32,10 +32,9 @@ NAMED = 3  # unreadable samples named when it does
 
 
 class _Unreadable:
-    """The unreadable samples of the batches drawn, summed over ranks where ``agree`` needs a
-    collective anyway: it passes batches with no readable sample over (their counts and names
-    carried into the next batch) and stops a run whose share of unreadable samples is over
-    ``limit``."""
+    """The unreadable samples of the batches drawn (summed over the ranks when several run):
+    batches with no readable sample are passed over (their counts and names carried into the
+    next batch taken), and a run whose share of unreadable samples is over ``limit`` stops."""
 
     def __init__(self, limit: float, runtime: Runtime) -> None:
         self.limit, self.runtime = limit, runtime

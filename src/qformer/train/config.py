@@ -223,10 +223,11 @@ def dump_yaml(config: ConfigBase) -> str:
 
 
 # what a resumed run may change: how long it runs, how it reports and where it runs, never the
-# model, the data or the optimisation (the shard readers, data.num_workers, set the data order)
+# model, the data or the optimisation (the shard readers, data.num_workers, set the data order);
+# data.max_unreadable, so that a run stopped by it can go on
 SAFE_ON_RESUME = frozenset({
     "steps", "log_every", "save_every", "eval_every", "keep_last", "tensorboard", "device", "parallel",
-    "activation_checkpointing", "output_dir", "data.num_workers", "data.eval_batch_size",
+    "activation_checkpointing", "output_dir", "data.num_workers", "data.eval_batch_size", "data.max_unreadable",
 })
 
 
