@@ -57,6 +57,8 @@ def cli_error(capsys, command: str, *args: object) -> str:
     (["--data.num_workers", "-1"], "data.num_workers must be at least 0, got -1"),
     (["--data.image_size", "0"], "data.image_size must be at least 1, got 0"),
     (["--data.max_text_length", "0"], "data.max_text_length must be at least 1, got 0"),
+    (["--data.max_image_pixels", "0"], "data.max_image_pixels must be at least 1, got 0"),
+    (["--data.max_unreadable", "1.5"], "data.max_unreadable must be a fraction from 0 to 1, got 1.5"),
     (["--save_every", "0"], "save_every must be at least 1, got 0"),
     (["--log_every", "0"], "log_every must be at least 1, got 0"),
     (["--steps", "0"], "steps must be at least 1, got 0"),

@@ -9,15 +9,15 @@ from typing import Any
 import torch
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
-from qformer.data.datasets import Sample, Skipped
+from qformer.data.datasets import Sample, Skipped, skipped_count
 
 Batch = dict[str, Any]
 
 
 def _split_skipped(samples: Sequence[Sample | Skipped | None]) -> tuple[list[Sample], int]:
-    """The readable samples and how many were skipped."""
+    """The readable samples and how many were skipped (a ``Skipped`` may stand for several)."""
     kept = [sample for sample in samples if sample is not None and not isinstance(sample, Skipped)]
-    return kept, len(samples) - len(kept)
+    return kept, skipped_count(samples)
 
 
 def _tokenize(

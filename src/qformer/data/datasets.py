@@ -31,11 +31,13 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 logger = logging.getLogger(__name__)
 
+from qformer.data.image_files import MAX_IMAGE_PIXELS
 from qformer.data.transforms import clean_caption, clean_question, load_image
 
 ImageTransform = Callable[[Image.Image], Tensor]  # an RGB image -> (3, S, S); None keeps the image
 Sample = dict[str, Any]
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+_TAIL = 64 * 1024  # bytes at a shard's end searched for the end-of-archive zeros
 
 
 @dataclass(frozen=True)
@@ -62,11 +64,19 @@ class InstructionRecord:
 
 @dataclass(frozen=True)
 class Skipped:
-    """Stands in for a sample that could not be read, so that the collate can count it and the
-    trainer can say which it was and why."""
+    """Stands in for a sample that could not be read (or, with ``count`` > 1, for the samples
+    lost with the unreadable rest of a tar shard), so that the collate can count them and the
+    trainer can say which they were and why."""
 
     name: str
     reason: str = ""
+    count: int = 1
+
+
+def skipped_count(samples: Sequence[Any]) -> int:
+    """The samples that a batch's ``samples`` lost: one a None, ``count`` a ``Skipped``."""
+    return sum(1 if sample is None else sample.count for sample in samples
+               if sample is None or isinstance(sample, Skipped))
 
 
 def _require(entry: Any, keys: Sequence[str], where: str) -> None:
@@ -233,15 +243,16 @@ def read_instructions(path: str | Path) -> list[InstructionRecord]:
 class _Skipping:
     """Skip-or-raise policy shared by the datasets; ``skipped`` counts in this process only."""
 
-    def __init__(self, strict: bool) -> None:
+    def __init__(self, strict: bool, max_image_pixels: int | None) -> None:
         self.strict = strict
+        self.max_image_pixels = max_image_pixels
         self.skipped = 0
 
-    def _skip(self, name: str, reason: object) -> Skipped:
+    def _skip(self, name: str, reason: object, count: int = 1) -> Skipped:
         if self.strict:
             raise ValueError(f"cannot read sample {name}: {reason}")
-        self.skipped += 1
-        return Skipped(name, str(reason))
+        self.skipped += count
+        return Skipped(name, str(reason), count)
 
 
 class _ImageFolderDataset(_Skipping, Dataset):
@@ -254,8 +265,9 @@ class _ImageFolderDataset(_Skipping, Dataset):
         transform: ImageTransform | None = None,
         strict: bool = False,
         max_words: int = 50,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
-        super().__init__(strict)
+        super().__init__(strict, max_image_pixels)
         self.records = list(records)
         self.image_root = Path(image_root)
         self.transform = transform
@@ -276,7 +288,7 @@ class _ImageFolderDataset(_Skipping, Dataset):
         """The transformed image of sample ``index``, or ``Skipped`` (counted) when it cannot be read."""
         file = self.image_root / path
         try:
-            image = load_image(file)
+            image = load_image(file, self.max_image_pixels)
         except ValueError as err:
             return self._skip(f"{index} ({file})", err)
         return image if self.transform is None else self.transform(image)
@@ -301,8 +313,9 @@ class CaptionDataset(_ImageFolderDataset):
         transform: ImageTransform | None = None,
         strict: bool = False,
         max_words: int = 50,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
-        super().__init__(records, image_root, transform, strict, max_words)
+        super().__init__(records, image_root, transform, strict, max_words, max_image_pixels)
         self.image_index: dict[str, int] = {}
         for record in self.records:
             self.image_index.setdefault(_image_key(record), len(self.image_index))
@@ -359,8 +372,21 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def _tar_groups(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """The files of a tar, streamed and grouped by key: consecutive members sharing a key."""
+@dataclass
+class _ShardProgress:
+    """How far the reading of one tar shard got: the samples read whole, and the stream offset
+    where they end (where the unread rest begins)."""
+
+    samples: int = 0
+    end: int = 0
+
+    def read(self, end: int) -> None:
+        self.samples, self.end = self.samples + 1, end
+
+
+def _tar_groups(shard: Path, progress: _ShardProgress) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The files of a tar, streamed and grouped by key: consecutive members sharing a key;
+    ``progress`` follows the groups read."""
     key, group = "", {}
     with tarfile.open(shard, mode="r|*") as tar:
         for member in tar:
@@ -369,12 +395,73 @@ def _tar_groups(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                 continue
             member_key, extension = _split_name(member.name)
             if member_key != key and group:
+                progress.read(member.offset)  # the group ends where this member's header starts
                 yield key, group
                 group = {}
             key = member_key
             group[extension] = file.read()
+        end = tar.offset  # where the archive ended
     if group:
+        progress.read(end)
         yield key, group
+
+
+def _stats_file(shard: Path) -> Path:
+    """Where img2dataset writes a shard's stats: ``NNNNN_stats.json`` beside ``NNNNN.tar``."""
+    return shard.parent / f"{shard.name.partition('.')[0]}_stats.json"
+
+
+def _expected_samples(shard: Path) -> int | None:
+    """The sample count (``successes``) of the shard's stats file, if it is there and readable."""
+    try:
+        stats = json.loads(_stats_file(shard).read_text())
+    except (OSError, ValueError):
+        return None
+    successes = stats.get("successes") if isinstance(stats, dict) else None
+    return successes if isinstance(successes, int) and not isinstance(successes, bool) else None
+
+
+def _unread_bytes(shard: Path, end: int) -> int | None:
+    """The bytes of an uncompressed tar (a "ustar" header first) past stream offset ``end``,
+    less the trailing zeros (the end-of-archive blocks and padding); None for a compressed
+    shard, whose file bytes do not measure the stream, or a missing one."""
+    try:
+        with shard.open("rb") as file:
+            plain = file.read(tarfile.BLOCKSIZE)[257:262] == b"ustar"
+            size = file.seek(0, io.SEEK_END)
+            file.seek(max(0, size - _TAIL))
+            tail = file.read()
+    except OSError:
+        return None
+    return size - (len(tail) - len(tail.rstrip(b"\0"))) - end if plain else None
+
+
+class _SampleSizes:
+    """Bytes per sample over the shards read so far, to estimate what a cut shard lost."""
+
+    def __init__(self) -> None:
+        self.samples, self.bytes = 0, 0
+
+    def lost(self, shard: Path, progress: _ShardProgress, error: Exception | None) -> tuple[int, str]:
+        """How many samples ``shard`` lost (0 when it was read whole) and why: exactly from its
+        stats file, else estimated from the bytes left unread (at least the sample being read
+        when the file ends inside it). Then counts its samples read."""
+        if progress.samples:
+            self.samples, self.bytes = self.samples + progress.samples, self.bytes + progress.end
+        expected = _expected_samples(shard)
+        unread = _unread_bytes(shard, progress.end)  # past the last whole sample
+        cut = error is not None or (unread or 0) > 0
+        why = f"cut short after {progress.samples} sample(s) ({error or 'the archive ends early'})"
+        if expected is not None and (cut or progress.samples < expected):
+            lost = max(1, expected - progress.samples)
+            return lost, f"{why}: {lost} of its {expected} samples lost (as its stats file says)"
+        if not cut:
+            return 0, ""
+        per_sample = self.bytes / self.samples if self.samples else 0
+        lost = round(unread / per_sample) if per_sample and unread else 0
+        if lost < 1:
+            return 1, f"{why}: at least 1 sample lost ({_stats_file(shard).name} beside it would give the count)"
+        return lost, f"{why}: about {lost} sample(s) lost ({unread:,} unread bytes at {per_sample:,.0f} a sample)"
 
 
 def _stable_id(image_id: Any) -> int:
@@ -391,7 +478,9 @@ class TarShardDataset(_Skipping, IterableDataset):
     samples. Shards are split across distributed ranks and then DataLoader workers: worker ``w``
     of rank ``r`` reads every ``world_size * num_workers``-th shard from ``r * num_workers + w``.
     ``image_id`` is the json's int id, or a stable hash of its string id or of the sample key.
-    An unreadable sample, or an unreadable rest of a shard, yields ``Skipped``. With
+    An unreadable sample, or an unreadable rest of a shard (``Skipped`` counting the samples
+    lost: exactly from img2dataset's ``NNNNN_stats.json`` beside ``NNNNN.tar``, else estimated
+    from the bytes left unread; at least one for a compressed shard), yields ``Skipped``. With
     ``shuffle_seed`` the shards are dealt out in a seeded order per ``epoch`` (set it before
     iterating), so that readers see other shards each epoch and still no sample twice."""
 
@@ -406,8 +495,9 @@ class TarShardDataset(_Skipping, IterableDataset):
         strict: bool = False,
         max_words: int = 50,
         shuffle_seed: int | None = None,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
-        super().__init__(strict)
+        super().__init__(strict, max_image_pixels)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.shards = [Path(shard) for shard in shards]
@@ -432,20 +522,28 @@ class TarShardDataset(_Skipping, IterableDataset):
         return shards[self.rank * num_workers + worker :: self.world_size * num_workers]
 
     def keyed(self, shards: Sequence[Path], skip: int = 0) -> Iterator[tuple[str, Sample | Skipped]]:
-        """``("shard file name:sample key", sample)`` for the samples of ``shards`` in order (an
-        unreadable rest of a shard counts as one); the first ``skip`` are passed over undecoded."""
+        """``("shard file name:sample key", sample)`` for the samples of ``shards`` in order; the
+        unreadable rest of a shard (cut mid-member, a corrupt header) takes one place, as one
+        ``Skipped`` counting the samples it lost; the first ``skip`` places are passed over
+        undecoded."""
+        sizes = _SampleSizes()
         for shard in shards:
+            progress, error = _ShardProgress(), None
             try:
-                for key, group in _tar_groups(shard):
+                for key, group in _tar_groups(shard, progress):
                     if skip:
                         skip -= 1
                         continue
                     yield f"{shard.name}:{key}", self._sample(f"{shard}:{key}", key, group)
             except (tarfile.TarError, OSError) as err:
-                if skip:
-                    skip -= 1
-                    continue
-                yield shard.name, self._skip(str(shard), err)
+                error = err
+            lost, reason = sizes.lost(shard, progress, error)
+            if not lost:
+                continue
+            if skip:
+                skip -= 1
+                continue
+            yield shard.name, self._skip(str(shard), reason, lost)
 
     def __iter__(self) -> Iterator[Sample | Skipped]:
         for _, sample in self.keyed(self.local_shards()):
@@ -456,9 +554,11 @@ class TarShardDataset(_Skipping, IterableDataset):
         if image_key is None or self.caption_key not in group:
             return self._skip(name, f"needs one of {self.image_keys} and {self.caption_key!r}, has {sorted(group)}")
         try:
-            image = load_image(io.BytesIO(group[image_key]))
             caption = group[self.caption_key].decode("utf-8")
+            if not caption.strip():
+                raise ValueError("caption of whitespace only")
             meta = json.loads(group["json"]) if "json" in group else {}
+            image = load_image(io.BytesIO(group[image_key]), self.max_image_pixels)
         except ValueError as err:  # also UnicodeDecodeError and JSONDecodeError
             return self._skip(name, err)
         image_id = meta.get("image_id", key) if isinstance(meta, dict) else key

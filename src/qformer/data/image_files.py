@@ -7,6 +7,9 @@ import glob
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+# an image with more pixels is refused before it is decoded (data.max_image_pixels, the CLI):
+# 64 MP is 192 MB as RGB, under Pillow's own warning threshold (89.5 MP)
+MAX_IMAGE_PIXELS = 64_000_000
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 

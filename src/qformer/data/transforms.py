@@ -5,34 +5,86 @@ from __future__ import annotations
 import math
 import random
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from qformer.config import ImageConfig
+from qformer.data.image_files import MAX_IMAGE_PIXELS
 
 CROP_SCALE = (0.5, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 _CROP_TRIES = 10
 _CAPTION_PUNCTUATION = re.compile(r"[.!\"()*#:;~]")
 _WHITESPACE = re.compile(r"\s+")
+LARGE_IMAGE_PIXELS = 40_000_000  # larger images decode at a reduced scale where the format can (JPEG)
+DRAFT_SIDE = 2048  # ... that keeps both sides at least this long: far more than training's 224-364
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # 16- and 32-bit grey, scaled to 8 bits
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+BACKGROUND = 255  # transparent pixels are composited on white
+EXIF_ORIENTATION = 0x0112
 
 
-def load_image(image: str | Path | BinaryIO | Image.Image) -> Image.Image:
-    """An RGB image from a path, an open binary file or a PIL image; a file that is not an
-    image fails naming it."""
+def load_image(
+    image: str | Path | BinaryIO | Image.Image, max_pixels: int | None = MAX_IMAGE_PIXELS
+) -> Image.Image:
+    """An RGB image from a path, an open binary file or a PIL image, upright as its EXIF
+    orientation says, 16- and 32-bit values scaled to 8 bits, transparency composited on
+    white. A file whose image (after a JPEG's reduced-scale decoding, for images over
+    :data:`LARGE_IMAGE_PIXELS`) has more than ``max_pixels`` pixels (None: no limit but Pillow's
+    own) is refused before it is decoded. A file that cannot be read fails naming it (ValueError)."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _rgb(image)
+    name = f"image {image}" if isinstance(image, (str, Path)) else "image"
     try:
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read image {image}: {err}") from err
+        with warnings.catch_warnings():  # the size is checked here, against max_pixels, not PIL's limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(image)
+        with opened:
+            if opened.width * opened.height > LARGE_IMAGE_PIXELS:
+                opened.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
+            pixels = opened.width * opened.height
+            if max_pixels is not None and pixels > max_pixels:
+                raise ValueError(f"{opened.width}x{opened.height} = {pixels:,} pixels is over the limit of "
+                                 f"{max_pixels:,} (max_image_pixels): not decoded")
+            return _rgb(opened)
+    except Image.UnidentifiedImageError as err:
+        raise ValueError(f"cannot read {name}: not an image file that Pillow can identify") from err
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read {name}: {err}") from err
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """``image`` upright (EXIF orientation), in 8-bit RGB, transparent pixels on white."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in WIDE_MODES:
+        image = _to_8_bit(image)
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (BACKGROUND,) * 4), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit or 32-bit grey image as 8-bit "L", its value range scaled, not clipped: 16-bit
+    modes and "I" images within 0-65535 by 255/65535, "F" images within 0-1 by 255, any other
+    "I" or "F" image from its minimum to its maximum."""
+    values = np.asarray(image, dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    if image.mode.startswith("I;16") or (image.mode == "I" and 0 <= low and high <= 65535):
+        scaled = values * (255 / 65535)
+    elif image.mode == "F" and 0 <= low and high <= 1:
+        scaled = values * 255
+    else:
+        scaled = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))  # (H, W) uint8: "L"
 
 
 def _normalise(image: Image.Image, config: ImageConfig) -> Tensor:

@@ -6,6 +6,11 @@ share of the shards with ``data.num_workers`` DataLoader workers (at least one r
 reader batches its own samples, and an epoch ends for every rank when the first reader
 anywhere runs out, so that all ranks agree on the position and no sample is read twice in an
 epoch (the other readers' last samples wait for the next epoch's shard order).
+
+A batch with no readable sample (on any rank) is passed over by every rank, so that all ranks
+do the same passes and agree on the position; its skipped samples are counted with the next
+batch's. Once :data:`UNREADABLE_CHECK_AFTER` samples are read (all ranks together), a run
+whose share of unreadable samples is over ``data.max_unreadable`` stops.
 """
 
 from __future__ import annotations
@@ -21,6 +26,68 @@ from qformer.train.config import TrainConfig
 from qformer.train.distributed import Runtime
 from qformer.train.sampler import GlobalBatchSampler
 from qformer.train.signals import ignore_stop_signals
+
+UNREADABLE_CHECK_AFTER = 100  # samples read before the share of unreadable ones can stop a run
+NAMED = 3  # unreadable samples named when it does
+
+
+class _Unreadable:
+    """The unreadable samples of the batches drawn (summed over the ranks when several run):
+    batches with no readable sample are passed over (their counts and names carried into the
+    next batch taken), and a run whose share of unreadable samples is over ``limit`` stops."""
+
+    def __init__(self, limit: float, runtime: Runtime) -> None:
+        self.limit, self.runtime = limit, runtime
+        self.seen, self.skipped = 0, 0
+        self.passed_over = 0  # batches in a row
+        self.names: list[str] = []  # this rank's first few
+        self.carried = {"skipped": 0, "skipped_samples": []}  # from the batches passed over
+
+    def agree(self, batch: dict | None, collective: bool) -> tuple[bool, bool]:
+        """(some rank is out of data, some rank's batch has no readable sample), every rank
+        agreeing when ``collective``; counts the batch unless some rank is out of data."""
+        if batch is None:
+            counts = [1, 0, 0, 0]
+        else:
+            counts = [0, int(batch.get("empty", False)), batch["skipped"], batch["samples"]]
+        if collective:
+            flags = torch.tensor(counts, device=self.runtime.device)
+            dist.all_reduce(flags)
+            counts = flags.tolist()
+        done, empty, skipped, seen = counts
+        if done:
+            return True, False
+        self.seen, self.skipped = self.seen + seen, self.skipped + skipped
+        self.names += batch["skipped_samples"][: NAMED - len(self.names)]
+        if self.seen >= UNREADABLE_CHECK_AFTER and self.skipped > self.limit * self.seen:
+            raise ValueError(
+                f"{self.skipped} of the {self.seen} samples read so far were unreadable "
+                f"({self.skipped / self.seen:.0%}, over data.max_unreadable {self.limit}){self._first()}; "
+                "fix the data set or raise data.max_unreadable"
+            )
+        if empty:
+            self.passed_over += 1
+            self.carried["skipped"] += batch["skipped"]
+            self.carried["skipped_samples"] += batch["skipped_samples"]
+        return False, bool(empty)
+
+    def check_epoch(self, batches: int) -> None:
+        """Stop once the last ``batches`` (an epoch's) were all passed over: nothing to train on."""
+        if batches and self.passed_over >= batches:
+            raise ValueError(f"no batch of a whole epoch held a readable sample ({self.skipped} of {self.seen} "
+                             f"samples unreadable){self._first()}; fix the data set")
+
+    def _first(self) -> str:
+        return f"; first: {'; '.join(self.names)}" if self.names else ""
+
+    def taken(self, batch: dict) -> dict:
+        """``batch`` as the trainer takes it: the counts of the batches passed over added."""
+        batch.pop("empty", None)
+        batch.pop("samples")
+        batch["skipped"] += self.carried["skipped"]
+        batch["skipped_samples"] = self.carried["skipped_samples"] + batch["skipped_samples"]
+        self.carried, self.passed_over = {"skipped": 0, "skipped_samples": []}, 0
+        return batch
 
 
 class _Position:
@@ -58,15 +125,22 @@ class Batches(_Position):
         self.per_epoch = len(job.dataset) // self.sampler.global_batch
         self.epoch, self.batch_in_epoch = 0, 0
         self._iterator: Iterator | None = None
+        self.unreadable = _Unreadable(config.data.max_unreadable, runtime)
+        self.collective = runtime.world_size > 1
 
     def __next__(self) -> dict:
-        if self.batch_in_epoch >= self.per_epoch:
-            self.epoch, self.batch_in_epoch, self._iterator = self.epoch + 1, 0, None
-        if self._iterator is None:
-            self.sampler.set_position(self.epoch, self.batch_in_epoch)
-            self._iterator = iter(self.loader)
-        self.batch_in_epoch += 1
-        return next(self._iterator)
+        while True:
+            self.unreadable.check_epoch(self.per_epoch)
+            if self.batch_in_epoch >= self.per_epoch:
+                self.epoch, self.batch_in_epoch, self._iterator = self.epoch + 1, 0, None
+            if self._iterator is None:
+                self.sampler.set_position(self.epoch, self.batch_in_epoch)
+                self._iterator = iter(self.loader)
+            self.batch_in_epoch += 1
+            batch = next(self._iterator)
+            _, empty = self.unreadable.agree(batch, self.collective)
+            if not empty:
+                return self.unreadable.taken(batch)
 
 
 class ShardStream(IterableDataset):
@@ -127,14 +201,7 @@ class ShardBatches(_Position):
         )
         self.epoch, self.batch_in_epoch = 0, 0
         self._iterator: Iterator | None = None
-
-    def _anyone_done(self, done: bool) -> bool:
-        """Whether some rank's reader ran out (every rank asks at every batch)."""
-        if self.runtime.world_size == 1:
-            return done
-        flag = torch.tensor([int(done)], device=self.runtime.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        self.unreadable = _Unreadable(config.data.max_unreadable, runtime)
 
     def __next__(self) -> dict:
         while True:
@@ -143,9 +210,14 @@ class ShardBatches(_Position):
                 self.stream.start = self.batch_in_epoch
                 self._iterator = iter(self.loader)
             batch = next(self._iterator)
-            if not self._anyone_done(batch is None):
+            # every rank asks at every batch whether some rank's reader ran out
+            done, empty = self.unreadable.agree(batch, collective=self.runtime.world_size > 1)
+            if not done:
                 self.batch_in_epoch += 1
-                return batch
+                if not empty:
+                    return self.unreadable.taken(batch)
+                continue
+            self.unreadable.check_epoch(self.batch_in_epoch)
             if self.batch_in_epoch == 0:
                 raise ValueError(
                     f"epoch {self.epoch} gave no batch: some reader's shards hold fewer than data.batch_size = "

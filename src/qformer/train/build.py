@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from qformer.config import ImageConfig
-from qformer.data.datasets import Skipped, TarShardDataset
+from qformer.data.datasets import Skipped, TarShardDataset, skipped_count
 from qformer.data.transforms import eval_image, train_transform
 from qformer.train.config import DataSpec, ModelSpec, TrainConfig
 from qformer.train.distributed import Runtime
@@ -120,23 +120,26 @@ class TrainShards:
 
 
 class RefillSkipped:
-    """Collate wrapper: skipped samples (unreadable images) are counted (``skipped``), named
-    with their reason where known (``skipped_samples``: "name: reason" strings) and their places
-    taken by readable samples of the same batch, so that every process keeps the same batch size
-    (the stage-1 gathers need it). A repeated pair shares its image id, which ITC treats as
-    the same image and ITM never draws as a negative."""
+    """Collate wrapper: skipped samples (unreadable images) are counted (``skipped``; a shard's
+    lost rest counts every sample it lost), named with their reason where known
+    (``skipped_samples``: "name: reason" strings) and their places taken by readable samples of
+    the same batch, so that every process keeps the same batch size (the stage-1 gathers need
+    it). A repeated pair shares its image id, which ITC treats as the same image and ITM never
+    draws as a negative. ``samples`` is how many samples the batch stands for (read or lost).
+    A batch with no readable sample is only those counts with ``empty: True``: the trainer's
+    batches (:mod:`qformer.train.batches`) pass over it."""
 
     def __init__(self, collate: Callable[[list], dict]) -> None:
         self.collate = collate
 
     def __call__(self, samples: list) -> dict:
         kept = [s for s in samples if s is not None and not isinstance(s, Skipped)]
+        skipped = skipped_count(samples)
+        counts = {"skipped": skipped, "samples": len(kept) + skipped,
+                  "skipped_samples": [f"{s.name}: {s.reason}" for s in samples if isinstance(s, Skipped)]}
         if not kept:
-            raise ValueError(f"every sample of a batch of {len(samples)} was unreadable: check the data set")
-        batch = self.collate([kept[i % len(kept)] for i in range(len(samples))])
-        batch["skipped"] = len(samples) - len(kept)
-        batch["skipped_samples"] = [f"{s.name}: {s.reason}" for s in samples if isinstance(s, Skipped)]
-        return batch
+            return {**counts, "empty": True}
+        return {**self.collate([kept[i % len(kept)] for i in range(len(samples))]), **counts}
 
 
 def scene_sets(data: DataSpec, seed: int) -> tuple[Dataset, dict[str, Dataset]]:
@@ -182,7 +185,7 @@ def file_sets(data: DataSpec) -> tuple[Dataset, dict[str, Dataset]]:
             raise FileNotFoundError(f"{key}: {path} is not a file")
         if not Path(data.image_root).is_dir():
             raise FileNotFoundError(f"data.image_root: {data.image_root} is not a directory")
-        return dataset(read(path), data.image_root, strict=data.strict)
+        return dataset(read(path), data.image_root, strict=data.strict, max_image_pixels=data.max_image_pixels)
 
     train = load(data.path, "data.path")
     if data.source == "vqa":
@@ -224,14 +227,16 @@ def shard_sets(data: DataSpec, seed: int, runtime: Runtime) -> tuple[TarShardDat
     shards (``.tar``, read whole into memory) or a caption file."""
     from qformer.data.datasets import CaptionDataset, read_captions
 
+    limit = data.max_image_pixels
     train = TarShardDataset(shard_paths(data.path), rank=runtime.rank, world_size=runtime.world_size,
-                            strict=data.strict, shuffle_seed=seed)
+                            strict=data.strict, shuffle_seed=seed, max_image_pixels=limit)
     if not data.eval_path:
         return train, {}
     if data.eval_path.endswith(".tar"):
-        held_out = TarShardDataset(shard_paths(data.eval_path), strict=data.strict)
+        held_out = TarShardDataset(shard_paths(data.eval_path), strict=data.strict, max_image_pixels=limit)
         return train, {"eval": [s for s in held_out if not isinstance(s, Skipped)]}
-    return train, {"eval": CaptionDataset(read_captions(data.eval_path), data.image_root, strict=data.strict)}
+    return train, {"eval": CaptionDataset(read_captions(data.eval_path), data.image_root, strict=data.strict,
+                                          max_image_pixels=limit)}
 
 
 PERCENT = re.compile(r"(_r\d+|r_mean|exact_match|accuracy)$")  # metrics given in percent

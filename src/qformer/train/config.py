@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from qformer.config import Blip2Stage1Config, ConfigBase
+from qformer.data.image_files import MAX_IMAGE_PIXELS
 
 
 def _physical_memory() -> int | None:
@@ -80,7 +81,13 @@ class DataSpec(ConfigBase):
     captions or questions that name left and right need it off.
     With scenes, ``photographs`` > 0 adds that many random crops of each of the photographs that
     scikit-image ships (``qformer.data.photos``) to training, and one new crop of each as the
-    held-out set ``photographs``."""
+    held-out set ``photographs``.
+
+    Unreadable samples (missing, truncated, not an image, over ``max_image_pixels`` pixels:
+    refused before decoding; null: no limit of ours, Pillow's own still refuses over 2 x
+    ``PIL.Image.MAX_IMAGE_PIXELS``) are skipped and counted, unless ``strict``. A batch with no
+    readable sample is passed over; once 100 samples are read, a run whose share of unreadable
+    samples is over ``max_unreadable`` (a fraction; 1 never stops) stops saying so."""
 
     source: str = "scenes"
     path: str | None = None
@@ -93,6 +100,8 @@ class DataSpec(ConfigBase):
     num_workers: int = 2
     augment: bool = True
     strict: bool = False
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS
+    max_unreadable: float = 0.5
     scenes_per_combination: int = 8
     eval_scenes_per_combination: int = 1
     photographs: int = 0
@@ -109,6 +118,10 @@ class DataSpec(ConfigBase):
         for key, low in (("batch_size", 1), ("eval_batch_size", 1), ("num_workers", 0), ("image_size", 1),
                          ("max_text_length", 1)):
             _at_least(f"data.{key}", getattr(self, key), low)
+        if self.max_image_pixels is not None:
+            _at_least("data.max_image_pixels", self.max_image_pixels, 1)
+        if not 0 <= self.max_unreadable <= 1:
+            raise ValueError(f"data.max_unreadable must be a fraction from 0 to 1, got {self.max_unreadable}")
 
 
 @dataclass
@@ -225,10 +238,11 @@ def dump_yaml(config: ConfigBase) -> str:
 
 
 # what a resumed run may change: how long it runs, how it reports and where it runs, never the
-# model, the data or the optimisation (the shard readers, data.num_workers, set the data order)
+# model, the data or the optimisation (the shard readers, data.num_workers, set the data order);
+# data.max_unreadable, so that a run stopped by it can go on
 SAFE_ON_RESUME = frozenset({
     "steps", "log_every", "save_every", "eval_every", "keep_last", "tensorboard", "device", "parallel",
-    "activation_checkpointing", "output_dir", "data.num_workers", "data.eval_batch_size",
+    "activation_checkpointing", "output_dir", "data.num_workers", "data.eval_batch_size", "data.max_unreadable",
 })
 
 
