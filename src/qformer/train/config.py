@@ -105,7 +105,9 @@ class DataSpec(ConfigBase):
 @dataclass
 class OptimSpec(ConfigBase):
     """AdamW (weight decay on >= 2-D trainable weights only), linear warmup then cosine to
-    ``min_lr``; BLIP-2's stage-1 values by default."""
+    ``min_lr``; BLIP-2's stage-1 values by default. A step whose loss or gradient norm is not
+    finite is skipped (the weights and optimiser state untouched); ``max_bad_steps`` such steps
+    in a row are tolerated and one more stops the run (0: the first stops it)."""
 
     lr: float = 1e-4
     min_lr: float = 1e-5
@@ -114,6 +116,7 @@ class OptimSpec(ConfigBase):
     betas: tuple[float, float] = (0.9, 0.98)
     max_grad_norm: float | None = 1.0
     grad_accum_steps: int = 1
+    max_bad_steps: int = 10
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -121,6 +124,7 @@ class OptimSpec(ConfigBase):
             raise ValueError(f"optim.lr must be greater than 0, got {self.lr}")
         _at_least("optim.warmup_steps", self.warmup_steps, 0)
         _at_least("optim.grad_accum_steps", self.grad_accum_steps, 1)
+        _at_least("optim.max_bad_steps", self.max_bad_steps, 0)
 
 
 @dataclass
@@ -213,7 +217,7 @@ def dump_yaml(config: ConfigBase) -> str:
 # model, the data or the optimisation (the shard readers, data.num_workers, set the data order)
 SAFE_ON_RESUME = frozenset({
     "steps", "log_every", "save_every", "eval_every", "keep_last", "tensorboard", "device", "parallel",
-    "activation_checkpointing", "output_dir", "data.num_workers", "data.eval_batch_size",
+    "activation_checkpointing", "output_dir", "data.num_workers", "data.eval_batch_size", "optim.max_bad_steps",
 })
 
 

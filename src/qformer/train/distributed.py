@@ -14,10 +14,14 @@ from qformer.devices import parse_device
 
 @dataclass
 class Runtime:
+    """Where this process runs. ``restarts``: how many times torchrun (``--max-restarts``) has
+    restarted the workers after one failed (``TORCHELASTIC_RESTART_COUNT``; 0 on the first start)."""
+
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    restarts: int = 0
 
     @property
     def group(self) -> dist.ProcessGroup | None:
@@ -29,7 +33,9 @@ class Runtime:
 
 
 def setup_runtime(device: str = "auto") -> Runtime:
-    """Reads RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun); NCCL on GPUs, gloo on CPUs."""
+    """Reads RANK / WORLD_SIZE / LOCAL_RANK / TORCHELASTIC_RESTART_COUNT (set by torchrun); NCCL
+    on GPUs, gloo on CPUs. After a restart the group forms anew: torchrun's store keeps each
+    restart's keys apart."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -44,7 +50,7 @@ def setup_runtime(device: str = "auto") -> Runtime:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if target.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
-    return Runtime(rank, world, local_rank, target)
+    return Runtime(rank, world, local_rank, target, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
 
 
 def teardown_runtime(runtime: Runtime) -> None:
