@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from qformer.cli import main
 from qformer.train import loop
 from qformer.train.export import find_checkpoint
+from qformer.train.faults import StepGuard
 from qformer.train.loop import train
 from qformer.train.state import latest_checkpoint, save_checkpoint
 from test_train import TINY, tiny, weights
@@ -57,7 +58,8 @@ def optimizer_steps(run: Path, step: int) -> float:
     return float(state["optimizer"]["state"][0]["step"])
 
 
-@pytest.mark.parametrize("where, found", [("loss", "loss nan, the gradient norm nan"), ("gradient", "the gradient norm nan")])
+@pytest.mark.parametrize("where, found", [("loss", "loss nan, the gradient norm nan"),
+                                          ("gradient", "the gradient norm nan")])
 def test_a_non_finite_step_is_skipped_and_never_applied(tmp_path, monkeypatch, caplog, where, found):
     """Step 2's loss (or, with a finite loss, its gradient) is NaN: its update is not applied
     (the weights and the optimiser state of step 2 are those of step 1), a warning names it, the
@@ -88,14 +90,40 @@ def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys)
         main(["train", str(TINY), "--output_dir", str(run), "--save_every", "1", "--optim.max_bad_steps", "2"])
     assert stop.value.code == 1
     error = capsys.readouterr().err.strip().splitlines()[-1:]  # after the progress bar
-    assert error == ["qformer train: 3 steps in a row up to step 4 were not finite (last: loss nan, the gradient norm nan), "
-                     "more than optim.max_bad_steps 2: stopped; none of them changed the weights, and a resume "
-                     "continues from the last checkpoint"]
+    assert error == ["qformer train: too many non-finite steps in a row (3, up to step 4; the last: loss nan, the "
+                     "gradient norm nan), more than optim.max_bad_steps 2: stopped; none of them changed the weights, "
+                     "and a resume continues from the last checkpoint"]
     assert sorted(p.name for p in run.glob("step_*")) == ["step_0000001", "step_0000002", "step_0000003"]
     assert all(torch.isfinite(t).all() for step in (1, 2, 3) for t in weights(run, step).values())
     assert latest_checkpoint(run) == run / "step_0000003"
     with pytest.raises(ValueError, match="optim.max_bad_steps must be at least 0, got -1"):
         tiny(run, "--optim.max_bad_steps", "-1")
+
+
+class Scaler:
+    """The two methods of an enabled GradScaler that the guard reads."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def is_enabled(self) -> bool:
+        return True
+
+    def get_scale(self) -> float:
+        return self.scale
+
+
+def test_fp16_overflow_is_the_scalers_own_until_its_scale_collapses():
+    """fp16: overflowing gradients with a finite loss are left to the GradScaler (it skips the
+    update) and not counted while its scale is 1 or more; below 1, or with a non-finite loss,
+    the step is bad."""
+    overflow = {"loss": 2.0, "grad_norm": math.inf}
+    guard = StepGuard(max_bad_steps=1)
+    assert guard.apply(5, overflow, Scaler(2.0**10)) and guard.bad_steps == 0
+    assert not guard.apply(6, {"loss": NAN, "grad_norm": NAN}, Scaler(2.0**10)) and guard.bad_steps == 1
+    with pytest.raises(FloatingPointError, match=r"too many non-finite steps in a row \(2, up to step 7; the last: "
+                                                 r"the gradient norm inf\)"):
+        guard.apply(7, overflow, Scaler(0.5))
 
 
 def test_non_finite_weights_or_optimizer_states_are_never_saved(tmp_path):

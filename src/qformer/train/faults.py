@@ -63,8 +63,8 @@ class StepGuard:
                           for name, v in values.items() if not math.isfinite(v))
         if self.in_row > self.max_bad_steps:
             raise FloatingPointError(
-                f"{self.in_row} steps in a row up to step {step} were not finite (last: {found}), more than "
-                f"optim.max_bad_steps {self.max_bad_steps}: stopped; none of them changed the weights, and a "
+                f"too many non-finite steps in a row ({self.in_row}, up to step {step}; the last: {found}), more "
+                f"than optim.max_bad_steps {self.max_bad_steps}: stopped; none of them changed the weights, and a "
                 "resume continues from the last checkpoint"
             )
         if self.log:

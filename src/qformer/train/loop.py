@@ -62,7 +62,8 @@ def _logged_step(line: str) -> int | None:
 def _truncate_metrics(path: Path, step: int) -> None:
     """Forget what was logged after the checkpoint a run resumes from (and any line cut short)."""
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if (logged := _logged_step(line)) is not None and logged <= step]
+        steps = [(line, _logged_step(line)) for line in path.read_text().splitlines()]
+        kept = [line for line, logged in steps if logged is not None and logged <= step]
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
 
 
