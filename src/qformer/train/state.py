@@ -25,7 +25,7 @@ from qformer.train.parallel import shard_like, whole
 logger = logging.getLogger(__name__)
 STATE_NAME = "trainer.pt"
 WEIGHTS_NAME = "trainable.safetensors"
-STEP_FOLDER = re.compile(r"step_\d{7}")
+STEP_FOLDER = re.compile(r"step_\d{7,}")
 
 
 def rng_state() -> dict[str, Any]:
@@ -164,7 +164,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest ``step_XXXXXXX`` folder of ``run_dir`` that :func:`checkpoint_problem` passes,
     or None when there is none at all. Each newer damaged one is logged as a warning with what is
     wrong, then the one it falls back to; a ValueError when every one is damaged."""
-    found = sorted(p for p in run_dir.glob("step_*") if STEP_FOLDER.fullmatch(p.name) and p.is_dir())
+    found = [p for p in run_dir.glob("step_*") if STEP_FOLDER.fullmatch(p.name) and p.is_dir()]
+    found.sort(key=checkpoint_step)  # by number: step_10000000 after step_9999999
     damaged: list[str] = []
     for path in reversed(found):
         problem = checkpoint_problem(path)
