@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_train import TINY
 
-from qformer.checkpoint import load_plain
+from qformer.checkpoint import load_plain, write_checksums
 from qformer.cli import main
 
 
@@ -34,6 +34,7 @@ def test_a_run_folder_that_would_run_code_is_refused(run, name, tmp_path, capsys
     marker, copy = tmp_path / "ran", tmp_path / "run"
     shutil.copytree(run, copy)  # the shared run stays as trained
     torch.save({"step": 3, "x": Payload(marker)}, copy / "step_0000003" / name)
+    write_checksums(copy / "step_0000003")  # a stranger's folder comes with checksums that match it
     with pytest.raises(SystemExit) as stop:
         main(["train", str(copy), "--resume", "--steps", "4"])
     assert stop.value.code == 1 and not marker.exists()

@@ -6,6 +6,7 @@ folder alone, checked recipe values, clean metric names, curve panels and the ru
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -332,3 +333,50 @@ def test_torchrun_ranks_stop_at_one_step_and_resume(tmp_path):
     a, b = weights(tmp_path / "whole", 12), weights(part, 12)
     for key in a:
         assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker of ``rank`` (a child process with RANK=rank)."""
+    for child in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"torchrun has no worker of rank {rank}")
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_and_the_run_resumes(tmp_path):
+    """torchrun --max-restarts 1: a worker killed once the first checkpoint is there; torchrun
+    restarts both workers, which resume from the last checkpoint by themselves (the command says
+    --overwrite, which a restart must not obey), and the run ends with the weights of one never
+    interrupted."""
+    from test_train import free_port, torchrun
+
+    def launch(folder: Path) -> subprocess.Popen:
+        return torchrun("--nproc_per_node", "2", "--max-restarts", "1", "--master_addr", "127.0.0.1",
+                        "--master_port", str(free_port()),
+                        overrides=["--output_dir", str(folder), "--device", "cpu", "--data.batch_size", "2",
+                                   "--steps", "12", "--save_every", "3", "--overwrite"])
+
+    part = tmp_path / "part"
+    restarted = launch(part)
+    try:
+        deadline = time.monotonic() + 300
+        while not (part / "step_0000003").is_dir():
+            assert restarted.poll() is None and time.monotonic() < deadline, restarted.communicate()[0][-3000:]
+            time.sleep(0.02)
+        os.kill(worker_pid(restarted, 1), signal.SIGKILL)
+        output = restarted.communicate(timeout=300)[0]
+    finally:
+        if restarted.poll() is None:
+            restarted.kill()
+    assert restarted.returncode == 0, output[-3000:]
+    resumed = re.search(r"torchrun restarted the workers \(restart 1\): resuming from (\S+)", output)
+    assert resumed, output[-3000:]
+    assert int(Path(resumed.group(1)).name.removeprefix("step_")) in (3, 6, 9)
+    assert [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()] == list(range(1, 13))
+    whole = launch(tmp_path / "whole")
+    output = whole.communicate(timeout=300)[0]
+    assert whole.returncode == 0 and "restarted" not in output, output[-3000:]
+    a, b = weights(tmp_path / "whole", 12), weights(part, 12)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import re
@@ -21,6 +23,7 @@ from qformer.config import ConfigBase
 M = TypeVar("M", bound=nn.Module)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+CHECKSUMS_NAME = "checksums.json"
 
 
 class StateDictMismatchError(ValueError):
@@ -41,6 +44,45 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    """The SHA-256 of a file, read in 16 MiB pieces (about 1 GB/s on one core)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(chunk):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """``checksums.json`` in ``folder``: every other file's size and SHA-256, written last and
+    atomically, so that :func:`checksum_problem` can tell a complete folder from a damaged one."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS_NAME}
+    text = json.dumps({"algorithm": "sha256", "files": files}, indent=1)
+    atomic_write(folder / CHECKSUMS_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+def checksum_problem(folder: Path) -> str | None:
+    """Why ``folder`` does not match its ``checksums.json`` (a file missing, of another size or
+    with another SHA-256; an unreadable manifest), or None when every file listed matches.
+    Sizes are compared first: a truncated file is found without reading it."""
+    try:
+        files = json.loads((folder / CHECKSUMS_NAME).read_text())["files"]
+        listed = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{CHECKSUMS_NAME} is unreadable ({type(err).__name__})"
+    for name, (size, _) in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, {size} when saved"
+    for name, (_, digest) in listed.items():
+        if sha256_file(folder / name) != digest:
+            return f"{name} does not match its SHA-256 from when it was saved"
+    return None
 
 
 @contextmanager

@@ -18,9 +18,9 @@ from qformer.retrieve_command import add_retrieve_command
 from qformer.train.command import add_train_commands
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-# what a user's mistake raises; anything else is a bug and keeps its traceback
+# what a user's mistake (or a run gone non-finite) raises; anything else is a bug and keeps its traceback
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError,
-               ImportError, OSError)
+               ImportError, OSError, FloatingPointError)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -98,9 +98,10 @@ def add_train_commands(commands: Any) -> None:
     mode = train.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
                       help="continue the run in the recipe's output_dir (or the run folder given) from its last "
-                           "checkpoint, with its config.yaml; only steps, log_every, save_every, eval_every, "
+                           "intact checkpoint, with its config.yaml; only steps, log_every, save_every, eval_every, "
                            "keep_last, tensorboard, device, parallel, activation_checkpointing, "
-                           "data.num_workers (not with shards) and data.eval_batch_size may change "
+                           "data.num_workers (not with shards), data.eval_batch_size and optim.max_bad_steps "
+                           "may change; after a torchrun restart (--max-restarts) the run resumes by itself "
                            "(default: off, a new run)")
     mode.add_argument("--overwrite", action="store_true",
                       help="clear an earlier run's checkpoints, metrics, plots and config.yaml from output_dir "

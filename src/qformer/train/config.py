@@ -127,7 +127,9 @@ class DataSpec(ConfigBase):
 @dataclass
 class OptimSpec(ConfigBase):
     """AdamW (weight decay on >= 2-D trainable weights only), linear warmup then cosine to
-    ``min_lr``; BLIP-2's stage-1 values by default."""
+    ``min_lr``; BLIP-2's stage-1 values by default. A step whose loss or gradient norm is not
+    finite is skipped (the weights and optimiser state untouched); ``max_bad_steps`` such steps
+    in a row are tolerated and one more stops the run (0: the first stops it)."""
 
     lr: float = 1e-4
     min_lr: float = 1e-5
@@ -136,6 +138,7 @@ class OptimSpec(ConfigBase):
     betas: tuple[float, float] = (0.9, 0.98)
     max_grad_norm: float | None = 1.0
     grad_accum_steps: int = 1
+    max_bad_steps: int = 10
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -143,6 +146,7 @@ class OptimSpec(ConfigBase):
             raise ValueError(f"optim.lr must be greater than 0, got {self.lr}")
         _at_least("optim.warmup_steps", self.warmup_steps, 0)
         _at_least("optim.grad_accum_steps", self.grad_accum_steps, 1)
+        _at_least("optim.max_bad_steps", self.max_bad_steps, 0)
 
 
 @dataclass
@@ -239,10 +243,11 @@ def dump_yaml(config: ConfigBase) -> str:
 
 # what a resumed run may change: how long it runs, how it reports and where it runs, never the
 # model, the data or the optimisation (the shard readers, data.num_workers, set the data order);
-# data.max_unreadable, so that a run stopped by it can go on
+# data.max_unreadable and optim.max_bad_steps, so that a run stopped by one can go on
 SAFE_ON_RESUME = frozenset({
     "steps", "log_every", "save_every", "eval_every", "keep_last", "tensorboard", "device", "parallel",
     "activation_checkpointing", "output_dir", "data.num_workers", "data.eval_batch_size", "data.max_unreadable",
+    "optim.max_bad_steps",
 })
 
 

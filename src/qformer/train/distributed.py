@@ -14,10 +14,14 @@ from qformer.devices import parse_device
 
 @dataclass
 class Runtime:
+    """Where this process runs. ``restarts``: how many times torchrun (``--max-restarts``) has
+    restarted the workers after one failed (``TORCHELASTIC_RESTART_COUNT``; 0 on the first start)."""
+
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    restarts: int = 0
 
     @property
     def group(self) -> dist.ProcessGroup | None:
@@ -28,8 +32,22 @@ class Runtime:
         return self.rank == 0
 
 
+def _attempt_store(rank: int, world: int, timeout: timedelta) -> dict:
+    """``init_process_group``'s store, when torchrun's agent holds it: this attempt's own keys in
+    it. With a static rendezvous (``--master_addr`` / ``--master_port``) torchrun keeps one store
+    for every restart, and the addresses the failed attempt's workers left there make the new
+    ones connect to dead processes (gloo: "Connection refused"). Otherwise nothing (env://)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return {"store": dist.PrefixStore(f"qformer/attempt_{attempt}", store), "rank": rank, "world_size": world}
+
+
 def setup_runtime(device: str = "auto") -> Runtime:
-    """Reads RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun); NCCL on GPUs, gloo on CPUs."""
+    """Reads RANK / WORLD_SIZE / LOCAL_RANK / TORCHELASTIC_RESTART_COUNT (set by torchrun); NCCL
+    on GPUs, gloo on CPUs. After a restart the group forms anew (see :func:`_attempt_store`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -43,8 +61,9 @@ def setup_runtime(device: str = "auto") -> Runtime:
         torch.cuda.set_device(target)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if target.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
-    return Runtime(rank, world, local_rank, target)
+        timeout = timedelta(minutes=30)
+        dist.init_process_group(backend, timeout=timeout, **_attempt_store(rank, world, timeout))
+    return Runtime(rank, world, local_rank, target, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
 
 
 def teardown_runtime(runtime: Runtime) -> None:

@@ -15,14 +15,14 @@ from qformer.checkpoint import atomic_write
 from qformer.train.build import Job, build_job
 from qformer.train.config import TrainConfig, load_train_config
 from qformer.train.distributed import Runtime, setup_runtime
-from qformer.train.state import WEIGHTS_NAME, latest_checkpoint, load_checkpoint
+from qformer.train.state import WEIGHTS_NAME, check_checkpoint, latest_checkpoint, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
 def run_target(target: str | Path) -> tuple[Path, Path]:
-    """``(run folder, what to evaluate)`` for a run folder (its latest checkpoint), a
-    ``step_XXXXXXX/`` folder or a ``final/`` folder of a run."""
+    """``(run folder, what to evaluate)`` for a run folder (its latest intact checkpoint), a
+    ``step_XXXXXXX/`` folder (checked: a ValueError when damaged) or a ``final/`` folder of a run."""
     target = Path(target)
     if not target.is_dir():
         raise FileNotFoundError(f"{target} is not a run folder, a step_XXXXXXX/ checkpoint or a final/ folder")
@@ -36,13 +36,15 @@ def run_target(target: str | Path) -> tuple[Path, Path]:
             f"{target.parent} has no config.yaml (is {target} in a run folder?); with a recipe: "
             f"qformer eval RECIPE --checkpoint {target}"
         )
+    if (target / WEIGHTS_NAME).is_file():
+        check_checkpoint(target)
     return target.parent, target
 
 
 def evaluate_run(target: str | Path, overrides: list[str] = (), out: str | Path | None = None) -> dict[str, Any]:
     """Evaluate :func:`run_target`'s checkpoint with the run's own config (plus ``overrides``)."""
     run_dir, checkpoint = run_target(target)
-    return evaluate_checkpoint(load_train_config(run_dir / "config.yaml", list(overrides)), checkpoint, out)
+    return _evaluate(load_train_config(run_dir / "config.yaml", list(overrides)), checkpoint, out)
 
 
 def _final_config(config: TrainConfig, final: Path) -> TrainConfig:
@@ -76,11 +78,18 @@ def _load(config: TrainConfig, checkpoint: Path, runtime: Runtime) -> tuple[Job,
 
 
 def evaluate_checkpoint(config: TrainConfig, checkpoint: str | Path, out: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate a ``step_XXXXXXX/`` or ``final/`` folder on ``config``'s held-out data; the
-    results go to ``out`` (default ``<checkpoint>/eval.json``)."""
+    """Evaluate a ``step_XXXXXXX/`` (checked: a ValueError when damaged) or ``final/`` folder on
+    ``config``'s held-out data; the results go to ``out`` (default ``<checkpoint>/eval.json``)."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint {checkpoint} is not a folder")
+    if (checkpoint / WEIGHTS_NAME).is_file():
+        check_checkpoint(checkpoint)
+    return _evaluate(config, checkpoint, out)
+
+
+def _evaluate(config: TrainConfig, checkpoint: Path, out: str | Path | None) -> dict[str, Any]:
+    """:func:`evaluate_checkpoint` on a folder already checked."""
     runtime = setup_runtime(config.device)
     if runtime.world_size > 1:
         raise ValueError("qformer eval runs on one process")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from qformer.train.config import TrainConfig, load_train_config
-from qformer.train.state import STATE_NAME, WEIGHTS_NAME, latest_checkpoint, load_trainable
+from qformer.train.state import STATE_NAME, WEIGHTS_NAME, check_checkpoint, latest_checkpoint, load_trainable
 
 logger = logging.getLogger(__name__)
 RUN_CONFIG = "config.yaml"
@@ -62,10 +62,11 @@ def save_final(model: nn.Module, directory: str | Path) -> Path:
 
 
 def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """``(checkpoint, run folder)`` for a run folder (its last checkpoint) or one of its
-    ``step_XXXXXXX`` folders."""
+    """``(checkpoint, run folder)`` for a run folder (its last intact checkpoint) or one of its
+    ``step_XXXXXXX`` folders (a ValueError when it is damaged)."""
     path = Path(path)
     if (path / WEIGHTS_NAME).is_file() and (path / STATE_NAME).is_file():
+        check_checkpoint(path)
         run = path.parent
     elif (path / RUN_CONFIG).is_file():
         run, path = path, latest_checkpoint(path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from contextlib import ExitStack, closing
 from pathlib import Path
@@ -20,9 +19,11 @@ from qformer.train.build import Job, TrainShards, build_job
 from qformer.train.config import TrainConfig, dump_yaml, load_train_config, resume_changes
 from qformer.train.distributed import Runtime, setup_runtime, teardown_runtime
 from qformer.train.export import build_trained_model, save_final
+from qformer.train.faults import StepGuard, step_values
 from qformer.train.optim import build_optimizer, build_scheduler
 from qformer.train.parallel import (
     clip_gradients,
+    gradient_norm,
     gradient_sync,
     is_sharded,
     parallelize,
@@ -50,10 +51,19 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _logged_step(line: str) -> int | None:
+    """The step of a ``metrics.jsonl`` line; None for a line cut short by a killed process."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Forget what was logged after the checkpoint a run resumes from."""
+    """Forget what was logged after the checkpoint a run resumes from (and any line cut short)."""
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        steps = [(line, _logged_step(line)) for line in path.read_text().splitlines()]
+        kept = [line for line, logged in steps if logged is not None and logged <= step]
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
 
 
@@ -83,15 +93,39 @@ def _barrier(runtime: Runtime) -> None:
         torch.distributed.barrier()
 
 
+def _last_checkpoint(run_dir: Path, runtime: Runtime) -> Path | None:
+    """:func:`latest_checkpoint`, verified on rank 0 alone (the files are read once, a fallback is
+    logged once) and told to every rank, which then all resume from the same one."""
+    answer: list[Any] = [None, None]  # the checkpoint, or why there is none to use
+    if runtime.is_main:
+        try:
+            answer[0] = latest_checkpoint(run_dir)
+        except ValueError as err:
+            answer[1] = str(err)
+    if runtime.world_size > 1:
+        torch.distributed.broadcast_object_list(answer, src=0)
+    if answer[1] is not None:
+        raise ValueError(answer[1])
+    return answer[0]
+
+
 def _open_run(config: TrainConfig, resume: bool, overwrite: bool, runtime: Runtime) -> Path | None:
     """Check the run folder (every rank, before any writes), then on rank 0 clear it if asked
-    and write ``config.yaml``. Returns the checkpoint to resume from."""
+    and write ``config.yaml``. Returns the checkpoint to resume from. When torchrun has restarted
+    the workers (``--max-restarts``), the run resumes from its last intact checkpoint whatever the
+    command said, or starts over when it has none yet."""
     run_dir = Path(config.output_dir)
     checkpoint, changes = None, {}
+    if (resume or runtime.restarts) and (run_dir / "config.yaml").is_file():
+        checkpoint = _last_checkpoint(run_dir, runtime)
+    if runtime.restarts:
+        resume, overwrite = checkpoint is not None, checkpoint is None
+        if runtime.is_main:
+            logger.warning("torchrun restarted the workers (restart %d): %s", runtime.restarts,
+                           f"resuming from {checkpoint}" if resume else "no checkpoint yet, starting over")
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"{run_dir} has no config.yaml: there is no run there to resume")
-        checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise FileNotFoundError(f"{run_dir} holds no checkpoint (step_XXXXXXX/) to resume from")
         saved = len(list(checkpoint.glob("rng_rank*.pt")))
@@ -165,26 +199,28 @@ def _train(
     batches = cleanup.enter_context(closing(data_batches(job, config, runtime)))  # workers end on any exit
     _log_start(config, job, runtime)
 
-    step, skipped = 0, 0
+    step, skipped, bad_steps = 0, 0, 0
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, runtime.rank)
         load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        step, skipped = state["step"], state.get("skipped", 0)
+        step, skipped, bad_steps = state["step"], state.get("skipped", 0), state.get("bad_steps", 0)
         batches.seek(state["epoch"], state["batch_in_epoch"])
         if runtime.is_main:
             logger.info("resumed from %s at step %d", checkpoint, step)
             _truncate_metrics(metrics_file, step)
 
+    guard = StepGuard(config.optim.max_bad_steps, bad_steps, log=runtime.is_main)
     writer = _tensorboard(run_dir) if config.tensorboard and runtime.is_main else None
     progress = _progress(config.steps, step, runtime)
+    cleanup.callback(progress.close)  # an error then starts on a line of its own
     autocast = AUTOCAST.get(config.precision)
     last: dict[str, Any] = {}
     window_start, window_samples = time.perf_counter(), 0
     model.train()
     while step < config.steps:
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(config.optim.grad_accum_steps):
             batch = next(batches)
             skipped = _count_skipped(batch, skipped, runtime)
@@ -199,10 +235,14 @@ def _train(
                 scaler.scale(parts["loss"] / config.optim.grad_accum_steps).backward()
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() / config.optim.grad_accum_steps
+        scaler.unscale_(optimizer)  # fp16: the gradients' true size, for the norm (else nothing)
         if config.optim.max_grad_norm is not None:
-            scaler.unscale_(optimizer)
-            clip_gradients(model.parameters(), config.optim.max_grad_norm)
-        scaler.step(optimizer)
+            norm = clip_gradients(model.parameters(), config.optim.max_grad_norm)
+        else:
+            norm = gradient_norm(model.parameters())
+        values = step_values(sums, norm, runtime)  # the step's one host sync
+        if guard.apply(step + 1, values, scaler):
+            scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -210,14 +250,10 @@ def _train(
         progress.update(1)
 
         if step % config.log_every == 0 or step == config.steps:
-            values = torch.stack(list(sums.values()))
-            if runtime.world_size > 1:
-                torch.distributed.all_reduce(values)
-                values /= runtime.world_size
             elapsed = time.perf_counter() - window_start
-            last = {name: round(float(v), 6) for name, v in zip(sums, values)}
+            last = {name: round(v, 6) for name, v in values.items()}
             last.update(step=step, lr=float(f"{scheduler.get_last_lr()[0]:.6g}"), epoch=batches.epoch, skipped=skipped,
-                        samples_per_second=round(window_samples / max(elapsed, 1e-9), 2))
+                        bad_steps=guard.bad_steps, samples_per_second=round(window_samples / max(elapsed, 1e-9), 2))
             window_start, window_samples = time.perf_counter(), 0
             if runtime.is_main:
                 _log_line(metrics_file, last)
@@ -225,8 +261,6 @@ def _train(
                 if writer is not None:
                     for name, value in last.items():
                         writer.add_scalar(f"train/{name}", value, step)
-            if not math.isfinite(last["loss"]):
-                raise FloatingPointError(f"loss is {last['loss']} at step {step}")
 
         stop = stops.agreed(runtime) if step < config.steps else 0
         if stop or step % config.save_every == 0 or step == config.steps:
@@ -238,6 +272,7 @@ def _train(
                 "epoch": batches.epoch,
                 "batch_in_epoch": batches.batch_in_epoch,
                 "skipped": skipped,
+                "bad_steps": guard.bad_steps,
             }
             saved = save_checkpoint(run_dir, step, model, trainer, runtime.rank, config.keep_last)
             if runtime.is_main:

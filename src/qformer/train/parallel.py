@@ -32,7 +32,7 @@ from qformer.train.distributed import Runtime
 try:  # FSDP2 and its sharded tensors, public from torch 2.6 (parallel: fsdp asks for 2.7, see shard)
     from torch.distributed.fsdp import FSDPModule, fully_shard
     from torch.distributed.tensor import DTensor, distribute_tensor
-    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+    from torch.nn.utils import get_total_norm
 except ImportError:  # an older torch trains with DDP only, and then nothing is ever sharded
     FSDPModule = DTensor = ()  # isinstance(x, ()) is always False
 
@@ -124,20 +124,32 @@ def _fsdp_sync(objective: FSDPModule, enabled: bool) -> Iterator[None]:
                 param.grad /= world
 
 
-def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float) -> None:
-    """``torch.nn.utils.clip_grad_norm_`` where gradients may be sharded (FSDP's DTensors, each
-    process holding a slice) next to whole ones: the norm is that of all of them, each element
-    counted once."""
+def gradient_norm(parameters: Iterable[nn.Parameter]) -> Tensor:
+    """The 2-norm of all gradients together, where they may be sharded (FSDP's DTensors, each
+    process holding a slice) next to whole ones, each element counted once: the same on every
+    process. No host sync."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not any(isinstance(g, DTensor) for g in grads):
-        torch.nn.utils.clip_grad_norm_(grads, max_norm)
-        return
-    sharded = [g.to_local() for g in grads if isinstance(g, DTensor)]
-    replicated = [g for g in grads if not isinstance(g, DTensor)]
-    squares = get_total_norm(sharded) ** 2
+        norms = [torch.linalg.vector_norm(g) for g in grads]
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    squares = get_total_norm([g.to_local() for g in grads if isinstance(g, DTensor)]) ** 2
     dist.all_reduce(squares)
-    total = (squares + get_total_norm(replicated).to(squares.device) ** 2).sqrt()
-    clip_grads_with_norm_(sharded + replicated, max_norm, total)
+    whole_grads = [g for g in grads if not isinstance(g, DTensor)]
+    return (squares + get_total_norm(whole_grads).to(squares.device) ** 2).sqrt()
+
+
+def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` where gradients may be sharded (see
+    :func:`gradient_norm`); returns the norm before clipping."""
+    parameters = [p for p in parameters if p.grad is not None]
+    if not any(isinstance(p.grad, DTensor) for p in parameters):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    total = gradient_norm(parameters)
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_ scales
+    for param in parameters:
+        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+        grad.mul_(scale.to(grad.device))
+    return total
 
 
 @contextmanager

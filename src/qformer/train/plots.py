@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-NOT_PLOTTED = {"step", "epoch", "skipped", "samples_per_second"}
+NOT_PLOTTED = {"step", "epoch", "skipped", "bad_steps", "samples_per_second"}
 NOT_CURVES = {"pairs", "count"}  # evaluation facts, not curves
 RECALL = re.compile(r"^(txt_r|img_r|r_mean|chance_r)")  # drawn together, chance among them
 
