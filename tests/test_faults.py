@@ -196,6 +196,17 @@ def test_resume_falls_back_from_a_damaged_checkpoint(finished, tmp_path, caplog,
     assert all(torch.equal(again[k], expected[k]) for k in expected)
 
 
+def test_saving_after_a_fallback_replaces_the_damaged_later_checkpoint(finished, tmp_path):
+    """Resumed from step 3 past a damaged step 6, saving every 4: step 4 removes the damaged
+    step_0000006, which would otherwise outrank it: kept in place of a good one, and found first
+    by every later resume."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    damage(run / "step_0000006", "empty trainer.pt")
+    train(tiny(run, "--steps", "8", "--save_every", "4"), resume=True)  # keep_last 5
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_0000003", "step_0000004", "step_0000008"]
+
+
 def test_eval_names_a_damaged_checkpoint(finished, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(finished, run)

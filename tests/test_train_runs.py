@@ -380,3 +380,23 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes(tmp_path):
     assert whole.returncode == 0 and "restarted" not in output, output[-3000:]
     a, b = weights(tmp_path / "whole", 12), weights(part, 12)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_restart_takes_over_only_the_run_its_launch_opened(tmp_path, monkeypatch, caplog):
+    """A restarted worker (TORCHELASTIC_RESTART_COUNT 1) resumes the run its own torchrun launch
+    opened; one whose first start was refused (the folder held another launch's run) is refused
+    alike, and that run is left as it was."""
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-a")
+    train(tiny(tmp_path, "--steps", "2", "--save_every", "1", "--data.batch_size", "2", "--device", "cpu"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-b")
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(tiny(tmp_path, "--steps", "3", "--save_every", "1", "--data.batch_size", "2", "--device", "cpu"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-a")
+    with caplog.at_level(logging.INFO, logger="qformer.train.loop"):
+        train(tiny(tmp_path, "--steps", "3", "--save_every", "1", "--data.batch_size", "2", "--device", "cpu"))
+    assert f"torchrun restarted the workers (restart 1): resuming from {tmp_path / 'step_0000002'}" in caplog.text
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

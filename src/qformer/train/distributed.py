@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -15,13 +16,15 @@ from qformer.devices import parse_device
 @dataclass
 class Runtime:
     """Where this process runs. ``restarts``: how many times torchrun (``--max-restarts``) has
-    restarted the workers after one failed (``TORCHELASTIC_RESTART_COUNT``; 0 on the first start)."""
+    restarted the workers after one failed (``TORCHELASTIC_RESTART_COUNT``; 0 on the first start);
+    ``launch``: which torchrun launch this process belongs to (:func:`torchrun_launch`)."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
     restarts: int = 0
+    launch: str | None = None
 
     @property
     def group(self) -> dist.ProcessGroup | None:
@@ -30,6 +33,16 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def torchrun_launch() -> str | None:
+    """The same string in every attempt of one torchrun launch and another in the next launch:
+    the rendezvous id where one was given (``--rdzv-id``, or ``--standalone``'s own), else this
+    node's host and torchrun agent's process id; None outside torchrun. Rank 0's is the run's."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return run_id if run_id not in ("", "none") else f"{socket.gethostname()}:{os.getppid()}"
 
 
 def _attempt_store(rank: int, world: int, timeout: timedelta) -> dict:
@@ -63,7 +76,8 @@ def setup_runtime(device: str = "auto") -> Runtime:
         backend = "nccl" if target.type == "cuda" else "gloo"
         timeout = timedelta(minutes=30)
         dist.init_process_group(backend, timeout=timeout, **_attempt_store(rank, world, timeout))
-    return Runtime(rank, world, local_rank, target, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return Runtime(rank, world, local_rank, target, restarts, torchrun_launch())
 
 
 def teardown_runtime(runtime: Runtime) -> None:

@@ -32,6 +32,7 @@ from qformer.train.parallel import (
 from qformer.train.plots import plot_metrics
 from qformer.train.signals import StopRequests, TrainingStopped
 from qformer.train.state import (
+    LAUNCH_NAME,
     checkpoint_step,
     clear_run,
     latest_checkpoint,
@@ -109,16 +110,27 @@ def _last_checkpoint(run_dir: Path, runtime: Runtime) -> Path | None:
     return answer[0]
 
 
+def _opened_by_this_launch(run_dir: Path, runtime: Runtime) -> bool:
+    """Whether this torchrun launch opened the run in ``run_dir`` (rank 0 reads it, every rank is
+    told): a restart takes over only its own run, never one its first start was refused."""
+    answer = [(run_dir / LAUNCH_NAME).is_file() and (run_dir / LAUNCH_NAME).read_text() == runtime.launch]
+    if runtime.world_size > 1:
+        torch.distributed.broadcast_object_list(answer, src=0)
+    return answer[0]
+
+
 def _open_run(config: TrainConfig, resume: bool, overwrite: bool, runtime: Runtime) -> Path | None:
     """Check the run folder (every rank, before any writes), then on rank 0 clear it if asked
     and write ``config.yaml``. Returns the checkpoint to resume from. When torchrun has restarted
-    the workers (``--max-restarts``), the run resumes from its last intact checkpoint whatever the
-    command said, or starts over when it has none yet."""
+    the workers (``--max-restarts``) after this launch opened the run, the run resumes from its
+    last intact checkpoint whatever the command said, or starts over when it has none yet; a
+    restart of a launch whose first start was refused is refused alike."""
     run_dir = Path(config.output_dir)
     checkpoint, changes = None, {}
-    if (resume or runtime.restarts) and (run_dir / "config.yaml").is_file():
+    restarted = runtime.restarts > 0 and _opened_by_this_launch(run_dir, runtime)
+    if (resume or restarted) and (run_dir / "config.yaml").is_file():
         checkpoint = _last_checkpoint(run_dir, runtime)
-    if runtime.restarts:
+    if restarted:
         resume, overwrite = checkpoint is not None, checkpoint is None
         if runtime.is_main:
             logger.warning("torchrun restarted the workers (restart %d): %s", runtime.restarts,
@@ -149,6 +161,8 @@ def _open_run(config: TrainConfig, resume: bool, overwrite: bool, runtime: Runti
         run_dir.mkdir(parents=True, exist_ok=True)
         text = dump_yaml(config)
         atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+        if runtime.launch is not None:
+            atomic_write(run_dir / LAUNCH_NAME, lambda tmp: Path(tmp).write_text(runtime.launch))
         if changes:
             logger.info("resuming with %s (recorded in config.yaml)",
                         ", ".join(f"{key} {a!r} -> {b!r}" for key, (a, b) in changes.items()))

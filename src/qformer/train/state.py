@@ -130,8 +130,12 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     staging.rename(final)
-    for old in sorted(run_dir.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old)
+    if keep_last > 0:
+        folders = step_folders(run_dir)
+        # a folder of a later step is one a resume passed over as damaged: this step replaces it
+        later = [p for p in folders if checkpoint_step(p) > step]
+        for old in later + [p for p in folders if checkpoint_step(p) <= step][:-keep_last]:
+            shutil.rmtree(old)
     return final
 
 
@@ -160,14 +164,18 @@ def check_checkpoint(path: Path) -> None:
         raise ValueError(f"checkpoint {path} is damaged: {problem}")
 
 
+def step_folders(run_dir: Path) -> list[Path]:
+    """The ``step_XXXXXXX`` folders of a run, by step (step_10000000 after step_9999999)."""
+    return sorted((p for p in run_dir.glob("step_*") if STEP_FOLDER.fullmatch(p.name) and p.is_dir()),
+                  key=checkpoint_step)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest ``step_XXXXXXX`` folder of ``run_dir`` that :func:`checkpoint_problem` passes,
     or None when there is none at all. Each newer damaged one is logged as a warning with what is
     wrong, then the one it falls back to; a ValueError when every one is damaged."""
-    found = [p for p in run_dir.glob("step_*") if STEP_FOLDER.fullmatch(p.name) and p.is_dir()]
-    found.sort(key=checkpoint_step)  # by number: step_10000000 after step_9999999
     damaged: list[str] = []
-    for path in reversed(found):
+    for path in reversed(step_folders(run_dir)):
         problem = checkpoint_problem(path)
         if problem is None:
             if damaged:
@@ -213,7 +221,8 @@ def load_checkpoint(path: Path, model: nn.Module, rank: int) -> dict[str, Any]:
     return load_plain(path / STATE_NAME)
 
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", "final", "tensorboard")
+LAUNCH_NAME = ".torchrun_launch"  # which torchrun launch opened the run (see Runtime.launch)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", "final", "tensorboard", LAUNCH_NAME)
 RUN_GLOBS = ("step_*", ".staging_step_*", "eval_step_*.json")
 
 
