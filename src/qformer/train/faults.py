@@ -4,8 +4,9 @@ read, so the step counts and the schedule moves on). More than ``optim.max_bad_s
 in a row stop the run with a FloatingPointError; nothing non-finite was applied or saved, so a
 resume continues from the last checkpoint.
 
-One check a step, before the update: the step's losses and its gradient norm in one tensor,
-averaged over the processes in one small all-reduce (a NaN or an infinity on any process reaches
+One check a step, before the update: the step's losses and its gradient norm in one tensor (with
+the stop requests of :mod:`~qformer.train.signals`), averaged over the processes in one small
+all-reduce (a NaN or an infinity on any process reaches
 every process, so all of them decide alike) and read with one host sync. The values are the
 step's logged metrics too, so the logging needs no collective of its own.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,14 +32,19 @@ logger = logging.getLogger(__name__)
 MIN_FP16_SCALE = 1.0
 
 
-def step_values(losses: dict[str, Tensor], grad_norm: Tensor, runtime: Runtime) -> dict[str, float]:
+def step_values(
+    losses: dict[str, Tensor], grad_norm: Tensor, runtime: Runtime, flags: Sequence[float] = ()
+) -> tuple[dict[str, float], list[float]]:
     """``losses`` and ``grad_norm`` (under ``"grad_norm"``) averaged over the processes, as
-    floats: one all-reduce when there are several, one host sync."""
-    values = torch.stack([*losses.values(), grad_norm.detach().float().to(runtime.device)])
+    floats, and ``flags`` (the stop requests, :meth:`~qformer.train.signals.StopRequests.flags`)
+    summed over them: one all-reduce when there are several, one host sync."""
+    flags_tensor = torch.tensor(flags, dtype=torch.float32, device=runtime.device)
+    values = torch.cat([torch.stack([*losses.values(), grad_norm.detach().float().to(runtime.device)]), flags_tensor])
     if runtime.world_size > 1:
         dist.all_reduce(values)
-        values /= runtime.world_size
-    return dict(zip([*losses, "grad_norm"], values.tolist()))
+    read = values.tolist()  # the one host sync
+    names = [*losses, "grad_norm"]
+    return {name: v / runtime.world_size for name, v in zip(names, read)}, read[len(names):]
 
 
 class StepGuard:

@@ -254,7 +254,7 @@ def _train(
             norm = clip_gradients(model.parameters(), config.optim.max_grad_norm)
         else:
             norm = gradient_norm(model.parameters())
-        values = step_values(sums, norm, runtime)  # the step's one host sync
+        values, requests = step_values(sums, norm, runtime, stops.flags())  # the step's one host sync
         if guard.apply(step + 1, values, scaler):
             scaler.step(optimizer)
         scaler.update()
@@ -276,7 +276,7 @@ def _train(
                     for name, value in last.items():
                         writer.add_scalar(f"train/{name}", value, step)
 
-        stop = stops.agreed(runtime) if step < config.steps else 0
+        stop = stops.agreed(requests) if step < config.steps else 0
         if stop or step % config.save_every == 0 or step == config.steps:
             trainer = {
                 "optimizer": optimizer_state(optimizer),

@@ -1,6 +1,7 @@
 """Stopping a run cleanly: SIGINT (Ctrl-C), SIGTERM (what schedulers send before pre-emption)
 and SIGUSR1 ask the loop to save a checkpoint at the end of the current step and stop. Under
-torchrun every rank learns at each step whether any rank was asked, so all stop at one step."""
+torchrun every rank learns at each step whether any rank was asked (in the step's one all-reduce,
+:func:`~qformer.train.faults.step_values`), so all stop at one step."""
 
 from __future__ import annotations
 
@@ -8,11 +9,6 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
-
-import torch
-import torch.distributed as dist
-
-from qformer.train.distributed import Runtime
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -31,8 +27,8 @@ class TrainingStopped(Exception):
 
 class StopRequests:
     """A context that turns the stop signals into a request the loop polls once a step
-    (:meth:`agreed`); a second Ctrl-C stops at once (KeyboardInterrupt). The previous handlers
-    come back on exit. Outside the main thread (where Python allows no handlers) it does nothing."""
+    (:meth:`flags`, then :meth:`agreed`); a second Ctrl-C stops at once (KeyboardInterrupt). The
+    previous handlers come back on exit. Outside the main thread (where Python allows no handlers) it does nothing."""
 
     def __init__(self) -> None:
         self.signum = 0
@@ -53,14 +49,16 @@ class StopRequests:
             signal.signal(signum, handler)
         self._previous = {}
 
-    def agreed(self, runtime: Runtime) -> int:
-        """The signal some rank was stopped by (the highest number if several), or 0: the same
-        answer on every rank (one small all-reduce)."""
-        if runtime.world_size == 1:
-            return self.signum
-        flag = torch.tensor([self.signum], device=runtime.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+    def flags(self) -> list[float]:
+        """This rank's request as one flag per stop signal, for the step's all-reduce
+        (:func:`~qformer.train.faults.step_values`), which sums them over the ranks."""
+        return [float(self.signum == signum) for signum in STOP_SIGNALS]
+
+    @staticmethod
+    def agreed(counts: list[float]) -> int:
+        """The signal some rank was stopped by (the highest number if several), or 0, from the
+        flags summed over the ranks: the same answer on every rank."""
+        return max((signum for signum, count in zip(STOP_SIGNALS, counts) if count > 0), default=0)
 
 
 def ignore_stop_signals(worker: int) -> None:
