@@ -163,8 +163,8 @@ def test_checks_change_nothing_on_good_inputs(models):
     (lambda: Blip2Stage1Config(num_query_tokens=10**6), "Blip2Stage1Config.num_query_tokens must be at most 65536"),
     (lambda: ImageConfig(size=0), "ImageConfig.size must be at least 1, got 0"),
     (lambda: ImageConfig(std=(0.0, 0.3, 0.3)), "ImageConfig needs 3 means and 3 positive stds"),
-    (lambda: load_train_config(None, ["--data.batch_size", "1000000000"]), "data.batch_size 1000000000 of 224-px"),
-    (lambda: load_train_config(None, ["--data.image_size", "1000000"]), "data.batch_size 32 of 1000000-px images"),
+    (lambda: load_train_config(None, ["--data.batch_size", "1000000000"]), "data.batch_size 1000000000 x data.image_size 224 is"),
+    (lambda: load_train_config(None, ["--data.image_size", "1000000"]), "data.batch_size 32 x data.image_size 1000000 is"),
 ])
 def test_wrong_config_values_fail_in_one_line_naming_the_field(build, message):
     with pytest.raises(ValueError) as caught:

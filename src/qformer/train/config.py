@@ -189,8 +189,9 @@ class TrainConfig(ConfigBase):
         for key in ("batch_size", "eval_batch_size"):
             pixels = getattr(self.data, key) * 3 * side * side * 4  # one batch of float32 pixels
             if memory is not None and pixels > memory:
-                raise ValueError(f"data.{key} {getattr(self.data, key)} of {side}-px images is {pixels / 2**30:.3g} "
-                                 f"GiB of pixels, more than this machine's {memory / 2**30:.3g} GiB of memory")
+                raise ValueError(f"data.{key} {getattr(self.data, key)} x data.image_size {side} is "
+                                 f"{pixels / 2**30:.3g} GiB of pixels a batch, more than this machine's "
+                                 f"{memory / 2**30:.3g} GiB of memory")
 
 
 def _parse_value(text: str) -> Any:
