@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo bench bench-quick bench-gpu clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ test-fast: install
 
 demo: install
 	$(BIN)/qformer demo
+
+# The benchmark suite (bench/run.py): one JSON line per benchmark, ours against the reference.
+bench: install
+	$(BIN)/python bench/run.py
+
+bench-quick: install
+	$(BIN)/python bench/run.py --quick
+
+bench-gpu: install
+	$(BIN)/python bench/run.py --device cuda
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
