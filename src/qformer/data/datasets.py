@@ -22,6 +22,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 logger = logging.getLogger(__name__)
 
 from qformer.data.image_files import MAX_IMAGE_PIXELS
-from qformer.data.transforms import clean_caption, clean_question, load_image
+from qformer.data.transforms import DecodeReduction, clean_caption, clean_question, load_image
 
 ImageTransform = Callable[[Image.Image], Tensor]  # an RGB image -> (3, S, S); None keeps the image
 Sample = dict[str, Any]
@@ -241,11 +242,12 @@ def read_instructions(path: str | Path) -> list[InstructionRecord]:
 
 
 class _Skipping:
-    """Skip-or-raise policy shared by the datasets; ``skipped`` counts in this process only."""
+    """Skip-or-raise policy shared by the datasets; ``skipped`` counts in this process only.
+    Reading takes an optional ``reduction`` (``load_image``'s: how much the reader's crop lets
+    an image shrink as it decodes; the trainer's, per sample); without one, full size."""
 
     def __init__(self, strict: bool, max_image_pixels: int | None) -> None:
-        self.strict = strict
-        self.max_image_pixels = max_image_pixels
+        self.strict, self.max_image_pixels = strict, max_image_pixels
         self.skipped = 0
 
     def _skip(self, name: str, reason: object, count: int = 1) -> Skipped:
@@ -280,15 +282,15 @@ class _ImageFolderDataset(_Skipping, Dataset):
         sample = self.read(index)
         return None if isinstance(sample, Skipped) else sample
 
-    def read(self, index: int) -> Sample | Skipped:
+    def read(self, index: int, reduction: DecodeReduction | None = None) -> Sample | Skipped:
         """Sample ``index``, or ``Skipped`` (counted) naming it and why when it cannot be read."""
         raise NotImplementedError
 
-    def _image(self, path: str, index: int) -> Tensor | Image.Image | Skipped:
+    def _image(self, path: str, index: int, reduction: DecodeReduction | None) -> Tensor | Image.Image | Skipped:
         """The transformed image of sample ``index``, or ``Skipped`` (counted) when it cannot be read."""
         file = self.image_root / path
         try:
-            image = load_image(file, self.max_image_pixels)
+            image = load_image(file, self.max_image_pixels, reduction)
         except ValueError as err:
             return self._skip(f"{index} ({file})", err)
         return image if self.transform is None else self.transform(image)
@@ -302,27 +304,20 @@ def _image_key(record: CaptionRecord) -> str:
 class CaptionDataset(_ImageFolderDataset):
     """Image-caption pairs: ``{"image": (3, S, S) (or the PIL image without a transform), "text":
     cleaned caption, "image_id": int}``, or None for an unreadable image. ``image_index`` maps
-    each image's id (or, without one, its path) to that int."""
+    each image's id (or, without one, its path) to that int (built on first use)."""
 
     records: list[CaptionRecord]
 
-    def __init__(
-        self,
-        records: Sequence[CaptionRecord],
-        image_root: str | Path,
-        transform: ImageTransform | None = None,
-        strict: bool = False,
-        max_words: int = 50,
-        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
-    ) -> None:
-        super().__init__(records, image_root, transform, strict, max_words, max_image_pixels)
-        self.image_index: dict[str, int] = {}
+    @cached_property
+    def image_index(self) -> dict[str, int]:
+        index: dict[str, int] = {}
         for record in self.records:
-            self.image_index.setdefault(_image_key(record), len(self.image_index))
+            index.setdefault(_image_key(record), len(index))
+        return index
 
-    def read(self, index: int) -> Sample | Skipped:
+    def read(self, index: int, reduction: DecodeReduction | None = None) -> Sample | Skipped:
         record = self.records[index]
-        image = self._image(record.image, index)
+        image = self._image(record.image, index, reduction)
         if isinstance(image, Skipped):
             return image
         text = clean_caption(record.caption, self.max_words)
@@ -336,9 +331,9 @@ class VQADataset(_ImageFolderDataset):
 
     records: list[VQARecord]
 
-    def read(self, index: int) -> Sample | Skipped:
+    def read(self, index: int, reduction: DecodeReduction | None = None) -> Sample | Skipped:
         record = self.records[index]
-        image = self._image(record.image, index)
+        image = self._image(record.image, index, reduction)
         if isinstance(image, Skipped):
             return image
         counts = Counter(record.answers)
@@ -357,9 +352,9 @@ class InstructionDataset(_ImageFolderDataset):
 
     records: list[InstructionRecord]
 
-    def read(self, index: int) -> Sample | Skipped:
+    def read(self, index: int, reduction: DecodeReduction | None = None) -> Sample | Skipped:
         record = self.records[index]
-        image = self._image(record.image, index)
+        image = self._image(record.image, index, reduction)
         if isinstance(image, Skipped):
             return image
         return {"image": image, "instruction": record.instruction, "text": record.answer, "image_id": index}
@@ -521,11 +516,13 @@ class TarShardDataset(_Skipping, IterableDataset):
             random.Random(self.shuffle_seed * 1_000_003 + self.epoch).shuffle(shards)
         return shards[self.rank * num_workers + worker :: self.world_size * num_workers]
 
-    def keyed(self, shards: Sequence[Path], skip: int = 0) -> Iterator[tuple[str, Sample | Skipped]]:
+    def keyed(
+        self, shards: Sequence[Path], skip: int = 0, reductions: Callable[[str], DecodeReduction] | None = None
+    ) -> Iterator[tuple[str, Sample | Skipped]]:
         """``("shard file name:sample key", sample)`` for the samples of ``shards`` in order; the
         unreadable rest of a shard (cut mid-member, a corrupt header) takes one place, as one
         ``Skipped`` counting the samples it lost; the first ``skip`` places are passed over
-        undecoded."""
+        undecoded. ``reductions`` gives each sample's ``reduction`` from that key."""
         sizes = _SampleSizes()
         for shard in shards:
             progress, error = _ShardProgress(), None
@@ -534,7 +531,9 @@ class TarShardDataset(_Skipping, IterableDataset):
                     if skip:
                         skip -= 1
                         continue
-                    yield f"{shard.name}:{key}", self._sample(f"{shard}:{key}", key, group)
+                    place = f"{shard.name}:{key}"
+                    reduction = None if reductions is None else reductions(place)
+                    yield place, self._sample(f"{shard}:{key}", key, group, reduction)
             except (tarfile.TarError, OSError) as err:
                 error = err
             lost, reason = sizes.lost(shard, progress, error)
@@ -549,7 +548,8 @@ class TarShardDataset(_Skipping, IterableDataset):
         for _, sample in self.keyed(self.local_shards()):
             yield sample
 
-    def _sample(self, name: str, key: str, group: dict[str, bytes]) -> Sample | Skipped:
+    def _sample(self, name: str, key: str, group: dict[str, bytes], reduction: DecodeReduction | None = None
+                ) -> Sample | Skipped:
         image_key = next((k for k in self.image_keys if k in group), None)
         if image_key is None or self.caption_key not in group:
             return self._skip(name, f"needs one of {self.image_keys} and {self.caption_key!r}, has {sorted(group)}")
@@ -558,7 +558,7 @@ class TarShardDataset(_Skipping, IterableDataset):
             if not caption.strip():
                 raise ValueError("caption of whitespace only")
             meta = json.loads(group["json"]) if "json" in group else {}
-            image = load_image(io.BytesIO(group[image_key]), self.max_image_pixels)
+            image = load_image(io.BytesIO(group[image_key]), self.max_image_pixels, reduction)
         except ValueError as err:  # also UnicodeDecodeError and JSONDecodeError
             return self._skip(name, err)
         image_id = meta.get("image_id", key) if isinstance(meta, dict) else key

@@ -6,13 +6,13 @@ import math
 import random
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, JpegImagePlugin
 from torch import Tensor
 
 from qformer.config import ImageConfig
@@ -29,16 +29,26 @@ WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # 16- and 32-bit gre
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 BACKGROUND = 255  # transparent pixels are composited on white
 EXIF_ORIENTATION = 0x0112
+AXES_SWAPPED = (5, 6, 7, 8)  # EXIF orientations that turn the image a quarter: width and height swap
+DecodeReduction = Callable[[int, int], int]  # full upright (width, height) -> the largest shrink factor usable
+DRAFTED = "qformer_drafted"  # info key of an image decoded at reduced scale: (full width, full height, scale)
 
 
 def load_image(
-    image: str | Path | BinaryIO | Image.Image, max_pixels: int | None = MAX_IMAGE_PIXELS
+    image: str | Path | BinaryIO | Image.Image, max_pixels: int | None = MAX_IMAGE_PIXELS,
+    reduction: DecodeReduction | None = None,
 ) -> Image.Image:
     """An RGB image from a path, an open binary file or a PIL image, upright as its EXIF
     orientation says, 16- and 32-bit values scaled to 8 bits, transparency composited on
     white. A file whose image (after a JPEG's reduced-scale decoding, for images over
     :data:`LARGE_IMAGE_PIXELS`) has more than ``max_pixels`` pixels (None: no limit but Pillow's
-    own) is refused before it is decoded. A file that cannot be read fails naming it (ValueError)."""
+    own) is refused before it is decoded. A file that cannot be read fails naming it (ValueError).
+
+    ``reduction`` (training: :func:`crop_reduction`), given the image's full upright size, says
+    by how much the caller can shrink it: a JPEG then decodes at the largest of 1, 1/2, 1/4, 1/8
+    scale within that (``Image.draft``, before any pixel is decoded). An image decoded at reduced
+    scale carries its full upright size and the scale in ``info[DRAFTED]``. Other formats, and
+    no ``reduction`` (evaluation, the CLI), decode at full size."""
     if isinstance(image, Image.Image):
         return _rgb(image)
     name = f"image {image}" if isinstance(image, (str, Path)) else "image"
@@ -47,17 +57,50 @@ def load_image(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             opened = Image.open(image)
         with opened:
-            if opened.width * opened.height > LARGE_IMAGE_PIXELS:
-                opened.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
+            scale, full = _draft(opened, reduction)
             pixels = opened.width * opened.height
             if max_pixels is not None and pixels > max_pixels:
                 raise ValueError(f"{opened.width}x{opened.height} = {pixels:,} pixels is over the limit of "
                                  f"{max_pixels:,} (max_image_pixels): not decoded")
-            return _rgb(opened)
+            rgb = _rgb(opened)
+            if scale > 1:
+                rgb.info[DRAFTED] = (*full, scale)
+            return rgb
     except Image.UnidentifiedImageError as err:
         raise ValueError(f"cannot read {name}: not an image file that Pillow can identify") from err
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read {name}: {err}") from err
+
+
+def _draft(opened: Image.Image, reduction: DecodeReduction | None) -> tuple[int, tuple[int, int]]:
+    """Ask a JPEG not yet decoded to decode at 1/scale (a power of 2 up to 8, within what
+    ``reduction`` allows and at least what :data:`LARGE_IMAGE_PIXELS` needs); the scale it
+    took and its full upright size (1 and the size for other formats, whose EXIF may lie past
+    the pixels: not read here)."""
+    width, height = opened.size
+    if not isinstance(opened, JpegImagePlugin.JpegImageFile):
+        return 1, (width, height)
+    full = (height, width) if opened.getexif().get(EXIF_ORIENTATION, 1) in AXES_SWAPPED else (width, height)
+    wanted = 1 if reduction is None else reduction(*full)
+    if width * height > LARGE_IMAGE_PIXELS:
+        wanted = max(wanted, min(width, height) // DRAFT_SIDE)
+    scale = next(s for s in (8, 4, 2, 1) if s <= max(wanted, 1))
+    # asked for (width // scale, height // scale), which fits scale (not 2 x scale) times, draft takes scale
+    if scale == 1 or opened.draft("RGB", (width // scale, height // scale)) is None:
+        return 1, full
+    return scale, full
+
+
+def crop_reduction(width: int, height: int, config: ImageConfig, rng: random.Random) -> int:
+    """How much a ``width x height`` image can shrink before :func:`train_transform` crops it
+    with ``rng`` (a copy: ``rng`` is not advanced): the crop's shorter side over ``config.size``,
+    rounded down. Decoded at 1/scale with scale at most that, the crop keeps at least
+    ``config.size`` pixels each way, so its resize to ``config.size`` still only shrinks: the
+    decoding gives the crop all the pixels its output needs."""
+    replay = random.Random()
+    replay.setstate(rng.getstate())
+    left, top, right, bottom = random_resized_crop_box(width, height, replay)
+    return min(right - left, bottom - top) // config.size
 
 
 def _rgb(image: Image.Image) -> Image.Image:
@@ -87,11 +130,13 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(scaled).astype(np.uint8))  # (H, W) uint8: "L"
 
 
-def _normalise(image: Image.Image, config: ImageConfig) -> Tensor:
-    """Bicubic resize to ``config.size`` square, scale to [0, 1], normalise: (3, S, S)."""
+def _normalise(image: Image.Image, config: ImageConfig,
+               box: tuple[float, float, float, float] | None = None) -> Tensor:
+    """Bicubic resize (of ``box``, default the whole image) to ``config.size`` square, scale to
+    [0, 1], normalise: (3, S, S)."""
     mean = np.asarray(config.mean, dtype=np.float32)
     std = np.asarray(config.std, dtype=np.float32)
-    resized = image.resize((config.size, config.size), Image.Resampling.BICUBIC)
+    resized = image.resize((config.size, config.size), Image.Resampling.BICUBIC, box=box)
     pixels = np.asarray(resized, dtype=np.float32) / 255.0  # (S, S, 3)
     return torch.from_numpy(((pixels - mean) / std).transpose(2, 0, 1).copy())  # (3, S, S)
 
@@ -141,12 +186,22 @@ def random_resized_crop_box(
 def train_transform(image: Image.Image, config: ImageConfig, rng: random.Random) -> Tensor:
     """BLIP-2's training augmentation: random resized crop (scale 0.5-1, ratio 3/4-4/3, bicubic
     to ``config.size``), horizontal flip with p=0.5, scale to [0, 1], normalise: (3, S, S).
-    Deterministic given ``rng``."""
+    Deterministic given ``rng``.
+
+    The crop box is drawn on the image's full size; an image decoded at reduced scale
+    (``info[DRAFTED]``, :func:`load_image` with a ``reduction``) is cropped at the same fraction of
+    the image, the box scaled to its pixels (sub-pixel edges kept by the resize's ``box``), so
+    the augmentation draws the same crops whatever the decoding scale."""
     image = load_image(image)
-    cropped = image.crop(random_resized_crop_box(image.width, image.height, rng))
+    width, height, scale = image.info.get(DRAFTED, (image.width, image.height, 1))
+    box = [edge / scale for edge in random_resized_crop_box(width, height, rng)]
+    whole = (math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3]))  # within the image
+    cropped = image.crop(whole)
+    left, top, right, bottom = box[0] - whole[0], box[1] - whole[1], box[2] - whole[0], box[3] - whole[1]
     if rng.random() < 0.5:
         cropped = cropped.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _normalise(cropped, config)
+        left, right = cropped.width - right, cropped.width - left
+    return _normalise(cropped, config, (left, top, right, bottom))
 
 
 class TrainTransform:

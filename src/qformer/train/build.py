@@ -7,6 +7,7 @@ import random
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from qformer.config import ImageConfig
 from qformer.data.datasets import Skipped, TarShardDataset, skipped_count
-from qformer.data.transforms import eval_image, train_transform
+from qformer.data.transforms import DecodeReduction, crop_reduction, eval_image, train_transform
 from qformer.train.config import DataSpec, ModelSpec, TrainConfig
 from qformer.train.distributed import Runtime
 
@@ -66,43 +67,56 @@ def train_sample(sample: dict, image: ImageConfig, rng: random.Random, augment: 
     return {**sample, "image": pixels, "image_id": sample[same_image_key]}
 
 
+def draft_reduction(image: ImageConfig, rng: random.Random, augment: bool, draft: bool) -> DecodeReduction | None:
+    """How much a sample's image may shrink as it decodes (JPEG draft mode): what its random
+    crop from ``rng`` allows (:func:`~qformer.data.transforms.crop_reduction`) when it is
+    augmented with ``draft`` on; else None, full size."""
+    return partial(crop_reduction, config=image, rng=rng) if augment and draft else None
+
+
 class TrainImages(Dataset):
     """Samples with their image augmented (BLIP-2's train transform), seeded by the sample's
-    (epoch, index): the same augmentation whichever worker or process decodes it."""
+    (epoch, index): the same augmentation whichever worker or process decodes it. With
+    ``draft``, a JPEG decodes at the smallest scale that keeps its crop at least ``image.size``
+    pixels each way (:func:`draft_reduction`)."""
 
     def __init__(
-        self, base: Dataset, image: ImageConfig, seed: int, same_image_key: str = "image_id", augment: bool = True
+        self, base: Dataset, image: ImageConfig, seed: int, same_image_key: str = "image_id", augment: bool = True,
+        draft: bool = True,
     ) -> None:
         self.base, self.image, self.seed, self.same_image_key = base, image, seed, same_image_key
-        self.augment = augment
+        self.augment, self.draft = augment, draft
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, key: tuple[int, int]) -> dict | Skipped | None:
         epoch, index = key
-        sample = _read(self.base, index)
+        rng = random.Random((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        sample = _read(self.base, index, draft_reduction(self.image, rng, self.augment, self.draft))
         if not isinstance(sample, dict) or not hasattr(sample.get("image"), "convert"):
             return sample  # skipped (counted by the collate) or already a tensor
-        rng = random.Random((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
         return train_sample(sample, self.image, rng, self.augment, self.same_image_key)
 
 
-def _read(data: Dataset, index: int) -> dict | Skipped | None:
-    """Sample ``index``; an unreadable one as the ``Skipped`` naming it where the data set's
-    ``read`` can say so (file data sets), else None."""
+def _read(data: Dataset, index: int, reduction: DecodeReduction | None = None) -> dict | Skipped | None:
+    """Sample ``index`` (decoded within ``reduction`` where the data set's ``read`` takes one);
+    an unreadable one as the ``Skipped`` naming it where ``read`` can say so (file data sets),
+    else None."""
     read = getattr(data, "read", None)
-    return data[index] if read is None else read(index)
+    return data[index] if read is None else read(index, reduction)
 
 
 class TrainShards:
     """Tar-shard samples (:class:`~qformer.data.datasets.TarShardDataset`) augmented as
     :class:`TrainImages`, seeded by the epoch and the sample's shard file name and key: the same
     augmentation whichever reader decodes it, and after a resume. ``set_epoch`` also deals the
-    shards out in that epoch's order."""
+    shards out in that epoch's order. ``draft`` as :class:`TrainImages`'s."""
 
-    def __init__(self, reader: TarShardDataset, image: ImageConfig, seed: int, augment: bool = True) -> None:
-        self.reader, self.image, self.seed, self.augment = reader, image, seed, augment
+    def __init__(
+        self, reader: TarShardDataset, image: ImageConfig, seed: int, augment: bool = True, draft: bool = True
+    ) -> None:
+        self.reader, self.image, self.seed, self.augment, self.draft = reader, image, seed, augment, draft
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -111,12 +125,17 @@ class TrainShards:
     def samples(self, worker: int, num_workers: int, skip: int = 0) -> Iterator[dict | Skipped]:
         """This rank's reader ``worker`` of ``num_workers``: its samples of the epoch, the first
         ``skip`` passed over undecoded."""
-        for key, sample in self.reader.keyed(self.reader.local_shards(worker, num_workers), skip):
+        def rng(key: str) -> random.Random:
+            return random.Random(f"{self.seed}:{self.epoch}:{key}")
+
+        def reduction(key: str) -> DecodeReduction | None:
+            return draft_reduction(self.image, rng(key), self.augment, self.draft)
+
+        for key, sample in self.reader.keyed(self.reader.local_shards(worker, num_workers), skip, reduction):
             if isinstance(sample, Skipped):
                 yield sample  # counted by the collate
             else:
-                rng = random.Random(f"{self.seed}:{self.epoch}:{key}")
-                yield train_sample(sample, self.image, rng, self.augment, "image_id")
+                yield train_sample(sample, self.image, rng(key), self.augment, "image_id")
 
 
 class RefillSkipped:
@@ -205,7 +224,11 @@ class VQAPairs(Dataset):
         return len(self.base)
 
     def __getitem__(self, index: int) -> dict | Skipped | None:
-        sample = _read(self.base, index)
+        return self.read(index)
+
+    def read(self, index: int, reduction: DecodeReduction | None = None) -> dict | Skipped | None:
+        """Sample ``index``, its image decoded within ``reduction``."""
+        sample = _read(self.base, index, reduction)
         if not isinstance(sample, dict):
             return sample  # skipped
         weights = sample["weights"]
@@ -274,12 +297,12 @@ def build_job(config: TrainConfig, runtime: Runtime) -> Job:
     image = ImageConfig(size=config.data.image_size)
     if source == "shards":
         reader, evaluation = shard_sets(config.data, config.seed, runtime)
-        dataset = TrainShards(reader, image, config.seed, config.data.augment)
+        dataset = TrainShards(reader, image, config.seed, config.data.augment, config.data.draft_decode)
     else:
         train, evaluation = scene_sets(config.data, config.seed) if source == "scenes" else file_sets(config.data)
         # scenes: drawings of one colour/shape/count/position combination count as the same image
         same_image = "scene_id" if source == "scenes" else "image_id"
-        dataset = TrainImages(train, image, config.seed, same_image, config.data.augment)
+        dataset = TrainImages(train, image, config.seed, same_image, config.data.augment, config.data.draft_decode)
     build = stage1_job.build if config.model.stage == "stage1" else stage2_job.build
     job = build(config, runtime, dataset, evaluation, image)
     job.collate = RefillSkipped(job.collate)

@@ -78,7 +78,11 @@ class DataSpec(ConfigBase):
 
     ``eval_path`` is optional everywhere (scenes have held-out drawings of their own).
     ``augment`` turns BLIP-2's training augmentation (random resized crop, horizontal flip) on;
-    captions or questions that name left and right need it off.
+    captions or questions that name left and right need it off. With ``augment``,
+    ``draft_decode`` (default on) decodes a training JPEG at the smallest of 1/1, 1/2, 1/4, 1/8
+    scale that still gives its random crop at least ``image_size`` pixels each way (JPEG draft
+    mode, chosen before decoding; the crop is the same fraction of the image as at full size);
+    off, or for evaluation, images decode at full size.
     With scenes, ``photographs`` > 0 adds that many random crops of each of the photographs that
     scikit-image ships (``qformer.data.photos``) to training, and one new crop of each as the
     held-out set ``photographs``.
@@ -99,6 +103,7 @@ class DataSpec(ConfigBase):
     eval_batch_size: int = 64
     num_workers: int = 2
     augment: bool = True
+    draft_decode: bool = True
     strict: bool = False
     max_image_pixels: int | None = MAX_IMAGE_PIXELS
     max_unreadable: float = 0.5
