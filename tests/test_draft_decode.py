@@ -120,3 +120,13 @@ def test_shard_samples_draft_like_file_samples(tmp_path: Path) -> None:
     reader = TarShardDataset([shard])
     on, off = (next(TrainShards(reader, CONFIG, seed=1, draft=draft).samples(0, 1))["image"] for draft in (True, False))
     assert not torch.equal(on, off) and (on - off).abs().mean() < 0.02
+
+
+def test_a_dataset_with_its_own_transform_decodes_at_full_size(tmp_path: Path) -> None:
+    """Its transform's crop is not the one a reduction was planned for."""
+    (tmp_path / "a.jpg").write_bytes(jpeg(640, 480))
+    data = CaptionDataset([CaptionRecord("a.jpg", "a")], tmp_path, transform=lambda image: image)
+    assert data.read(0, lambda width, height: 8)["image"].size == (640, 480)
+    shard = write_tar_shard(tmp_path / "s.tar", [{"__key__": "k", "jpg": jpeg(640, 480), "txt": "a"}])
+    reader = TarShardDataset([shard], transform=lambda image: image)
+    assert next(reader.keyed([shard], reductions=lambda key: lambda width, height: 8))[1]["image"].size == (640, 480)

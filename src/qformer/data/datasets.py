@@ -243,8 +243,9 @@ def read_instructions(path: str | Path) -> list[InstructionRecord]:
 
 class _Skipping:
     """Skip-or-raise policy shared by the datasets; ``skipped`` counts in this process only.
-    Reading takes an optional ``reduction`` (``load_image``'s: how much the reader's crop lets
-    an image shrink as it decodes; the trainer's, per sample); without one, full size."""
+    Reading takes an optional ``reduction`` (``load_image``'s: how much the caller's crop lets
+    an image shrink as it decodes; the trainer's, per sample); without one, or for a dataset
+    with a ``transform`` of its own (whose crop it does not know), images decode at full size."""
 
     def __init__(self, strict: bool, max_image_pixels: int | None) -> None:
         self.strict, self.max_image_pixels = strict, max_image_pixels
@@ -290,7 +291,7 @@ class _ImageFolderDataset(_Skipping, Dataset):
         """The transformed image of sample ``index``, or ``Skipped`` (counted) when it cannot be read."""
         file = self.image_root / path
         try:
-            image = load_image(file, self.max_image_pixels, reduction)
+            image = load_image(file, self.max_image_pixels, reduction if self.transform is None else None)
         except ValueError as err:
             return self._skip(f"{index} ({file})", err)
         return image if self.transform is None else self.transform(image)
@@ -532,7 +533,7 @@ class TarShardDataset(_Skipping, IterableDataset):
                         skip -= 1
                         continue
                     place = f"{shard.name}:{key}"
-                    reduction = None if reductions is None else reductions(place)
+                    reduction = None if reductions is None or self.transform is not None else reductions(place)
                     yield place, self._sample(f"{shard}:{key}", key, group, reduction)
             except (tarfile.TarError, OSError) as err:
                 error = err
