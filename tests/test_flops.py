@@ -55,5 +55,12 @@ def test_stage1_steps_match_the_counter():
     ours = counted(lambda: objective(ids, mask, image_features=features, negatives=negatives).loss)
     reference = counted(lambda: sum(reference_step(model, ids, mask, features, negatives.image, negatives.text)))
     shared, recomputed = flops.stage1_step(**sizes), flops.stage1_step(**sizes, shared_image_kv=False)
-    assert ours == (shared.forward, shared.total)
+    # the ITM rows with a negative image run their cross-attention again in the backward
+    # (checkpointed, see BlockKeyValue): FLOPs the hardware runs, not the model's; on SDPA's
+    # math backend the recomputation stops after the scores, the last matmul whose output the
+    # backward keeps
+    config = model.qformer.config
+    cross_layers = sum(config.has_cross_attention(i) for i in range(config.num_hidden_layers))
+    again = flops.matmul(batch * sizes["queries"], config.hidden_size, sizes["image_tokens"]).forward * cross_layers
+    assert ours == (shared.forward, shared.total + again)
     assert reference == (recomputed.forward, recomputed.total)
