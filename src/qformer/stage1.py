@@ -25,7 +25,8 @@ from qformer.losses import (
     positives_mask,
     sample_hard_negatives,
 )
-from qformer.models.blip2 import Blip2Stage1, concat_key_values, expand_key_values
+from qformer.models.blip2 import Blip2Stage1, concat_key_values
+from qformer.models.qformer import BlockKeyValue
 
 
 @dataclass
@@ -91,17 +92,17 @@ class Stage1Objective(nn.Module):
         # ITM: text [pos, pos, neg] x image [pos, neg, pos]
         if negatives is None:
             negatives = sample_hard_negatives(sim_i2t, sim_t2i, positives, generator)
-        if world == 1:
-            negative_kv = expand_key_values(image_kv, negatives.image)
+        if world == 1:  # every row reads this batch's images: their keys/values kept once
+            itm_kv = tuple(None if kv is None else BlockKeyValue(*kv, (None, negatives.image, None)) for kv in image_kv)
         else:
             negative_embeds = gather_with_grad(image_embeds, group)[negatives.image]  # (B, S, W)
-            negative_kv = model.qformer.encoder_key_values(negative_embeds)
+            itm_kv = concat_key_values(image_kv, model.qformer.encoder_key_values(negative_embeds), image_kv)
         negative_ids = gather(input_ids, group)[negatives.text]  # (B, T)
         negative_mask = gather(attention_mask, group)[negatives.text]
         multimodal = model.multimodal_pass(
             torch.cat([input_ids, input_ids, negative_ids]),
             torch.cat([attention_mask, attention_mask, negative_mask]),
-            concat_key_values(image_kv, negative_kv, image_kv),
+            itm_kv,
         )
         itm = itm_loss(model.itm_logits(multimodal.last_hidden_state), negatives.valid, group)
 

@@ -21,13 +21,13 @@ from transformers import (
 from qformer.config import Blip2Config, Blip2Stage1Config, QFormerConfig, VisionConfig
 from qformer.devices import DTYPES
 from qformer.inputs import check_features, check_pixels, check_stage2_inputs
-from qformer.models.qformer import KeyValue, QFormer, QFormerOutput
+from qformer.models.qformer import BlockKeyValue, KeyValue, QFormer, QFormerOutput
 from qformer.models.vision import EvaViT
 
 if TYPE_CHECKING:
     from qformer.retrieval import Features, Images, Texts
 
-ImageKeyValues = tuple[KeyValue | None, ...]
+ImageKeyValues = tuple[KeyValue | BlockKeyValue | None, ...]
 
 
 

@@ -27,6 +27,47 @@ from qformer.losses import causal_lm_loss
 KeyValue = tuple[Tensor, Tensor]  # each (B, nh, T, hs)
 
 
+@dataclass(frozen=True)
+class BlockKeyValue:
+    """Image keys/values (B, nh, S, hs) read by n x B query rows in blocks of B: block r reads
+    image i at its row i when ``index[r]`` is None, else image ``index[r][i]``.
+
+    Instead of a copy of the keys/values per block (kept for the backward), the blocks that read
+    the images in order attend in one call, their queries side by side, and a block with an
+    index gathers its keys/values again in the backward (checkpointed): the step keeps the
+    images' keys/values once (stage 1's ITM rows [pos, neg image, neg text]).
+    """
+
+    key: Tensor
+    value: Tensor
+    index: tuple[Tensor | None, ...]
+
+    def materialise(self) -> KeyValue:
+        """Keys/values of every query row, each (n x B, nh, S, hs)."""
+        parts = [(self.key, self.value) if i is None else (self.key[i], self.value[i]) for i in self.index]
+        return torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])
+
+    def attend(self, query: Tensor, dropout: float) -> Tensor:
+        """(n x B, nh, Q, hs) queries -> their context (n x B, nh, Q, hs)."""
+        blocks = query.split(self.key.shape[0])  # n x (B, nh, Q, hs)
+        context: list[Tensor | None] = [None] * len(blocks)
+        in_order = [r for r, i in enumerate(self.index) if i is None]
+        if in_order:
+            side_by_side = torch.cat([blocks[r] for r in in_order], dim=2)  # (B, nh, k x Q, hs)
+            out = F.scaled_dot_product_attention(side_by_side, self.key, self.value, dropout_p=dropout)
+            for r, part in zip(in_order, out.split(query.shape[2], dim=2)):
+                context[r] = part
+        for r, i in enumerate(self.index):
+            if i is not None:
+                context[r] = checkpoint(_gathered_attention, blocks[r], self.key, self.value, i, dropout,
+                                        use_reentrant=False)
+        return torch.cat(context)
+
+
+def _gathered_attention(query: Tensor, key: Tensor, value: Tensor, index: Tensor, dropout: float) -> Tensor:
+    return F.scaled_dot_product_attention(query, key[index], value[index], dropout_p=dropout)
+
+
 @dataclass
 class QFormerCache:
     """Per-layer self-attention keys/values of the positions seen so far.
@@ -167,22 +208,29 @@ class Attention(nn.Module):
     def forward(
         self,
         hidden: Tensor,
-        key_value: KeyValue | None = None,
+        key_value: KeyValue | BlockKeyValue | None = None,
         past: KeyValue | None = None,
         mask: Tensor | None = None,
         is_causal: bool = False,
         need_weights: bool = False,
-    ) -> tuple[Tensor, KeyValue, Tensor | None]:
+    ) -> tuple[Tensor, KeyValue | BlockKeyValue, Tensor | None]:
         """Self-attention when ``key_value`` is None (keys/values from ``hidden``, after ``past``);
-        cross-attention to precomputed ``key_value`` otherwise. Returns the block output, the
+        cross-attention to precomputed ``key_value`` (or :class:`BlockKeyValue`) otherwise. Returns the block output, the
         keys/values attended to and, if asked, the attention weights (B, nh, L, P + L)."""
         batch, length, width = hidden.shape
         query = self.split_heads(self.query(hidden))  # (B, nh, L, hs)
+        dropout = self.attention_dropout if self.training else 0.0
+        if isinstance(key_value, BlockKeyValue):
+            if mask is not None:
+                raise ValueError("image keys/values in blocks take no encoder_attention_mask")
+            if not need_weights:
+                context = key_value.attend(query, dropout).transpose(1, 2).reshape(batch, length, width)  # (B, L, D)
+                return self.norm(hidden + self.dropout(self.out(context))), key_value, None
+            key_value = key_value.materialise()
         key, value = self.project_key_value(hidden) if key_value is None else key_value
         if past is not None:
             key = torch.cat([past[0], key], dim=2)  # (B, nh, P + L, hs)
             value = torch.cat([past[1], value], dim=2)
-        dropout = self.attention_dropout if self.training else 0.0
         weights = None
         if need_weights:
             scores = query @ key.transpose(-1, -2) * self.head_dim**-0.5  # (B, nh, L, P + L)
@@ -236,7 +284,7 @@ class QFormerLayer(nn.Module):
         self_mask: Tensor | None,
         is_causal: bool,
         past: KeyValue | None,
-        image_key_value: KeyValue | None,
+        image_key_value: KeyValue | BlockKeyValue | None,
         image_mask: Tensor | None,
         need_weights: bool,
     ) -> tuple[Tensor, KeyValue, Tensor | None, Tensor | None]:
@@ -362,7 +410,7 @@ class QFormer(nn.Module):
         inputs_embeds: Tensor | None = None,
         encoder_hidden_states: Tensor | None = None,
         encoder_attention_mask: Tensor | None = None,
-        encoder_key_values: tuple[KeyValue | None, ...] | None = None,
+        encoder_key_values: tuple[KeyValue | BlockKeyValue | None, ...] | None = None,
         past_key_values: PastKeyValues | None = None,
         use_cache: bool = False,
         labels: Tensor | None = None,
