@@ -11,7 +11,8 @@ preprocessor config. Then, for each model and side, a child process loads the di
 requested dtype and device, captions one image (greedy, 8 new tokens, no prompt) and reports the
 seconds to load, the seconds from start to the first caption, its peak RSS (and peak CUDA memory
 on a GPU) and the tokens. The table gives both sides and transformers / qformer ratios (> 1:
-qformer takes less).
+qformer takes less). ``tiny-opt`` (a small ViT, Q-Former and OPT; not an official model) is the
+``load`` benchmark's quick size (bench/bench_loading.py).
 """
 
 from __future__ import annotations
@@ -41,7 +42,16 @@ LLMS = {
                              num_decoder_layers=24, num_heads=32, feed_forward_proj="gated-gelu",
                              tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=1,
                              decoder_start_token_id=0),
+    # not an official model: OPT's vocabulary on a narrow LLM, for bench/run.py --quick
+    "tiny-opt": dict(model_type="opt", vocab_size=50272, hidden_size=256, ffn_dim=1024, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=2048, word_embed_proj_dim=256,
+                     pad_token_id=1, bos_token_id=2, eos_token_id=2),
 }
+# the image encoder and Q-Former of a model where they are not BLIP-2's (EVA ViT-g, BERT-base)
+SMALL_TOWERS = (dict(EVA_VIT_G, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4),
+                dict(QFORMER, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024,
+                     encoder_hidden_size=256))
+TOWERS = {"tiny-opt": SMALL_TOWERS}
 IMAGE_TOKEN = {"opt": 50265, "t5": 32100}
 NEW_TOKENS = 8
 
@@ -75,7 +85,8 @@ def build_checkpoint(name: str, directory: Path, stored: str = "bfloat16") -> No
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
     llm = dict(LLMS[name])
-    config = Blip2Config(vision_config=EVA_VIT_G, qformer_config=QFORMER, text_config=llm, num_query_tokens=32,
+    vision, qformer = TOWERS.get(name, (EVA_VIT_G, QFORMER))
+    config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=llm, num_query_tokens=32,
                          image_token_index=IMAGE_TOKEN[llm["model_type"]])
     with torch.device("meta"):
         model = Blip2ForConditionalGeneration(config)
@@ -111,6 +122,7 @@ def bench_image(path: Path) -> Path:
         pixels = np.stack([x * 255 // 640, y * 255 // 480, (x + y) % 256], axis=-1).astype("uint8")
         image = Image.fromarray(pixels)
         ImageDraw.Draw(image).ellipse((200, 120, 440, 360), fill=(200, 30, 30))
+        path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
     return path
 
@@ -187,6 +199,33 @@ def weight_bytes(directory: Path, dtype: str) -> int:
     return count * (4 if dtype == "float32" else 2)
 
 
+def checkpoint(cache: Path, name: str, stored: str = "bfloat16") -> Path:
+    """The cached checkpoint directory of ``name``, built on first use."""
+    directory = cache / (name if stored == "bfloat16" else f"{name}-{stored}")
+    if not directory.is_dir():
+        print(f"building {directory} (once) ...", flush=True)
+        begin = time.perf_counter()
+        cache.mkdir(parents=True, exist_ok=True)
+        build_checkpoint(name, directory, stored)
+        print(f"  built in {time.perf_counter() - begin:.0f} s", flush=True)
+    return directory
+
+
+def run_side(side: str, directory: Path, image: Path, dtype: str = "bfloat16", device: str = "cpu",
+             device_map: str | None = None) -> dict:
+    """One side (transformers or qformer) in a fresh child process, from a warm page cache: the
+    child's report (load_s, first_caption_s, peak_rss_gib, peak_cuda_gib, tokens)."""
+    warm_page_cache(directory)
+    command = [sys.executable, __file__, "--child", side, str(directory), "--image", str(image),
+               "--dtype", dtype, "--device", device]
+    if device_map:
+        command += ["--device-map", device_map]
+    out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if out.returncode:
+        sys.exit(f"{side} on {directory.name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["blip2-opt-2.7b", "blip2-flan-t5-xl"], choices=sorted(LLMS))
@@ -205,28 +244,13 @@ def main() -> None:
         return
 
     cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
     image = bench_image(cache / "bench.png")
     for name in args.models:
-        directory = cache / (name if args.stored == "bfloat16" else f"{name}-{args.stored}")
-        if not directory.is_dir():
-            print(f"building {directory} (once) ...", flush=True)
-            begin = time.perf_counter()
-            build_checkpoint(name, directory, args.stored)
-            print(f"  built in {time.perf_counter() - begin:.0f} s", flush=True)
+        directory = checkpoint(cache, name, args.stored)
         results = {}
         for side in ("transformers", "qformer"):
-            runs = []
-            for _ in range(args.repeats):
-                warm_page_cache(directory)
-                command = [sys.executable, __file__, "--child", side, str(directory), "--image", str(image),
-                           "--dtype", args.dtype, "--device", args.device]
-                if args.device_map:
-                    command += ["--device-map", args.device_map]
-                out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-                if out.returncode:
-                    sys.exit(f"{side} on {name} failed:\n{out.stderr[-3000:]}")
-                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs = [run_side(side, directory, image, args.dtype, args.device, args.device_map)
+                    for _ in range(args.repeats)]
             results[side] = min(runs, key=lambda r: r["first_caption_s"])
         ref, ours = results["transformers"], results["qformer"]
         weights = weight_bytes(directory, args.dtype) / GIB
