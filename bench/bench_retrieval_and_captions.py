@@ -121,8 +121,8 @@ def reference_retrieval(
     images = torch.arange(sim.shape[0], device=sim.device).repeat_interleave(top_text.shape[1])
     i2t[images, top_text.reshape(-1)] = itm(images, top_text.reshape(-1)) + top_sim.reshape(-1)
     top_sim, top_image = sim.t().topk(min(k, sim.shape[0]), dim=1)  # (Nt, k)
-    texts_ = torch.arange(sim.shape[1], device=sim.device).repeat_interleave(top_image.shape[1])
-    t2i[texts_, top_image.reshape(-1)] = itm(top_image.reshape(-1), texts_) + top_sim.reshape(-1)
+    text_rows = torch.arange(sim.shape[1], device=sim.device).repeat_interleave(top_image.shape[1])
+    t2i[text_rows, top_image.reshape(-1)] = itm(top_image.reshape(-1), text_rows) + top_sim.reshape(-1)
     return i2t, t2i
 
 
