@@ -77,6 +77,9 @@ def retrieval_scores(
     of every image (text) are re-scored with ITM logit + ITC similarity; the rest get -100.
 
     image_embeds (Ni, S, W) after ``ln_vision``; texts (Nt, T). Returns i2t (Ni, Nt), t2i (Nt, Ni).
+    The ITM passes of both directions go ``chunk`` pairs at a time, grouped by image: each
+    image's cross-attention keys/values are computed once for all its candidate texts, and a
+    pair that is a candidate both ways is scored once.
     """
     n_images, n_texts = image_embeds.shape[0], input_ids.shape[0]
     image_feats = torch.cat(
@@ -89,29 +92,29 @@ def retrieval_scores(
         ]
     )
     sim = model.similarity(image_feats, text_feats)  # (Ni, Nt)
-
+    k_texts, k_images = min(k, n_texts), min(k, n_images)
+    top_text = sim.topk(k_texts, dim=1).indices  # (Ni, k)
+    top_image = sim.t().topk(k_images, dim=1).indices  # (Nt, k)
+    images = torch.arange(n_images, device=sim.device)
+    texts = torch.arange(n_texts, device=sim.device)
+    pair_image = torch.cat([images.repeat_interleave(k_texts), top_image.reshape(-1)])  # i2t pairs, then t2i
+    pair_text = torch.cat([top_text.reshape(-1), texts.repeat_interleave(k_images)])
+    unique, inverse = torch.unique(pair_image * n_texts + pair_text, return_inverse=True)  # sorted: by image
+    image_of, text_of = unique // n_texts, unique % n_texts
+    itm = torch.empty(len(unique), device=sim.device)
+    bounds = torch.searchsorted(image_of, torch.arange(0, n_images + chunk, chunk, device=sim.device)).tolist()
+    for first, (lo, hi) in zip(range(0, n_images, chunk), zip(bounds, bounds[1:])):
+        image_kv = model.qformer.encoder_key_values(image_embeds[first : first + chunk])  # once per image
+        for start in range(lo, hi, chunk):
+            pairs = slice(start, min(start + chunk, hi))
+            kv = expand_key_values(image_kv, image_of[pairs] - first)
+            itm[pairs] = itm_match_logits(model, kv, input_ids[text_of[pairs]], attention_mask[text_of[pairs]]).float()
+    scores = itm[inverse] + sim[pair_image, pair_text]  # (Ni * k + Nt * k,)
     i2t = torch.full_like(sim, -100.0)
-    k_texts = min(k, n_texts)
-    top_sim, top_text = sim.topk(k_texts, dim=1)  # (Ni, k)
-    per_chunk = max(1, chunk // k_texts)
-    for start in range(0, n_images, per_chunk):
-        images = torch.arange(start, min(start + per_chunk, n_images), device=sim.device)
-        image_kv = model.qformer.encoder_key_values(image_embeds[images])  # once per image
-        rows = torch.arange(len(images), device=sim.device).repeat_interleave(k_texts)
-        texts = top_text[images].reshape(-1)
-        itm = itm_match_logits(model, expand_key_values(image_kv, rows), input_ids[texts], attention_mask[texts])
-        i2t[images[rows], texts] = itm + top_sim[images].reshape(-1)
-
     t2i = torch.full_like(sim.t(), -100.0)
-    k_images = min(k, n_images)
-    top_sim, top_image = sim.t().topk(k_images, dim=1)  # (Nt, k)
-    for start in range(0, n_texts, per_chunk):
-        texts = torch.arange(start, min(start + per_chunk, n_texts), device=sim.device)
-        images = top_image[texts].reshape(-1)
-        rows = texts.repeat_interleave(k_images)
-        image_kv = model.qformer.encoder_key_values(image_embeds[images])
-        itm = itm_match_logits(model, image_kv, input_ids[rows], attention_mask[rows])
-        t2i[rows, images] = itm + top_sim[texts].reshape(-1)
+    split = n_images * k_texts
+    i2t[pair_image[:split], pair_text[:split]] = scores[:split].to(sim.dtype)
+    t2i[pair_text[split:], pair_image[split:]] = scores[split:].to(sim.dtype)
     return i2t, t2i
 
 
