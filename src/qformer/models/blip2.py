@@ -18,7 +18,6 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from qformer.beam_cache import beam_search_cache
 from qformer.config import Blip2Config, Blip2Stage1Config, QFormerConfig, VisionConfig
 from qformer.devices import DTYPES
 from qformer.inputs import check_features, check_pixels, check_stage2_inputs
@@ -377,7 +376,5 @@ class Blip2Stage2(Blip2Base):
             side = "right" if self.is_encoder_decoder else "left"
             input_ids, attention_mask = move_padding(input_ids, attention_mask, side)
         inputs_embeds, mask = self._inputs_embeds(queries, input_ids, attention_mask)
-        cache = beam_search_cache(self.language_model, generation_kwargs)
-        out = self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **cache,
-                                           **generation_kwargs)
+        out = self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **generation_kwargs)
         return out[:, 1:] if self.is_encoder_decoder else out  # drop the decoder start token
