@@ -12,9 +12,9 @@ KV cache, one token a step); the reference runs the same beam search with a full
 [queries; [DEC] + text so far] per new token (image K/V computed once, as ours). Tokens must be
 identical.
 
-FLOPs are counted by formula (:func:`pass_flops`: 2 FLOPs per multiply-add of every linear layer
-and attention product, per token; norms, softmax and activations left out);
-``tests/test_bench_flops.py`` checks it against ``torch.utils.flop_counter``.
+FLOPs are counted by :mod:`qformer.flops`'s formulas (forward matmul FLOPs; norms, softmax and
+activations left out); ``tests/test_bench_flops.py`` checks these sums against
+``torch.utils.flop_counter`` on both sides.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from harness import Result, max_abs_diff, time_alternately
 from torch import Tensor
 
 from qformer.config import Blip2Stage1Config, QFormerConfig
+from qformer.flops import image_key_values, matmul, qformer_pass
 from qformer.generate import DecodingOptions
 from qformer.models.blip2 import Blip2Stage1, expand_key_values
 from qformer.retrieval import caption_images, retrieval_scores
@@ -33,37 +34,19 @@ IMAGE_TOKENS, IMAGE_WIDTH, QUERIES, TEXT_LENGTH = 257, 1408, 32, 32  # BLIP-2 wi
 EOS = 102  # [SEP]
 
 
-def pass_flops(config: QFormerConfig, queries: int, text: int, image_tokens: int, image_kv: bool = True) -> int:
-    """FLOPs of one Q-Former pass without cache over ``queries`` + ``text`` positions: per layer
-    the self-attention (q, k, v, out projections; scores and weighted sum over all positions),
-    the FFN of every position; on cross-attention layers the queries' q/out projections and
-    attention over the image tokens, and the image K/V projections when ``image_kv``."""
-    d, f, w, length = config.hidden_size, config.intermediate_size, config.encoder_hidden_size, queries + text
-    total = 0
-    for index in range(config.num_hidden_layers):
-        total += 2 * length * d * d * 4 + 2 * 2 * length * length * d + 2 * length * 2 * d * f
-        if queries and config.has_cross_attention(index):
-            total += 2 * queries * d * d * 2 + 2 * 2 * queries * image_tokens * d
-            total += 2 * image_tokens * w * 2 * d if image_kv else 0
-    return total
-
-
-def image_kv_flops(config: QFormerConfig, image_tokens: int) -> int:
-    """FLOPs of one image's cross-attention K/V projections (every cross-attention layer)."""
-    layers = sum(config.has_cross_attention(i) for i in range(config.num_hidden_layers))
-    return layers * 2 * image_tokens * config.encoder_hidden_size * 2 * config.hidden_size
-
-
 def retrieval_flops(config: Blip2Stage1Config, n_images: int, n_texts: int, pairs: int, shared_kv: bool) -> int:
-    """FLOPs of ITC features, similarity and the ITM re-rank of ``pairs`` pairs; the image K/V
-    once per image in the re-rank when ``shared_kv``, once per pair otherwise."""
+    """Forward FLOPs (:mod:`qformer.flops`) of ITC features, similarity and the ITM re-rank of
+    ``pairs`` pairs; the image K/V once per image in the re-rank when ``shared_kv``, once per
+    pair otherwise."""
     q, d, e = config.num_query_tokens, config.qformer.hidden_size, config.embed_dim
-    itc = (n_images * (pass_flops(config.qformer, q, 0, IMAGE_TOKENS) + 2 * q * d * e)
-           + n_texts * (pass_flops(config.qformer, 0, TEXT_LENGTH, IMAGE_TOKENS) + 2 * d * e)
-           + 2 * n_images * n_texts * q * e)
-    itm = pairs * (pass_flops(config.qformer, q, TEXT_LENGTH, IMAGE_TOKENS, image_kv=False) + 2 * q * d * 2)
-    kv = image_kv_flops(config.qformer, IMAGE_TOKENS) * (n_images if shared_kv else pairs)
-    return itc + itm + kv
+    qformer = config.qformer
+    itc = (qformer_pass(qformer, n_images, queries=q, image_tokens=IMAGE_TOKENS) + matmul(n_images * q, d, e)
+           + qformer_pass(qformer, n_texts, text=TEXT_LENGTH) + matmul(n_texts, d, e)
+           + matmul(n_images * q, e, n_texts))
+    itm = (qformer_pass(qformer, pairs, queries=q, text=TEXT_LENGTH, image_tokens=IMAGE_TOKENS, project_image=False)
+           + matmul(pairs * q, d, 2))
+    kv = image_key_values(qformer, n_images if shared_kv else pairs, IMAGE_TOKENS)
+    return (itc + itm + kv).forward
 
 
 def stage1_model(layers: int, seed: int = 0) -> Blip2Stage1:
@@ -203,23 +186,21 @@ def reference_caption(model: Blip2Stage1, embeds: Tensor, options: DecodingOptio
 
 
 def caption_flops(config: QFormerConfig, batch: int, beams: int, steps: int, cached: bool) -> int:
-    """FLOPs of beam-search captioning: the image K/V and (cached) one query pass per image, then
-    per step the new token through every layer against the cache and the LM head on it; without
-    cache, per step a full pass over queries + the text so far and the LM head on every text
-    position. Beam bookkeeping is left out."""
-    d, v, rows = config.hidden_size, config.vocab_size, batch * beams
-    head = 2 * d * d + 2 * d * v  # dense + decoder, per position
-    total = batch * image_kv_flops(config, IMAGE_TOKENS)
+    """Forward FLOPs (:mod:`qformer.flops`) of beam-search captioning: the image K/V and (cached)
+    one query pass per image, then per step the new token through every layer against the cache
+    and the LM head on it; without cache, per step a full pass over queries + the text so far
+    and the LM head on every text position. Beam bookkeeping is left out."""
+    rows = batch * beams
+    total = image_key_values(config, batch, IMAGE_TOKENS)
     if cached:
-        total += batch * pass_flops(config, QUERIES, 0, IMAGE_TOKENS, image_kv=False)
+        total = total + qformer_pass(config, batch, queries=QUERIES, image_tokens=IMAGE_TOKENS, project_image=False)
         for step in range(steps):  # the new token attends to Q + step cached positions and itself
-            past = QUERIES + step
-            per_layer = 2 * d * d * 4 + 2 * 2 * (past + 1) * d + 2 * 2 * d * config.intermediate_size
-            total += rows * (config.num_hidden_layers * per_layer + head)
-        return total
+            total = total + qformer_pass(config, rows, text=1, past=QUERIES + step, lm_head=True)
+        return total.forward
     for step in range(steps):
-        total += rows * (pass_flops(config, QUERIES, step + 1, IMAGE_TOKENS, image_kv=False) + (step + 1) * head)
-    return total
+        total = total + qformer_pass(config, rows, queries=QUERIES, text=step + 1, image_tokens=IMAGE_TOKENS,
+                                     project_image=False, lm_head=True)
+    return total.forward
 
 
 def bench_qformer_caption(quick: bool, device: str) -> Result:
