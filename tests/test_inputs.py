@@ -78,6 +78,9 @@ FAILURES = {
     "q-former, 2 query rows 3 texts": (
         lambda s, b, i: s.qformer(input_ids=ids(3, 5), query_embeds=s.queries(2)), ValueError,
         "batch sizes differ (input_ids 3, query_embeds 2)"),
+    "stage-2 generate with no beams": (
+        lambda s, b, i: b.generate(pixels(1), num_beams=0, max_new_tokens=1), ValueError,
+        "num_beams must be at least 1, got 0"),
     # an empty list (or one image alone) to caption
     "caption of no image": (lambda s, b, i: b.caption([]), ValueError, "images: none given"),
     "answer for no image": (lambda s, b, i: b.answer([], []), ValueError, "images: none given"),

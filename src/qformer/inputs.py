@@ -114,6 +114,15 @@ def llm_positions(language_model: Any) -> int | None:
     return getattr(language_model.config, "max_position_embeddings", None)
 
 
+def check_generation(generation_kwargs: dict) -> None:
+    """``num_beams`` and ``max_new_tokens``, where given, at least 1 (transformers divides by the
+    beams and fails without naming them)."""
+    for key in ("num_beams", "max_new_tokens"):
+        value = generation_kwargs.get(key)
+        if value is not None and value < 1:
+            raise ValueError(f"{key} must be at least 1, got {value}")
+
+
 def check_stage2_inputs(
     model: Blip2Stage2,
     pixel_values: Tensor | None,

@@ -20,7 +20,7 @@ from transformers import (
 
 from qformer.config import Blip2Config, Blip2Stage1Config, QFormerConfig, VisionConfig
 from qformer.devices import DTYPES
-from qformer.inputs import check_features, check_pixels, check_stage2_inputs
+from qformer.inputs import check_features, check_generation, check_pixels, check_stage2_inputs
 from qformer.models.qformer import BlockKeyValue, KeyValue, QFormer, QFormerOutput
 from qformer.models.vision import EvaViT
 
@@ -360,6 +360,7 @@ class Blip2Stage2(Blip2Base):
     ) -> Tensor:
         """The new tokens only (B, N), for a text-only prompt per image (any padding side: the
         batch is re-padded so that each row generates as it would alone)."""
+        check_generation(generation_kwargs)
         check_stage2_inputs(self, pixel_values, image_features, input_ids, attention_mask, qformer_input_ids,
                             qformer_attention_mask, max_new_tokens=generation_kwargs.get("max_new_tokens"))
         if input_ids is not None and self.config.image_token_index is not None:
