@@ -8,6 +8,7 @@ import logging
 import time
 from contextlib import ExitStack, closing
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -94,13 +95,13 @@ def _barrier(runtime: Runtime) -> None:
         torch.distributed.barrier()
 
 
-def _last_checkpoint(run_dir: Path, runtime: Runtime) -> Path | None:
-    """:func:`latest_checkpoint`, verified on rank 0 alone (the files are read once, a fallback is
-    logged once) and told to every rank, which then all resume from the same one."""
-    answer: list[Any] = [None, None]  # the checkpoint, or why there is none to use
+def _decided_on_rank0(runtime: Runtime, decide: Callable[[], Any]) -> Any:
+    """``decide()`` run on rank 0 alone (files read once, warnings logged once) and its answer, or
+    its ValueError, told to every rank, so that all of them act alike."""
+    answer: list[Any] = [None, None]  # the value, or the error's message
     if runtime.is_main:
         try:
-            answer[0] = latest_checkpoint(run_dir)
+            answer[0] = decide()
         except ValueError as err:
             answer[1] = str(err)
     if runtime.world_size > 1:
@@ -111,12 +112,10 @@ def _last_checkpoint(run_dir: Path, runtime: Runtime) -> Path | None:
 
 
 def _opened_by_this_launch(run_dir: Path, runtime: Runtime) -> bool:
-    """Whether this torchrun launch opened the run in ``run_dir`` (rank 0 reads it, every rank is
-    told): a restart takes over only its own run, never one its first start was refused."""
-    answer = [(run_dir / LAUNCH_NAME).is_file() and (run_dir / LAUNCH_NAME).read_text() == runtime.launch]
-    if runtime.world_size > 1:
-        torch.distributed.broadcast_object_list(answer, src=0)
-    return answer[0]
+    """Whether this torchrun launch opened the run in ``run_dir``: a restart takes over only its
+    own run, never one its first start was refused."""
+    marker = run_dir / LAUNCH_NAME
+    return marker.is_file() and marker.read_text() == runtime.launch
 
 
 def _open_run(config: TrainConfig, resume: bool, overwrite: bool, runtime: Runtime) -> Path | None:
@@ -127,9 +126,9 @@ def _open_run(config: TrainConfig, resume: bool, overwrite: bool, runtime: Runti
     restart of a launch whose first start was refused is refused alike."""
     run_dir = Path(config.output_dir)
     checkpoint, changes = None, {}
-    restarted = runtime.restarts > 0 and _opened_by_this_launch(run_dir, runtime)
+    restarted = runtime.restarts > 0 and _decided_on_rank0(runtime, lambda: _opened_by_this_launch(run_dir, runtime))
     if (resume or restarted) and (run_dir / "config.yaml").is_file():
-        checkpoint = _last_checkpoint(run_dir, runtime)
+        checkpoint = _decided_on_rank0(runtime, lambda: latest_checkpoint(run_dir))  # verified once
     if restarted:
         resume, overwrite = checkpoint is not None, checkpoint is None
         if runtime.is_main:
