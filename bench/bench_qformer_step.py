@@ -7,7 +7,9 @@
   projected once) against ``reference_step`` of the tests (every pass projects the image again,
   as LAVIS does), forward + backward from image features, the same fixed hard negatives.
 - ``stage1_memory``: the peak memory of that step at batch 32, each side in a fresh process
-  (see :func:`step_memory`).
+  (see :func:`step_memory`). Both sides run our modules, whose FFN recomputes its GELU in the
+  backward; a third run gives the plain step on an FFN that keeps both of its activations, as
+  LAVIS's and transformers' BERT layers do (``ref_kept_ffn``).
 
 FLOPs come from :mod:`qformer.flops`; MFU is over the matmul peak measured in this process.
 Dropout is off on both sides (eval mode or zero rates), so that their outputs can be compared.
@@ -197,8 +199,15 @@ def stage1_step(quick: bool, device: str) -> Result:
     return result
 
 
+def keep_ffn_activations() -> None:
+    """Our FFN as LAVIS's BertIntermediate/BertOutput run it: act(fc1(x)) kept for the backward."""
+    from qformer.models.qformer import FeedForward
+
+    FeedForward.fc2_of_act = lambda self, inner: self.fc2(self.act(inner))
+
+
 def step_memory(side: str, layers: int, batch: int, text: int, device: str) -> dict[str, float]:
-    """One step of ``side`` ("ours" or "reference"): its loss and the rise of peak memory over the
+    """One step of ``side`` ("ours", "reference" or "ref_kept_ffn"): its loss and the rise of peak memory over the
     memory held before it (model, inputs; gradients are allocated by the step, alike for both).
 
     On CUDA: ``torch.cuda.max_memory_allocated``. On CPU torch tracks no allocations, so this runs
@@ -207,6 +216,8 @@ def step_memory(side: str, layers: int, batch: int, text: int, device: str) -> d
     the resident set follows what the tensors hold. Linux's peak (``VmHWM``) is reset just before
     the step (``/proc/self/clear_refs``), so the build's peak cannot hide the step's.
     """
+    if side == "ref_kept_ffn":
+        keep_ffn_activations()
     _, ours, reference, _ = stage1_setup(layers, batch, text, device)
     run = ours if side == "ours" else reference
     if torch.device(device).type == "cuda":
@@ -229,8 +240,8 @@ def step_memory(side: str, layers: int, batch: int, text: int, device: str) -> d
 def stage1_memory(quick: bool, device: str) -> Result:
     layers, batch, text = (2, 4, 32) if quick else (12, 32, 32)
     measured = {}
-    for side in ("ours", "reference"):
-        if torch.device(device).type == "cuda":
+    for side in ("ours", "reference", "ref_kept_ffn"):
+        if torch.device(device).type == "cuda" and side != "ref_kept_ffn":
             measured[side] = step_memory(side, layers, batch, text, device)
             torch.cuda.empty_cache()
             continue
@@ -240,13 +251,16 @@ def stage1_memory(quick: bool, device: str) -> Result:
         if done.returncode:
             raise RuntimeError(f"{side}'s memory step failed:\n{done.stderr}")
         measured[side] = json.loads(done.stdout.strip().splitlines()[-1])
-    ours, ref = measured["ours"], measured["reference"]
+    ours, ref, kept = measured["ours"], measured["reference"], measured["ref_kept_ffn"]
     tolerance = 1e-2 if torch.device(device).type == "cuda" else 1e-4
-    assert abs(ours["loss"] - ref["loss"]) <= tolerance * abs(ref["loss"]), (ours["loss"], ref["loss"])
+    for other in (ref, kept):
+        assert abs(ours["loss"] - other["loss"]) <= tolerance * abs(other["loss"]), (ours["loss"], other["loss"])
     method = "cuda max_memory_allocated" if torch.device(device).type == "cuda" else "peak RSS (VmHWM, reset before the step) rise, fresh process"
     return Result("stage1_memory", max_abs_diff=abs(ours["loss"] - ref["loss"]),
                   peak_mem_ratio=ours["rise_bytes"] / ref["rise_bytes"],
                   extra={"ours_peak_gib": ours["rise_bytes"] / 2**30, "ref_peak_gib": ref["rise_bytes"] / 2**30,
+                         "ref_kept_ffn_peak_gib": kept["rise_bytes"] / 2**30,
+                         "peak_mem_ratio_vs_kept_ffn": ours["rise_bytes"] / kept["rise_bytes"],
                          "layers": layers, "batch": batch, "text": text, "image_tokens": IMAGE_TOKENS,
                          "method": method, "compared": "loss", "target": "peak_mem_ratio <= 0.8"})
 
@@ -261,7 +275,7 @@ BENCHMARKS: dict[str, Callable[[bool, str], Result]] = {
 def main() -> None:
     """One side's step memory, as a JSON line (the subprocess of :func:`stage1_memory`)."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--memory", choices=("ours", "reference"), required=True)
+    parser.add_argument("--memory", choices=("ours", "reference", "ref_kept_ffn"), required=True)
     parser.add_argument("--layers", type=int, required=True)
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--text", type=int, required=True)

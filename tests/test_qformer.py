@@ -274,6 +274,40 @@ def test_gradient_checkpointing_gives_same_output_and_gradients():
         assert_close(grads_ckpt[name], grads[name], msg=name)
 
 
+def test_feed_forward_recomputes_its_activation_with_the_same_bits():
+    """The FFN keeps fc1's output alone and computes act(fc1(x)) again in the backward."""
+    from qformer.models.qformer import FeedForward
+
+    block = FeedForward(tiny_config(hidden_dropout_prob=0.0)).train()
+    calls = []
+    activation = block.act
+
+    class Counted(torch.nn.Module):
+        def forward(self, x):
+            calls.append(torch.is_grad_enabled())
+            return activation(x)
+
+    block.act = Counted()
+    x = torch.randn(2, 5, block.fc1.in_features, requires_grad=True)
+
+    def grads(forward):
+        block.zero_grad()
+        x.grad = None
+        out = forward(x)
+        out.pow(2).sum().backward()
+        return [out.detach(), x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+
+    plain = grads(lambda h: block.norm(h + block.fc2(activation(block.fc1(h)))))
+    ours = grads(block)
+    assert calls == [True, False]  # once in the forward, once more in the backward
+    for got, expected in zip(ours, plain, strict=True):
+        assert torch.equal(got, expected)
+    calls.clear()
+    with torch.no_grad():
+        block(x)
+    assert calls == [False]  # nothing kept, nothing recomputed
+
+
 def test_return_dict_false_gives_tuple_and_hidden_states():
     model = tiny_qformer()
     ids, queries, image = inputs(model.config)

@@ -261,7 +261,29 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return self.norm(hidden + self.dropout(self.fc2(self.act(self.fc1(hidden)))))
+        return self.norm(hidden + self.dropout(self.fc2_of_act(self.fc1(hidden))))
+
+    def fc2_of_act(self, inner: Tensor) -> Tensor:
+        """fc2(act(inner)). For the backward, fc2's input act(inner) is not kept but computed
+        again from ``inner``, which the activation keeps anyway: one (B, L, 4D) tensor saved
+        per block instead of two. The recomputed values are the same bits."""
+        activated = self.act(inner)
+        if not (torch.is_grad_enabled() and activated.requires_grad):
+            return self.fc2(activated)
+        address, size = activated.data_ptr(), activated.numel()
+
+        def pack(saved: Tensor) -> Tensor | tuple[Tensor, torch.Size]:
+            if saved.data_ptr() == address and saved.numel() == size:
+                return inner, saved.shape  # fc2's input (or a view of it): recomputed from inner
+            return saved
+
+        def unpack(packed: Tensor | tuple[Tensor, torch.Size]) -> Tensor:
+            if isinstance(packed, tuple):
+                return self.act(packed[0]).reshape(packed[1])
+            return packed
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return self.fc2(activated)
 
 
 class QFormerLayer(nn.Module):
