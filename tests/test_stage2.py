@@ -54,17 +54,41 @@ def test_logits_match(saved):
         assert_close(got.loss, expected.loss, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_new_tokens=6), dict(max_new_tokens=6, num_beams=3)])
+@pytest.mark.parametrize("kwargs", [dict(max_new_tokens=6), dict(max_new_tokens=6, num_beams=3),
+                                    dict(max_new_tokens=6, num_beams=3, num_return_sequences=2),
+                                    dict(max_new_tokens=6, do_sample=True, num_return_sequences=2)])
 def test_generated_tokens_match(saved, kwargs):
     llm, _, ref, ours = saved
     tokenizer = ours.tokenizer
     for prompt in PROMPTS:  # one prompt at a time: transformers' own batching pads its way
         text = tokenizer([prompt] * 2, return_tensors="pt")
         ids, mask = with_image_tokens(text.input_ids, text.attention_mask)
+        torch.manual_seed(0)
         expected = ref.generate(pixel_values=pixels(2), input_ids=ids, attention_mask=mask, **kwargs)
         expected = expected[:, ids.shape[1]:] if llm != "t5" else expected[:, 1:]
+        torch.manual_seed(0)
         got = ours.generate(pixels(2), text.input_ids, text.attention_mask, **kwargs)
         assert torch.equal(got, expected), (prompt, got, expected)
+
+
+def test_beams_of_an_image_share_one_prefill(saved):
+    """A decoder-only LLM sees the prompt but its last position once per image (B rows), then
+    the last position once per beam (B x n rows, the prefix cached)."""
+    llm, _, _, ours = saved
+    if llm == "t5":
+        pytest.skip("an encoder-decoder LLM's encoder already runs once per input")
+    text = ours.tokenizer(["a photo of"] * 2, return_tensors="pt")
+    calls = []
+    hook = ours.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(tuple(kwargs["inputs_embeds"].shape[:2])
+                                                  if kwargs.get("inputs_embeds") is not None else None),
+        with_kwargs=True)
+    try:
+        ours.generate(pixels(2), text.input_ids, text.attention_mask, max_new_tokens=3, num_beams=3)
+    finally:
+        hook.remove()
+    length = QUERIES + text.input_ids.shape[1]
+    assert calls[:2] == [(2, length - 1), (2 * 3, 1)], calls
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])

@@ -3,6 +3,7 @@ frozen LLM)."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,12 @@ if TYPE_CHECKING:
 
 ImageKeyValues = tuple[KeyValue | BlockKeyValue | None, ...]
 
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The name transformers' forward, its outputs and generate use for a cache: ``cache`` in
+    recent releases, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def freeze(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -377,5 +384,29 @@ class Blip2Stage2(Blip2Base):
             side = "right" if self.is_encoder_decoder else "left"
             input_ids, attention_mask = move_padding(input_ids, attention_mask, side)
         inputs_embeds, mask = self._inputs_embeds(queries, input_ids, attention_mask)
+        if not self.is_encoder_decoder:
+            generation_kwargs = self._shared_prefix(inputs_embeds, mask, generation_kwargs)
         out = self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **generation_kwargs)
         return out[:, 1:] if self.is_encoder_decoder else out  # drop the decoder start token
+
+    def _shared_prefix(self, inputs_embeds: Tensor, mask: Tensor, generation_kwargs: dict) -> dict:
+        """Where generate runs n > 1 rows per image (beams, returned sequences), the LLM's cache of
+        all prompt positions but the last, computed once per image and repeated n times: the
+        rows of an image share that prefix, which transformers would otherwise prefill n times.
+        An encoder-decoder LLM's encoder already runs once per input."""
+        config = self.language_model.generation_config
+        rows = max(generation_kwargs.get("num_beams") or config.num_beams or 1,
+                   generation_kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
+        cache_key = _cache_argument(self.language_model)
+        static = generation_kwargs.get("cache_implementation") or config.cache_implementation
+        if rows == 1 or inputs_embeds.shape[1] < 2 or cache_key in generation_kwargs or static:
+            return generation_kwargs
+        positions = {}
+        if "position_ids" in inspect.signature(self.language_model.forward).parameters:
+            # generate's positions: padding-aware, as it would compute them for the whole prompt
+            positions["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, :-1]
+        prefix = self.language_model(inputs_embeds=inputs_embeds[:, :-1], attention_mask=mask[:, :-1],
+                                     use_cache=True, logits_to_keep=1, **positions)
+        cache = prefix[cache_key]
+        cache.batch_repeat_interleave(rows)  # (B x n, ...) in generate's order: each image's rows together
+        return {**generation_kwargs, cache_key: cache}
