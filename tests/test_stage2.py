@@ -255,3 +255,18 @@ def test_stage2_from_stage1_drops_the_text_path():
     assert torch.equal(model.query_tokens, stage1.query_tokens)
     assert torch.equal(model.qformer.layers[1].query_ffn.fc1.weight, stage1.qformer.layers[1].query_ffn.fc1.weight)
     assert model.vision is stage1.vision
+
+
+def test_frozen_head_reads_the_last_position_without_copying_its_weight(saved):
+    """transformers slices the prefill's last position (hidden[:, -1:]); with a weight that needs
+    no gradient, torch's matmul would copy the (V, D) head weight for every row (a bmm)."""
+    _, _, _, ours = saved
+    head = ours.language_model.get_output_embeddings()
+    assert not head.weight.requires_grad
+    hidden = torch.randn(3, 5, head.weight.shape[1])[:, -1:]  # (3, 1, D), strides of (3, 5, D)
+    with torch.profiler.profile() as profile:
+        logits = head(hidden)
+    ops = {event.key for event in profile.key_averages()}
+    assert "aten::bmm" not in ops and "aten::mm" in ops, ops
+    expected = hidden.reshape(3, -1) @ head.weight.T + (0 if head.bias is None else head.bias)
+    assert_close(logits, expected[:, None], rtol=1e-5, atol=1e-5)

@@ -38,6 +38,18 @@ def _cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _foldable_rows(head: nn.Module, args: tuple) -> tuple | None:
+    """The frozen LLM head's input, (..., D), in a layout torch's matmul folds into one
+    (N, D) x (D, V) product. transformers hands it the last position as ``hidden[:, -1:]``,
+    whose strides torch does not fold when the weight needs no gradient: it then copies the
+    (V, D) weight for every row (0.6 s per prefill for OPT-2.7B on a CPU)."""
+    hidden = args[0]
+    sizes, strides = hidden.shape, hidden.stride()
+    if all(strides[i] == strides[i + 1] * sizes[i + 1] for i in range(hidden.dim() - 2)):
+        return None
+    return (hidden.clone(memory_format=torch.contiguous_format), *args[1:])
+
+
 def freeze(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """No gradients, eval mode, optionally its parameters cast (e.g. fp16 for a frozen ViT);
     buffers computed at build (rotary tables) keep their dtype, as transformers loads them."""
@@ -269,6 +281,9 @@ class Blip2Stage2(Blip2Base):
         if language_model is None:
             language_model = build_language_model(config.text_config)
         self.language_model = freeze(language_model, DTYPES[config.llm_dtype])
+        head = language_model.get_output_embeddings()
+        if head is not None:
+            head.register_forward_pre_hook(_foldable_rows)
         self.is_encoder_decoder = bool(language_model.config.is_encoder_decoder)
         width = language_model.get_input_embeddings().weight.shape[1]
         self.language_projection = nn.Linear(config.qformer.hidden_size, width)
