@@ -4,10 +4,11 @@ the straightforward way BLIP-2's code reads, to compare the real step with."""
 import torch
 import torch.nn.functional as F
 
-from qformer.config import Blip2Stage1Config, QFormerConfig, VisionConfig
+from qformer.config import Blip2Stage1Config, ImageConfig, QFormerConfig, VisionConfig
 from qformer.models.blip2 import Blip2Stage1
 
 IMAGE = 28  # 2 x 2 patches of 14 px + class token = 5 image tokens
+IMAGE_CONFIG = ImageConfig(size=IMAGE, mean=(0.5, 0.45, 0.4), std=(0.25, 0.3, 0.2))  # not the defaults
 
 
 def tiny_stage1_config(vision: bool = True) -> Blip2Stage1Config:
@@ -118,4 +119,13 @@ def tiny_retrieval_model(vocab_size: int = 50):
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0 if "norm" in name.lower() and name.endswith("weight") else 0.0, 0.3)
+    return model
+
+
+def usable_stage1(tokenizer) -> Blip2Stage1:
+    """A tiny stage-1 model whose vocabulary is the real tokenizer's, with that tokenizer."""
+    config = tiny_stage1_config()
+    qformer = config.qformer.replace(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id)
+    model = tiny_stage1(config=config.replace(qformer=qformer.to_dict(), image=IMAGE_CONFIG.to_dict())).eval()
+    model.tokenizer = tokenizer
     return model

@@ -16,33 +16,23 @@ from PIL import Image
 from torch.testing import assert_close
 from transformers import AutoTokenizer, Blip2Processor, BlipImageProcessor
 
-from qformer import Blip2Stage1, ImageConfig, load_tokenizer
+from qformer import Blip2Stage1, load_tokenizer
 from qformer.cli import main
 from qformer.data.transforms import eval_transform
 from qformer.retrieval import extract_features, retrieval_scores, search, tokenize
 from qformer.train.config import load_train_config
 from qformer.train.loop import train
 from qformer.train.stage1_job import evaluate_retrieval
-from stage1_helpers import IMAGE, tiny_retrieval_model, tiny_stage1, tiny_stage1_config
+from stage1_helpers import IMAGE, IMAGE_CONFIG, tiny_retrieval_model, usable_stage1
 from stage2_helpers import save_tiny_blip2
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGE_CONFIG = ImageConfig(size=IMAGE, mean=(0.5, 0.45, 0.4), std=(0.25, 0.3, 0.2))  # not the defaults
 TEXTS = ["a red square on grass", "two cats on a pink blanket", "green"]
 
 
 @pytest.fixture(scope="module")
 def tokenizer(minilm_path):
     return load_tokenizer(minilm_path)  # bert-base-uncased's vocabulary + [DEC]
-
-
-def usable_stage1(tokenizer) -> Blip2Stage1:
-    """A tiny stage-1 model whose vocabulary is the real tokenizer's, with that tokenizer."""
-    config = tiny_stage1_config()
-    qformer = config.qformer.replace(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id)
-    model = tiny_stage1(config=config.replace(qformer=qformer.to_dict(), image=IMAGE_CONFIG.to_dict())).eval()
-    model.tokenizer = tokenizer
-    return model
 
 
 def noise_images(count: int, seed: int = 0) -> list[Image.Image]:

@@ -15,6 +15,7 @@ from qformer import __version__
 from qformer.convert.parser import add_convert_command
 from qformer.infer_command import add_inference_arguments, caption_command, vqa_command
 from qformer.retrieve_command import add_retrieve_command
+from qformer.serve.command import add_serve_command
 from qformer.train.command import add_train_commands
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.add_argument("--question", required=True, help="the question asked of every image")
     vqa.add_argument("--prompt", default="Question: {} Answer:", help="the question's template")
     add_retrieve_command(commands)
+    add_serve_command(commands)
     add_train_commands(commands)
     export = commands.add_parser(
         "export", help="a training checkpoint as a model that loads in one call",

@@ -1,0 +1,148 @@
+"""What the server runs on the model: its limits, the batch functions of each route, streaming.
+
+Everything here runs on the model thread (see :mod:`qformer.serve.batching`); the HTTP side
+(:mod:`qformer.serve.app`) decodes and checks the requests before they get here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from qformer.blip2 import CAPTION_DEFAULTS, VQA_DEFAULTS, Blip2
+from qformer.models.blip2 import Blip2Stage1
+from qformer.serve.gallery import Gallery, Hit
+
+VQA_PROMPT = "Question: {} Answer:"  # BLIP-2's (Blip2.answer's default)
+RERANK_K = 16  # ITC candidates re-ranked by ITM per search (LAVIS's protocol uses k = 16 on COCO)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One /caption or /vqa request, decoded and checked."""
+
+    image: Image.Image
+    prompt: str  # the text the LLM continues (a question already in VQA_PROMPT)
+
+
+@dataclass(frozen=True)
+class Match:
+    image: Image.Image
+    texts: list[str]
+
+
+@dataclass(frozen=True)
+class Search:
+    text: str | None
+    image: Image.Image | None
+    top: int
+
+
+class ServedModel:
+    """A loaded model and the routes it answers: ``caption`` and ``vqa`` for a stage-2 model
+    (BLIP-2, InstructBLIP), ``match`` and ``search`` for a stage-1 one."""
+
+    def __init__(self, model: Blip2 | Blip2Stage1, name: str, gallery: Gallery | None = None) -> None:
+        self.model, self.name, self.gallery = model, name, gallery
+        self.kind = "stage1" if isinstance(model, Blip2Stage1) else "stage2"
+        if self.kind == "stage2" and gallery is not None:
+            raise ValueError("--gallery is searched by a stage-1 model; this is a stage-2 model (captions, questions)")
+        self.routes = ("match", "search") if self.kind == "stage1" else ("caption", "vqa")
+
+    def generation_settings(self, route: str, max_new_tokens: int | None, num_beams: int | None) -> dict[str, Any]:
+        defaults = CAPTION_DEFAULTS if route == "caption" else VQA_DEFAULTS
+        settings = dict(defaults)
+        if max_new_tokens is not None:
+            settings["max_new_tokens"] = max_new_tokens
+            settings["min_new_tokens"] = min(settings["min_new_tokens"], max_new_tokens)
+        if num_beams is not None:
+            settings["num_beams"] = num_beams
+        return settings
+
+    def run_batch(self, key: Hashable, payloads: Sequence[Any]) -> list[Any]:
+        """The model's answers to one batch of requests sharing ``key`` (route, settings)."""
+        route = key[0]
+        start = time.perf_counter()
+        if route in ("caption", "vqa"):
+            texts = self.model.generate_text([p.image for p in payloads], [p.prompt for p in payloads], **dict(key[1]))
+            seconds = time.perf_counter() - start
+            return [{("caption" if route == "caption" else "answer"): text, "seconds": seconds} for text in texts]
+        if route == "match":
+            return self._match(payloads)
+        if route == "search":
+            return [self._search(payload) for payload in payloads]
+        if route == "stream":  # one request per batch (its key is its own)
+            return [self.stream(*payload) for payload in payloads]
+        raise ValueError(f"no route {route!r}")
+
+    def stream(self, payload: Generation, settings: dict[str, Any], emit: Callable[[str], None]) -> str:
+        """One generation, greedy, calling ``emit(text so far)`` as tokens come; the final text."""
+        streamer = _TextStreamer(self.model.tokenizer, emit)
+        return self.model.generate_text([payload.image], [payload.prompt], streamer=streamer, **settings)[0]
+
+    @torch.no_grad()
+    def _match(self, payloads: Sequence[Match]) -> list[dict[str, Any]]:
+        from qformer.models.blip2 import expand_key_values
+        from qformer.retrieval import extract_features, image_embeds_of, itm_match_logits, tokenize
+
+        model = self.model
+        embeds = image_embeds_of(model, [p.image for p in payloads])  # (B, S, W): each image once
+        kv = model.qformer.encoder_key_values(embeds)
+        image_feats = model.image_features(model.query_pass(kv).last_hidden_state)  # (B, Q, E)
+        texts = [text for p in payloads for text in p.texts]
+        rows = torch.tensor([i for i, p in enumerate(payloads) for _ in p.texts], device=embeds.device)
+        input_ids, attention_mask = tokenize(model, texts)
+        itm = itm_match_logits(model, expand_key_values(kv, rows), input_ids, attention_mask).softmax(-1)
+        text_feats = extract_features(model, input_ids=input_ids, attention_mask=attention_mask).text  # (N, E)
+        itc = torch.einsum("nqe,ne->nq", image_feats[rows], text_feats).amax(-1)  # each pair's similarity
+        out, start = [], 0
+        for p in payloads:
+            end = start + len(p.texts)
+            out.append({"texts": p.texts, "itm": itm[start:end, 1].float().tolist(),
+                        "itc": itc[start:end].float().tolist()})
+            start = end
+        return out
+
+    def _search(self, payload: Search) -> dict[str, Any]:
+        if self.gallery is None:
+            raise ValueError("this server has no gallery: start it with --gallery IMAGES_DIR")
+        self.gallery.refresh_if_changed()
+        if payload.text is not None:
+            hits = self.gallery.search_text(payload.text, payload.top, max(RERANK_K, payload.top))
+            return {"results": [_image_hit(hit) for hit in hits]}
+        hits = self.gallery.search_image(payload.image, payload.top, max(RERANK_K, payload.top))
+        return {"results": [{"text": hit.item, "score": hit.score, "itc": hit.itc} for hit in hits]}
+
+
+def _image_hit(hit: Hit) -> dict[str, Any]:
+    return {"image": hit.item, "url": f"/gallery/{hit.item}", "score": hit.score, "itc": hit.itc}
+
+
+class _TextStreamer:
+    """transformers' streamer protocol (``put`` token ids, ``end``): the first ``put`` is the
+    prompt (skipped); each later one adds a token, and the text so far is emitted when it changed."""
+
+    def __init__(self, tokenizer: Any, emit: Callable[[str], None]) -> None:
+        self.tokenizer, self.emit = tokenizer, emit
+        self.tokens: list[int] = []
+        self.text = ""
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.tokens += value.flatten().tolist()
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
+        if text != self.text:
+            self.text = text
+            self.emit(text)
+
+    def end(self) -> None:
+        pass
+

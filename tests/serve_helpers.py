@@ -1,0 +1,64 @@
+"""Servers for the tests of ``qformer serve``: an app run by uvicorn on a free loopback port in a
+thread, and tiny models to serve."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI
+from PIL import Image
+
+
+@contextmanager
+def running(app: FastAPI) -> Iterator[str]:
+    """``app`` served on 127.0.0.1 at a free port until the block ends; yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png_bytes(seed: int = 0, size: tuple[int, int] = (40, 30)) -> bytes:
+    """A small noise picture as PNG."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def gallery_folder(folder: Path, images: int = 5) -> Path:
+    """``images`` noise pictures, a broken file and a texts.txt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(images):
+        (folder / f"{i}.png").write_bytes(png_bytes(i, (30 + 3 * i, 40)))
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "texts.txt").write_text("a red square\ntwo cats on a mat\ngreen grass\n")
+    return folder
