@@ -353,6 +353,7 @@ def test_cli_refuses_bad_settings_in_one_line(stage2_dir, tmp_path):
     cases = [(["--model", str(stage2_dir), "--max-batch", "0"], "max_batch must be positive"),
              (["--model", str(stage2_dir), "--port", "70000"], "--port must be within 1..65535"),
              (["--model", str(tmp_path / "missing")], "not a local directory"),
+             (["--model", str(tmp_path)], "holds no config.json: expected a model directory"),
              (["--model", str(stage2_dir), "--gallery", str(tmp_path)], "--gallery is searched by a stage-1 model")]
     for arguments, words in cases:
         done = subprocess.run([sys.executable, "-m", "qformer", "serve", *arguments], env=env, capture_output=True,
