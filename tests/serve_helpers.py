@@ -3,6 +3,7 @@ thread, and tiny models to serve."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import socket
 import threading
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import uvicorn
 from fastapi import FastAPI
@@ -62,3 +64,21 @@ def gallery_folder(folder: Path, images: int = 5) -> Path:
     (folder / "broken.png").write_bytes(b"not a png")
     (folder / "texts.txt").write_text("a red square\ntwo cats on a mat\ngreen grass\n")
     return folder
+
+
+async def burst(url: str, images: list[bytes], new_tokens: int) -> list[str]:
+    """Every picture's greedy caption, all the requests in flight at once (each must answer 200)."""
+    limits = httpx.Limits(max_connections=len(images), max_keepalive_connections=len(images))
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        async def ask(data: bytes) -> str:
+            response = await client.post("/caption", files={"image": ("a.png", data, "image/png")},
+                                         data={"max_new_tokens": str(new_tokens), "num_beams": "1"})
+            assert response.status_code == 200, (response.status_code, response.text)
+            return response.json()["caption"]
+
+        return list(await asyncio.gather(*(ask(data) for data in images)))
+
+
+def metric(text: str, name: str) -> float:
+    """One sample's value in Prometheus text."""
+    return float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[-1])

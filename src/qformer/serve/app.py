@@ -111,7 +111,7 @@ class Fields:
             if not isinstance(values, dict):
                 raise RequestError(400, "the JSON body must be an object of fields")
             return cls(values, limits)
-        if kind == "multipart/form-data":
+        if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
             try:
                 form = await request.form(max_files=1, max_fields=limits.max_texts + 16)
             except RequestError:
@@ -286,7 +286,7 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
         if stream and (num_beams or 1) > 1:
             raise RequestError(422, "stream: streaming decodes one beam; pass num_beams 1, or stream false")
         payload = Generation(await fields.image(), prompt)
-        settings = served.generation_settings(route, max_new_tokens, 1 if stream else num_beams)
+        settings = served.generation_settings(route, max_new_tokens, 1 if stream else num_beams, limits)
         if stream:
             return await streamed(route, payload, settings)
         return JSONResponse(await answer((route, tuple(sorted(settings.items()))), payload))

@@ -59,6 +59,9 @@ def load_served(name: str, device: str | None, dtype: str, gallery: str | None, 
 
     options = {"dtype": parse_dtype(dtype), "device": parse_device(device or default_device())}
     directory = resolve_checkpoint(name)
+    if not (Path(directory) / "config.json").is_file():
+        raise FileNotFoundError(f"{name} holds no config.json: expected a model directory (a training run's final/, "
+                                "transformers' BLIP-2, InstructBLIP or Blip2ForImageTextRetrieval, qformer export's)")
     try:
         stage1_layout(directory)
     except ValueError:  # not stage 1: the stage-2 loader names what it is if not stage 2 either

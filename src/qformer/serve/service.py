@@ -17,6 +17,7 @@ from PIL import Image
 from qformer.blip2 import CAPTION_DEFAULTS, VQA_DEFAULTS, Blip2
 from qformer.models.blip2 import Blip2Stage1
 from qformer.serve.gallery import Gallery, Hit
+from qformer.serve.limits import Limits
 
 VQA_PROMPT = "Question: {} Answer:"  # BLIP-2's (Blip2.answer's default)
 RERANK_K = 16  # ITC candidates re-ranked by ITM per search (LAVIS's protocol uses k = 16 on COCO)
@@ -54,14 +55,14 @@ class ServedModel:
             raise ValueError("--gallery is searched by a stage-1 model; this is a stage-2 model (captions, questions)")
         self.routes = ("match", "search") if self.kind == "stage1" else ("caption", "vqa")
 
-    def generation_settings(self, route: str, max_new_tokens: int | None, num_beams: int | None) -> dict[str, Any]:
-        defaults = CAPTION_DEFAULTS if route == "caption" else VQA_DEFAULTS
-        settings = dict(defaults)
-        if max_new_tokens is not None:
-            settings["max_new_tokens"] = max_new_tokens
-            settings["min_new_tokens"] = min(settings["min_new_tokens"], max_new_tokens)
-        if num_beams is not None:
-            settings["num_beams"] = num_beams
+    def generation_settings(self, route: str, max_new_tokens: int | None, num_beams: int | None,
+                            limits: Limits) -> dict[str, Any]:
+        """BLIP-2's settings for ``route`` (5 beams; 30 new tokens for captions, 10 for answers),
+        what the request asked instead, and the defaults within ``limits``."""
+        settings = dict(CAPTION_DEFAULTS if route == "caption" else VQA_DEFAULTS)
+        settings["max_new_tokens"] = max_new_tokens or min(settings["max_new_tokens"], limits.max_new_tokens)
+        settings["min_new_tokens"] = min(settings["min_new_tokens"], settings["max_new_tokens"])
+        settings["num_beams"] = num_beams or min(settings["num_beams"], limits.max_num_beams)
         return settings
 
     def run_batch(self, key: Hashable, payloads: Sequence[Any]) -> list[Any]:
@@ -88,7 +89,7 @@ class ServedModel:
     @torch.no_grad()
     def _match(self, payloads: Sequence[Match]) -> list[dict[str, Any]]:
         from qformer.models.blip2 import expand_key_values
-        from qformer.retrieval import extract_features, image_embeds_of, itm_match_logits, tokenize
+        from qformer.retrieval import extract_features, image_embeds_of, tokenize
 
         model = self.model
         embeds = image_embeds_of(model, [p.image for p in payloads])  # (B, S, W): each image once
@@ -97,13 +98,14 @@ class ServedModel:
         texts = [text for p in payloads for text in p.texts]
         rows = torch.tensor([i for i, p in enumerate(payloads) for _ in p.texts], device=embeds.device)
         input_ids, attention_mask = tokenize(model, texts)
-        itm = itm_match_logits(model, expand_key_values(kv, rows), input_ids, attention_mask).softmax(-1)
+        hidden = model.multimodal_pass(input_ids, attention_mask, expand_key_values(kv, rows)).last_hidden_state
+        itm = model.itm_logits(hidden).softmax(-1)[:, 1]  # (N,) the probability of a match, as itm_scores
         text_feats = extract_features(model, input_ids=input_ids, attention_mask=attention_mask).text  # (N, E)
         itc = torch.einsum("nqe,ne->nq", image_feats[rows], text_feats).amax(-1)  # each pair's similarity
         out, start = [], 0
         for p in payloads:
             end = start + len(p.texts)
-            out.append({"texts": p.texts, "itm": itm[start:end, 1].float().tolist(),
+            out.append({"texts": p.texts, "itm": itm[start:end].float().tolist(),
                         "itc": itc[start:end].float().tolist()})
             start = end
         return out

@@ -1,0 +1,66 @@
+"""``serve_load``: ``qformer serve`` under a burst of concurrent ``/caption`` requests, with
+dynamic batching (ours) against the same server answering one request per model call (the
+reference: ``max_batch`` 1), the same tiny model, on loopback.
+
+One timed call sends ``REQUESTS`` requests at once (each a different picture, greedy captions of
+``NEW_TOKENS`` tokens) and waits for every answer. Every answer must be 200, and the two servers'
+captions identical (a batched caption equals the caption alone). The batches' mean size comes
+from the server's ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from harness import Result, time_alternately  # noqa: E402
+from serve_helpers import burst, metric, png_bytes, running  # noqa: E402
+from stage2_helpers import save_tiny_blip2  # noqa: E402
+
+from qformer.blip2 import Blip2  # noqa: E402
+from qformer.serve.app import create_app  # noqa: E402
+from qformer.serve.limits import Limits  # noqa: E402
+from qformer.serve.service import ServedModel  # noqa: E402
+
+NEW_TOKENS = 8
+
+
+def bench_serve(quick: bool, device: str) -> Result:
+    requests = 48 if quick else 200
+    images = [png_bytes(seed) for seed in range(requests)]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_tiny_blip2(Path(tmp), "opt")
+        model = Blip2.from_pretrained(Path(tmp), device=device)
+    batched = Limits(max_batch=16, max_wait_ms=10, max_queue=requests + 8)
+    one_at_a_time = Limits(max_batch=1, max_wait_ms=0.001, max_queue=requests + 8)
+    with running(create_app(ServedModel(model, "tiny"), batched)) as ours_url, \
+            running(create_app(ServedModel(model, "tiny"), one_at_a_time)) as ref_url:
+        ours_answers = asyncio.run(burst(ours_url, images, NEW_TOKENS))
+        ref_answers = asyncio.run(burst(ref_url, images, NEW_TOKENS))
+        assert ours_answers == ref_answers, "batched captions differ from the one-at-a-time ones"
+        timing = time_alternately(lambda: asyncio.run(burst(ours_url, images, NEW_TOKENS)),
+                                  lambda: asyncio.run(burst(ref_url, images, NEW_TOKENS)), rounds=3)
+        ours_metrics, ref_metrics = httpx.get(f"{ours_url}/metrics").text, httpx.get(f"{ref_url}/metrics").text
+    name = 'qformer_batch_size_{}{{route="caption"}}'
+    mean_batch = metric(ours_metrics, name.format("sum")) / metric(ours_metrics, name.format("count"))
+    answered = metric(ours_metrics, 'qformer_requests_total{route="caption",status="200"}')
+    failed = sum(float(line.split()[-1]) for line in ours_metrics.splitlines()
+                 if line.startswith('qformer_requests_total{route="caption"') and 'status="200"' not in line)
+    result = timing.into(Result("serve_load", max_abs_diff=0.0))
+    result.extra.update(requests=requests, concurrent=requests, new_tokens=NEW_TOKENS, model="tiny OPT BLIP-2 (tests)",
+                        ours_requests_per_s=requests / result.ours_s, ref_requests_per_s=requests / result.ref_s,
+                        mean_batch_size=mean_batch, answered_200=int(answered), failed=int(failed),
+                        ref_mean_batch_size=metric(ref_metrics, name.format("sum")) / metric(ref_metrics,
+                                                                                               name.format("count")),
+                        ours="max_batch 16, max_wait_ms 10", ref="max_batch 1 (one request per model call)",
+                        target="all answered, mean batch > 1, speedup >= 3")
+    assert failed == 0 and mean_batch > 1
+    return result
+
+
+BENCHMARKS = {"serve_load": bench_serve}

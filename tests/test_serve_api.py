@@ -1,0 +1,362 @@
+"""``qformer serve`` through an HTTP client against servers on loopback with tiny models: every
+route, every limit, bad input, batching, a full queue, timeouts, streaming, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+from serve_helpers import burst, free_port, gallery_folder, metric, png_bytes, running
+from stage1_helpers import usable_stage1
+from stage2_helpers import save_tiny_blip2
+
+from qformer import load_tokenizer
+from qformer.blip2 import CAPTION_DEFAULTS, VQA_DEFAULTS, Blip2
+from qformer.retrieval import itc_scores, itm_scores, search
+from qformer.serve.app import create_app
+from qformer.serve.gallery import Gallery
+from qformer.serve.limits import Limits
+from qformer.serve.service import VQA_PROMPT, ServedModel
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMITS = Limits(max_upload_bytes=200_000, max_image_pixels=100_000, max_prompt_chars=50, max_new_tokens=8,
+                max_num_beams=3, max_texts=4, max_top=5, max_wait_ms=50)
+
+
+def image_file(data: bytes | None = None, name: str = "a.png") -> dict:
+    return {"image": (name, png_bytes() if data is None else data, "image/png")}
+
+
+def picture(data: bytes | None = None) -> Image.Image:
+    return Image.open(io.BytesIO(png_bytes() if data is None else data)).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def stage2_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("blip2")
+    save_tiny_blip2(directory, "opt")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def blip2(stage2_dir) -> Blip2:
+    return Blip2.from_pretrained(stage2_dir)
+
+
+@pytest.fixture(scope="module")
+def stage2(blip2):
+    with running(create_app(ServedModel(blip2, "tiny-blip2"), LIMITS)) as url, httpx.Client(base_url=url,
+                                                                                                timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def stage1_model(minilm_path):
+    return usable_stage1(load_tokenizer(minilm_path))
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory, stage1_model) -> Gallery:
+    folder = gallery_folder(tmp_path_factory.mktemp("gallery") / "photos")
+    return Gallery(stage1_model, folder, fingerprint="tiny-stage1")
+
+
+@pytest.fixture(scope="module")
+def stage1(stage1_model, gallery):
+    with running(create_app(ServedModel(stage1_model, "tiny-stage1", gallery), LIMITS)) as url, \
+            httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
+def assert_refused(response: httpx.Response, status: int, words: str) -> None:
+    """A refusal: the status, one line naming the problem, no traceback."""
+    assert response.status_code == status, (response.status_code, response.text)
+    body = response.json()
+    assert list(body) == ["error"] and words in body["error"], body
+    assert "\n" not in body["error"] and "Traceback" not in response.text
+
+
+def test_health_info_openapi(stage2):
+    assert stage2.get("/healthz").json() == {"status": "ok"}
+    info = stage2.get("/info").json()
+    assert info["kind"] == "stage2" and info["routes"] == ["caption", "vqa"] and info["gallery"] is None
+    assert info["limits"]["max_new_tokens"] == 8 and info["limits"]["max_upload_bytes"] == 200_000
+    spec = stage2.get("/openapi.json").json()
+    assert {"/caption", "/vqa", "/match", "/search", "/healthz", "/metrics"} <= set(spec["paths"])
+    body = spec["paths"]["/caption"]["post"]["requestBody"]["content"]
+    assert body["multipart/form-data"]["schema"]["properties"]["image"]["format"] == "binary"
+    assert body["application/json"]["schema"]["properties"]["image"]["format"] == "byte"
+
+
+def test_caption_and_vqa_answer_as_the_model_does(stage2, blip2):
+    image = picture()
+    expected = blip2.caption([image], max_new_tokens=8, num_beams=3)[0]
+    got = stage2.post("/caption", files=image_file(), data={"max_new_tokens": "8"})
+    assert got.status_code == 200 and got.json()["caption"] == expected, got.text
+    as_json = stage2.post("/caption", json={"image": base64.b64encode(png_bytes()).decode(), "max_new_tokens": 8})
+    assert as_json.json()["caption"] == expected
+    prompted = stage2.post("/caption", files=image_file(), data={"prompt": "a photo of", "num_beams": "2",
+                                                                "max_new_tokens": "5"}).json()
+    settings = {**CAPTION_DEFAULTS, "num_beams": 2, "max_new_tokens": 5}
+    assert prompted["caption"] == blip2.generate_text([image], ["a photo of"], **settings)[0]
+    answer = stage2.post("/vqa", files=image_file(), data={"question": "what is it?"}).json()
+    prompt = VQA_PROMPT.format("what is it?")
+    settings = {**VQA_DEFAULTS, "max_new_tokens": 8, "num_beams": 3}  # BLIP-2's 10 tokens and 5 beams, within the limits
+    assert answer["answer"] == blip2.generate_text([image], [prompt], **settings)[0]
+
+
+def test_stream_sends_the_text_as_it_grows_then_the_greedy_caption(stage2, blip2):
+    seed = 2  # a picture whose greedy caption by the tiny model is not empty within 6 tokens
+    with stage2.stream("POST", "/caption", files=image_file(png_bytes(seed)), data={"stream": "true",
+                                                                                  "max_new_tokens": "6"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [block for block in r.read().decode().split("\n\n") if block.strip()]
+    texts = [json.loads(block.removeprefix("data: "))["text"] for block in events[:-1]]
+    kind, data = events[-1].split("\n")
+    assert kind == "event: done"
+    final = json.loads(data.removeprefix("data: "))["caption"]
+    greedy = blip2.caption([picture(png_bytes(seed))], num_beams=1, max_new_tokens=6)[0]
+    assert final == greedy and texts and texts[-1] == final
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
+    assert_refused(stage2.post("/caption", files=image_file(), data={"stream": "true", "num_beams": "3"}), 422,
+                   "streaming decodes one beam")
+
+
+def test_bad_input_answers_4xx_in_words(stage2):
+    png = png_bytes()
+    cases = [
+        (stage2.post("/caption", files=image_file(b"this is not an image")), 400, "not an image file"),
+        (stage2.post("/caption", files=image_file(png[: len(png) // 2])), 400, "cannot read image"),
+        (stage2.post("/caption", files=image_file(b"")), 400, "empty"),
+        (stage2.post("/caption", data={"prompt": "hi"}), 422, "image: missing"),
+        (stage2.post("/caption", json={"image": 5}), 422, "expected a file or a base64 string"),
+        (stage2.post("/caption", json={"image": "@@@not base64@@@"}), 400, "not valid base64"),
+        (stage2.post("/caption", content=b"{not json", headers={"content-type": "application/json"}), 400,
+         "not valid JSON"),
+        (stage2.post("/caption", json=["a list"]), 400, "object of fields"),
+        (stage2.post("/caption", content=b"raw", headers={"content-type": "text/plain"}), 415, "multipart/form-data"),
+        (stage2.post("/caption", files=image_file(), data={"max_new_tokens": "9"}), 422, "outside 1..8"),
+        (stage2.post("/caption", files=image_file(), data={"max_new_tokens": "many"}), 422, "expected an integer"),
+        (stage2.post("/caption", json={"image": base64.b64encode(png).decode(), "num_beams": 1.5}), 422,
+         "expected an integer"),
+        (stage2.post("/caption", files=image_file(), data={"num_beams": "0"}), 422, "outside 1..3"),
+        (stage2.post("/caption", files=image_file(), data={"stream": "perhaps"}), 422, "true or false"),
+        (stage2.post("/caption", files=image_file(), data={"prompt": "x" * 51}), 422, "max_prompt_chars"),
+        (stage2.post("/vqa", files=image_file()), 422, "question: missing"),
+        (stage2.post("/vqa", json={"image": base64.b64encode(png).decode(), "question": ["a"]}), 422,
+         "expected a string"),
+        (stage2.post("/match", json={}), 404, "answers /caption, /vqa"),
+        (stage2.get("/nowhere"), 404, "Not Found"),
+        (stage2.get("/caption"), 405, "Method Not Allowed"),
+    ]
+    for response, status, words in cases:
+        assert_refused(response, status, words)
+    assert stage2.post("/caption", files=image_file()).status_code == 200  # the server still answers
+
+
+def test_upload_and_pixel_limits(stage2):
+    big = b"\0" * 300_000
+    assert_refused(stage2.post("/caption", files=image_file(big)), 413, "max_upload_bytes")
+
+    def chunks():  # no Content-Length: the body is counted as it comes
+        for _ in range(30):
+            yield b"\0" * 10_000
+
+    chunked = stage2.post("/caption", content=chunks(), headers={"content-type": "application/json"})
+    assert_refused(chunked, 413, "max_upload_bytes")
+    buffer = io.BytesIO()
+    Image.new("RGB", (400, 300), "red").save(buffer, format="PNG")  # 120,000 pixels, over the 100,000 limit
+    wide = buffer.getvalue()
+    assert_refused(stage2.post("/caption", files=image_file(wide)), 400, "max_image_pixels")
+    bomb = bytearray(png_bytes(size=(4, 4)))
+    bomb[16:24] = (60_000).to_bytes(4, "big") + (60_000).to_bytes(4, "big")  # the header claims 3.6 billion pixels
+    assert_refused(stage2.post("/caption", files=image_file(bytes(bomb))), 400, "cannot read image")
+
+
+def test_requests_that_arrive_together_share_a_batch_and_answer_as_alone(blip2):
+    limits = Limits(max_batch=8, max_wait_ms=300, max_new_tokens=8)
+    images = [png_bytes(seed) for seed in range(8)]
+    alone = [blip2.caption([picture(data)], max_new_tokens=4)[0] for data in images]
+    with running(create_app(ServedModel(blip2, "tiny"), limits)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        def ask(data: bytes) -> str:
+            response = c.post("/caption", files=image_file(data), data={"max_new_tokens": "4"})
+            assert response.status_code == 200, response.text
+            return response.json()["caption"]
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, images))
+        metrics = c.get("/metrics").text
+    assert answers == alone
+    count = metric(metrics, 'qformer_batch_size_count{route="caption"}')
+    total = metric(metrics, 'qformer_batch_size_sum{route="caption"}')
+    assert total == 8 and count < 8, metrics  # fewer model calls than requests
+    assert metric(metrics, 'qformer_requests_total{route="caption",status="200"}') == 8
+    assert "qformer_queue_length 0.0" in metrics and 'qformer_request_seconds_count{route="caption"} 8.0' in metrics
+
+
+def test_200_concurrent_captions_are_all_answered_in_batches(blip2):
+    """The bounded load test (its speed is bench/bench_serve.py's): 200 requests at once."""
+    images = [png_bytes(seed) for seed in range(200)]
+    limits = Limits(max_batch=16, max_wait_ms=10, max_queue=256)
+    with running(create_app(ServedModel(blip2, "tiny"), limits)) as url:
+        answers = asyncio.run(burst(url, images, new_tokens=3))
+        metrics = httpx.get(f"{url}/metrics").text
+    assert len(answers) == 200 and all(isinstance(answer, str) for answer in answers)
+    assert metric(metrics, 'qformer_requests_total{route="caption",status="200"}') == 200
+    calls = metric(metrics, 'qformer_batch_size_count{route="caption"}')
+    assert metric(metrics, 'qformer_batch_size_sum{route="caption"}') == 200 and calls < 200 / 2  # mean batch > 2
+
+
+class SlowModel(ServedModel):
+    """The tiny model behind a model call that takes ``seconds`` (queue and timeout tests)."""
+
+    def __init__(self, model: Blip2, seconds: float) -> None:
+        super().__init__(model, "slow")
+        self.seconds = seconds
+
+    def run_batch(self, key, payloads):
+        time.sleep(self.seconds)
+        return super().run_batch(key, payloads)
+
+
+def test_a_full_queue_answers_503_with_retry_after_never_a_hang(blip2):
+    limits = Limits(max_batch=1, max_queue=2, max_wait_ms=1, max_new_tokens=8)
+    with running(create_app(SlowModel(blip2, 0.5), limits)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(lambda _: c.post("/caption", files=image_file(), data={"max_new_tokens": "2"}),
+                                      range(8)))
+        statuses = sorted(r.status_code for r in responses)
+        busy = [r for r in responses if r.status_code == 503]
+        assert set(statuses) == {200, 503} and len(busy) >= 4, statuses  # 1 running + 2 queued at most at a time
+        for response in busy:
+            assert response.headers["retry-after"] == "1"
+            assert_refused(response, 503, "the server is busy")
+        assert c.post("/caption", files=image_file(), data={"max_new_tokens": "2"}).status_code == 200  # recovers
+
+
+def test_a_request_past_its_timeout_answers_504(blip2):
+    limits = Limits(request_timeout_s=0.2, max_wait_ms=1)
+    with running(create_app(SlowModel(blip2, 1.0), limits)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert_refused(c.post("/caption", files=image_file()), 504, "no answer within 0.2 s")
+        assert c.get("/healthz").status_code == 200
+
+
+def test_stage1_match_equals_the_library(stage1, stage1_model):
+    texts = ["a red square", "two cats"]
+    got = stage1.post("/match", files=[("image", ("a.png", png_bytes(), "image/png"))] +
+                      [("texts", (None, t)) for t in texts])
+    assert got.status_code == 200, got.text
+    body = got.json()
+    image = picture()
+    expected_itm = itm_scores(stage1_model, [image, image], texts)
+    expected_itc = itc_scores(stage1_model, [image], texts)[0]
+    torch.testing.assert_close(torch.tensor(body["itm"]), expected_itm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(body["itc"]), expected_itc, rtol=1e-5, atol=1e-5)
+    as_json = stage1.post("/match", json={"image": base64.b64encode(png_bytes()).decode(), "texts": texts[0]}).json()
+    assert as_json["texts"] == texts[:1] and abs(as_json["itm"][0] - body["itm"][0]) < 1e-5
+    assert_refused(stage1.post("/match", json={"image": base64.b64encode(png_bytes()).decode(), "texts": []}), 422,
+                   "texts: one or more")
+    assert_refused(stage1.post("/match", json={"image": base64.b64encode(png_bytes()).decode(),
+                                               "texts": ["t"] * 5}), 422, "max_texts")
+    assert_refused(stage1.post("/caption", files=image_file()), 404, "answers /match, /search")
+
+
+def test_stage1_search_ranks_as_the_library_and_serves_the_images(stage1, stage1_model, gallery):
+    info = stage1.get("/info").json()
+    assert info["kind"] == "stage1" and info["gallery"] == {"images": 5, "texts": 3}
+    body = stage1.post("/search", json={"text": "a red square", "top": 3}).json()
+    expected = search(stage1_model, gallery.folder, "a red square", top=3, k=16)
+    assert [hit["image"] for hit in body["results"]] == [Path(name).name for name, _ in expected.matches[0]]
+    for hit, (_, score) in zip(body["results"], expected.matches[0]):
+        assert abs(hit["score"] - score) < 1e-4
+    served = stage1.get(body["results"][0]["url"])
+    assert served.status_code == 200 and served.content == (gallery.folder / body["results"][0]["image"]).read_bytes()
+    texts = stage1.post("/search", files=image_file(), data={"top": "2"}).json()["results"]
+    assert len(texts) == 2 and {hit["text"] for hit in texts} <= set(gallery.texts)
+    assert texts[0]["score"] >= texts[1]["score"]
+    assert_refused(stage1.post("/search", json={}), 422, "pass text")
+    assert_refused(stage1.post("/search", json={"text": "x", "top": 6}), 422, "outside 1..5")
+    for name in ("broken.png", "texts.txt", "%2E%2E"):
+        assert_refused(stage1.get(f"/gallery/{name}"), 404, "no gallery image")
+    assert_refused(stage1.get("/gallery/..%2F..%2Fetc%2Fpasswd"), 404, "Not Found")
+
+
+def test_gallery_index_is_kept_on_disk_and_updated_incrementally(tmp_path, stage1_model, caplog):
+    folder = gallery_folder(tmp_path / "photos", images=3)
+    first = Gallery(stage1_model, folder, fingerprint="model-a")
+    assert first.refresh() == {"added": 3, "removed": 0, "unreadable": 1, "images": 3, "texts": 3}
+    index = folder / ".qformer-index"
+    assert {p.name for p in index.iterdir()} == {"manifest.json", "features.safetensors"}
+    again = Gallery(stage1_model, folder, fingerprint="model-a")  # a restart: nothing encoded again
+    assert again.refresh() == {"added": 0, "removed": 0, "unreadable": 1, "images": 3, "texts": 3}
+    torch.testing.assert_close(again.image_features, first.image_features)
+    (folder / "3.png").write_bytes(png_bytes(3))
+    (folder / "0.png").unlink()
+    assert again.refresh() == {"added": 1, "removed": 1, "unreadable": 1, "images": 3, "texts": 3}
+    fresh = Gallery(stage1_model, folder, fingerprint="model-a", index=tmp_path / "elsewhere")
+    fresh.refresh()
+    order = [again.names.index(name) for name in fresh.names]
+    torch.testing.assert_close(again.image_features[order], fresh.image_features)  # incremental = from scratch
+    other = Gallery(stage1_model, folder, fingerprint="model-b")  # another model: rebuilt
+    assert other.refresh()["added"] == 3
+
+
+def test_cli_serves_and_finishes_in_flight_requests_on_sigterm(stage2_dir, tmp_path):
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"))
+    command = [sys.executable, "-m", "qformer", "serve", "--model", str(stage2_dir), "--port", str(port),
+               "--device", "cpu", "--max-wait-ms", "1500"]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
+            time.sleep(0.2)
+        result = {}
+        request = threading.Thread(target=lambda: result.update(response=httpx.post(
+            f"{url}/caption", files=image_file(), data={"max_new_tokens": "3"}, timeout=60)))
+        request.start()
+        time.sleep(0.5)  # the request waits in its batch (max_wait_ms 1500) when the signal comes
+        server.send_signal(signal.SIGTERM)
+        request.join(60)
+        assert result["response"].status_code == 200 and isinstance(result["response"].json()["caption"], str)
+        assert server.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+    finally:
+        if server.poll() is None:
+            server.kill()
+    log = server.stdout.read()
+    assert "Shutting down" in log and "Traceback" not in log, log
+
+
+def test_cli_refuses_bad_settings_in_one_line(stage2_dir, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"))
+    cases = [(["--model", str(stage2_dir), "--max-batch", "0"], "max_batch must be positive"),
+             (["--model", str(stage2_dir), "--port", "70000"], "--port must be within 1..65535"),
+             (["--model", str(tmp_path / "missing")], "not a local directory"),
+             (["--model", str(tmp_path)], "holds no config.json: expected a model directory"),
+             (["--model", str(stage2_dir), "--gallery", str(tmp_path)], "--gallery is searched by a stage-1 model")]
+    for arguments, words in cases:
+        done = subprocess.run([sys.executable, "-m", "qformer", "serve", *arguments], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 1 and words in done.stderr, (arguments, done.stderr)
+        assert "Traceback" not in done.stderr
