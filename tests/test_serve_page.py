@@ -27,13 +27,13 @@ except ImportError:
 
 import httpx
 from PIL import Image
-from serve_helpers import gallery_folder, running
-from stage1_helpers import usable_stage1
-from stage2_helpers import save_tiny_blip2
 
 from qformer import load_tokenizer
 from qformer.serve.app import create_app
 from qformer.serve.command import load_served
+from serve_helpers import gallery_folder, running
+from stage1_helpers import usable_stage1
+from stage2_helpers import save_tiny_blip2
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,6 +85,7 @@ def browser() -> Iterator[webdriver.Chrome]:
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                      "--window-size=1280,900", "--hide-scrollbars"):
         options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     try:
         driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     except WebDriverException as err:
@@ -93,6 +94,17 @@ def browser() -> Iterator[webdriver.Chrome]:
     driver.set_page_load_timeout(WAIT_S)
     yield driver
     driver.quit()
+
+
+@pytest.fixture(autouse=True)
+def no_script_errors(browser: webdriver.Chrome) -> Iterator[None]:
+    """Each test fails on an error of the page's script in the console (a refused request's
+    "Failed to load resource" line is the answer the test asked for, not an error of the page)."""
+    browser.get_log("browser")  # what the previous test left
+    yield
+    errors = [entry["message"] for entry in browser.get_log("browser")
+              if entry["level"] == "SEVERE" and "Failed to load resource" not in entry["message"]]
+    assert not errors, errors
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +227,8 @@ def test_caption_stream_questions_and_busy_state(browser, stage2_url, pictures, 
     for asked, question in enumerate(questions, start=1):
         box.send_keys(question)
         browser.find_element(By.ID, "ask-button").click()
-        wait(browser, lambda: browser.find_element(By.ID, "ask-button").is_enabled() and text_of(
-            browser, "#history li:first-child .q") == question, f"{question!r} is not on top of the history")
+        wait(browser, lambda asked_now=question: browser.find_element(By.ID, "ask-button").is_enabled() and text_of(
+            browser, "#history li:first-child .q") == asked_now, f"{question!r} is not on top of the history")
         assert len(browser.find_elements(By.CSS_SELECTOR, "#history li")) == min(asked, 10)
         assert box.get_attribute("value") == ""
     rows = browser.find_elements(By.CSS_SELECTOR, "#history li")
@@ -344,7 +356,8 @@ def test_match_texts(browser, stage1_url, pictures, shots, capsys):
     table = [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
              for row in browser.find_elements(By.CSS_SELECTOR, rows)]
     body = matched.json()
-    assert table == [[text, f"{itm:.3f}", f"{itc:.3f}"] for text, itm, itc in zip(texts, body["itm"], body["itc"])]
+    assert table == [[text, f"{itm:.3f}", f"{itc:.3f}"]
+                     for text, itm, itc in zip(texts, body["itm"], body["itc"], strict=True)]
     assert not browser.find_element(By.ID, "error").is_displayed()
     snap(browser, shots, "desktop-match", capsys)
 
