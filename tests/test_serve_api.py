@@ -360,3 +360,19 @@ def test_cli_refuses_bad_settings_in_one_line(stage2_dir, tmp_path):
                               text=True, timeout=120)
         assert done.returncode == 1 and words in done.stderr, (arguments, done.stderr)
         assert "Traceback" not in done.stderr
+
+
+def test_instructblip_answers_with_the_question_read_by_its_qformer(tmp_path):
+    from stage2_helpers import tiny_tokenizer
+    from test_instructblip import tiny_transformers_instructblip
+
+    tiny_transformers_instructblip("t5").save_pretrained(tmp_path)
+    tiny_tokenizer(add_bos=False).save_pretrained(tmp_path)
+    tiny_tokenizer(add_bos=False).save_pretrained(tmp_path / "qformer_tokenizer")
+    model = Blip2.from_pretrained(tmp_path)
+    assert model.reads_instruction
+    prompt = VQA_PROMPT.format("what is it?")
+    expected = model.generate_text([picture()], [prompt], **{**VQA_DEFAULTS, "max_new_tokens": 8, "num_beams": 3})[0]
+    with running(create_app(ServedModel(model, "tiny-instructblip"), LIMITS)) as url:
+        answer = httpx.post(f"{url}/vqa", files=image_file(), data={"question": "what is it?"}, timeout=60)
+    assert answer.status_code == 200 and answer.json()["answer"] == expected
