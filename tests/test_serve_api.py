@@ -30,7 +30,7 @@ from qformer.retrieval import itc_scores, itm_scores, search
 from qformer.serve.app import create_app
 from qformer.serve.gallery import Gallery
 from qformer.serve.limits import Limits
-from qformer.serve.service import VQA_PROMPT, ServedModel
+from qformer.serve.service import VQA_PROMPT, Generation, ServedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = Limits(max_upload_bytes=200_000, max_image_pixels=100_000, max_prompt_chars=50, max_new_tokens=8,
@@ -376,3 +376,21 @@ def test_instructblip_answers_with_the_question_read_by_its_qformer(tmp_path):
     with running(create_app(ServedModel(model, "tiny-instructblip"), LIMITS)) as url:
         answer = httpx.post(f"{url}/vqa", files=image_file(), data={"question": "what is it?"}, timeout=60)
     assert answer.status_code == 200 and answer.json()["answer"] == expected
+
+
+def test_a_stream_whose_client_went_away_stops_generating(blip2):
+    """The streamed generation stops at the next token once its client is gone."""
+    served = ServedModel(blip2, "tiny")
+    settings = served.generation_settings("caption", 30, 1, Limits())
+    payload = Generation(picture(png_bytes(2)), "")
+    gone = threading.Event()
+    texts = []
+
+    def emit(text: str) -> None:
+        texts.append(text)
+        gone.set()  # the client leaves after the first piece of text
+
+    partial = served.stream(payload, settings, emit, gone)
+    whole = served.stream(payload, settings, lambda text: None, threading.Event())
+    assert len(texts) <= 2 and partial == texts[-1]  # the token in flight may still come
+    assert len(partial.split()) < len(whole.split()) - 5
