@@ -394,3 +394,24 @@ def test_a_stream_whose_client_went_away_stops_generating(blip2):
     whole = served.stream(payload, settings, lambda text: None, threading.Event())
     assert len(texts) <= 2 and partial == texts[-1]  # the token in flight may still come
     assert len(partial.split()) < len(whole.split()) - 5
+
+
+def test_malformed_bodies_answer_4xx_and_the_server_stays_up(stage2):
+    import random
+
+    rng = random.Random(0)
+    bodies = [
+        (b"--x\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc", "multipart/form-data; boundary=x"),
+        (b"no boundary at all", "multipart/form-data"),
+        (bytes(rng.randrange(256) for _ in range(2000)), "multipart/form-data; boundary=----abc"),
+        (b"\xff\xfe{\"image\": 1}", "application/json"),
+        (json.dumps({"image": {"nested": [1, 2]}}).encode(), "application/json"),
+        (b"image=%ZZ&prompt=" + b"a" * 10, "application/x-www-form-urlencoded"),
+    ]
+    for body, kind in bodies:
+        response = stage2.post("/caption", content=body, headers={"content-type": kind})
+        assert 400 <= response.status_code < 500, (kind, response.status_code, response.text)
+        assert list(response.json()) == ["error"] and "Traceback" not in response.text
+    many = [("texts", (None, "t")) for _ in range(100)] + [("image", ("a.png", png_bytes(), "image/png"))]
+    assert 400 <= stage2.post("/caption", files=many).status_code < 500
+    assert stage2.get("/healthz").status_code == 200
