@@ -30,7 +30,7 @@ from qformer.retrieval import itc_scores, itm_scores, search
 from qformer.serve.app import create_app
 from qformer.serve.gallery import Gallery
 from qformer.serve.limits import Limits
-from qformer.serve.service import VQA_PROMPT, ServedModel
+from qformer.serve.service import VQA_PROMPT, Generation, ServedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = Limits(max_upload_bytes=200_000, max_image_pixels=100_000, max_prompt_chars=50, max_new_tokens=8,
@@ -360,3 +360,58 @@ def test_cli_refuses_bad_settings_in_one_line(stage2_dir, tmp_path):
                               text=True, timeout=120)
         assert done.returncode == 1 and words in done.stderr, (arguments, done.stderr)
         assert "Traceback" not in done.stderr
+
+
+def test_instructblip_answers_with_the_question_read_by_its_qformer(tmp_path):
+    from stage2_helpers import tiny_tokenizer
+    from test_instructblip import tiny_transformers_instructblip
+
+    tiny_transformers_instructblip("t5").save_pretrained(tmp_path)
+    tiny_tokenizer(add_bos=False).save_pretrained(tmp_path)
+    tiny_tokenizer(add_bos=False).save_pretrained(tmp_path / "qformer_tokenizer")
+    model = Blip2.from_pretrained(tmp_path)
+    assert model.reads_instruction
+    prompt = VQA_PROMPT.format("what is it?")
+    expected = model.generate_text([picture()], [prompt], **{**VQA_DEFAULTS, "max_new_tokens": 8, "num_beams": 3})[0]
+    with running(create_app(ServedModel(model, "tiny-instructblip"), LIMITS)) as url:
+        answer = httpx.post(f"{url}/vqa", files=image_file(), data={"question": "what is it?"}, timeout=60)
+    assert answer.status_code == 200 and answer.json()["answer"] == expected
+
+
+def test_a_stream_whose_client_went_away_stops_generating(blip2):
+    """The streamed generation stops at the next token once its client is gone."""
+    served = ServedModel(blip2, "tiny")
+    settings = served.generation_settings("caption", 30, 1, Limits())
+    payload = Generation(picture(png_bytes(2)), "")
+    gone = threading.Event()
+    texts = []
+
+    def emit(text: str) -> None:
+        texts.append(text)
+        gone.set()  # the client leaves after the first piece of text
+
+    partial = served.stream(payload, settings, emit, gone)
+    whole = served.stream(payload, settings, lambda text: None, threading.Event())
+    assert len(texts) <= 2 and partial == texts[-1]  # the token in flight may still come
+    assert len(partial.split()) < len(whole.split()) - 5
+
+
+def test_malformed_bodies_answer_4xx_and_the_server_stays_up(stage2):
+    import random
+
+    rng = random.Random(0)
+    bodies = [
+        (b"--x\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc", "multipart/form-data; boundary=x"),
+        (b"no boundary at all", "multipart/form-data"),
+        (bytes(rng.randrange(256) for _ in range(2000)), "multipart/form-data; boundary=----abc"),
+        (b"\xff\xfe{\"image\": 1}", "application/json"),
+        (json.dumps({"image": {"nested": [1, 2]}}).encode(), "application/json"),
+        (b"image=%ZZ&prompt=" + b"a" * 10, "application/x-www-form-urlencoded"),
+    ]
+    for body, kind in bodies:
+        response = stage2.post("/caption", content=body, headers={"content-type": kind})
+        assert 400 <= response.status_code < 500, (kind, response.status_code, response.text)
+        assert list(response.json()) == ["error"] and "Traceback" not in response.text
+    many = [("texts", (None, "t")) for _ in range(100)] + [("image", ("a.png", png_bytes(), "image/png"))]
+    assert 400 <= stage2.post("/caption", files=many).status_code < 500
+    assert stage2.get("/healthz").status_code == 200

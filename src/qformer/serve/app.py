@@ -14,6 +14,7 @@ import binascii
 import io
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -295,12 +296,14 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
+        abandoned = threading.Event()  # set when the client goes away: the generation stops at its next token
+
         def emit(text: str) -> None:
             loop.call_soon_threadsafe(events.put_nowait, text)
 
         start = time.perf_counter()
         try:
-            future = batcher.submit(("stream", uuid.uuid4().hex), (payload, settings, emit))
+            future = batcher.submit(("stream", uuid.uuid4().hex), (payload, settings, emit, abandoned))
         except QueueFull as err:
             raise RequestError(503, f"the server is busy: {err}; retry in {RETRY_AFTER_S} s",
                                {"Retry-After": str(RETRY_AFTER_S)}) from err
@@ -333,6 +336,7 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
                         yield f"event: done\ndata: {json.dumps(done_data)}\n\n"
                     return
             finally:
+                abandoned.set()
                 waiter.cancel()
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

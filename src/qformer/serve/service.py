@@ -6,6 +6,7 @@ Everything here runs on the model thread (see :mod:`qformer.serve.batching`); th
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -81,10 +82,19 @@ class ServedModel:
             return [self.stream(*payload) for payload in payloads]
         raise ValueError(f"no route {route!r}")
 
-    def stream(self, payload: Generation, settings: dict[str, Any], emit: Callable[[str], None]) -> str:
-        """One generation, greedy, calling ``emit(text so far)`` as tokens come; the final text."""
+    def stream(self, payload: Generation, settings: dict[str, Any], emit: Callable[[str], None],
+               abandoned: threading.Event) -> str:
+        """One generation, greedy, calling ``emit(text so far)`` as tokens come; the final text.
+        It stops at the next token once ``abandoned`` is set (the client went away)."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class Abandoned(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+                return torch.full((input_ids.shape[0],), abandoned.is_set(), dtype=torch.bool, device=input_ids.device)
+
         streamer = _TextStreamer(self.model.tokenizer, emit)
-        return self.model.generate_text([payload.image], [payload.prompt], streamer=streamer, **settings)[0]
+        return self.model.generate_text([payload.image], [payload.prompt], streamer=streamer,
+                                        stopping_criteria=StoppingCriteriaList([Abandoned()]), **settings)[0]
 
     @torch.no_grad()
     def _match(self, payloads: Sequence[Match]) -> list[dict[str, Any]]:
