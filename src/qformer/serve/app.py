@@ -238,8 +238,7 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
         return _error(err.status_code, str(err.detail))
 
     @app.exception_handler(Exception)
-    async def failed(request: Request, err: Exception) -> JSONResponse:
-        logger.exception("%s %s failed", request.method, request.url.path)
+    async def failed(request: Request, err: Exception) -> JSONResponse:  # uvicorn logs the traceback
         return _error(500, "the server failed on this request (see its log)")
 
     @app.middleware("http")
