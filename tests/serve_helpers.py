@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -40,6 +44,40 @@ def running(app: FastAPI) -> Iterator[str]:
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+@contextmanager
+def serve_process(arguments: list[str], start_s: float = 120) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    """``qformer serve ARGUMENTS --port N`` in a child process on a free port, up (``/healthz``
+    answers) until the block ends; yields its base URL, the process and the file its output goes
+    to (a file, not a pipe: a pipe nobody reads would stall the server once it filled)."""
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    with tempfile.NamedTemporaryFile("w+", prefix="qformer-serve-", suffix=".log", delete=False) as log:
+        process = subprocess.Popen([sys.executable, "-m", "qformer", "serve", *arguments, "--port", str(port)],
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+    log_path = Path(log.name)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_s
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"qformer serve did not start:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield url, process, log_path
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        log_path.unlink(missing_ok=True)
 
 
 def free_port() -> int:

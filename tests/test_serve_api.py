@@ -20,7 +20,7 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from serve_helpers import burst, free_port, gallery_folder, metric, png_bytes, running
+from serve_helpers import burst, gallery_folder, metric, png_bytes, running, serve_process
 from stage1_helpers import usable_stage1
 from stage2_helpers import save_tiny_blip2
 
@@ -315,23 +315,8 @@ def test_gallery_index_is_kept_on_disk_and_updated_incrementally(tmp_path, stage
     assert other.refresh()["added"] == 3
 
 
-def test_cli_serves_and_finishes_in_flight_requests_on_sigterm(stage2_dir, tmp_path):
-    port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"))
-    command = [sys.executable, "-m", "qformer", "serve", "--model", str(stage2_dir), "--port", str(port),
-               "--device", "cpu", "--max-wait-ms", "1500"]
-    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
-            time.sleep(0.2)
+def test_cli_serves_and_finishes_in_flight_requests_on_sigterm(stage2_dir):
+    with serve_process(["--model", str(stage2_dir), "--device", "cpu", "--max-wait-ms", "1500"]) as (url, server, output):
         result = {}
         request = threading.Thread(target=lambda: result.update(response=httpx.post(
             f"{url}/caption", files=image_file(), data={"max_new_tokens": "3"}, timeout=60)))
@@ -341,10 +326,7 @@ def test_cli_serves_and_finishes_in_flight_requests_on_sigterm(stage2_dir, tmp_p
         request.join(60)
         assert result["response"].status_code == 200 and isinstance(result["response"].json()["caption"], str)
         assert server.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
-    finally:
-        if server.poll() is None:
-            server.kill()
-    log = server.stdout.read()
+        log = output.read_text()
     assert "Shutting down" in log and "Traceback" not in log, log
 
 

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -75,6 +75,32 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+class Counted:
+    """ASGI middleware: each request's route, status and time into the metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+        route = scope["path"].strip("/").split("/")[0] or "page"
+        route = route if route in KNOWN_ROUTES else "other"
+
+        async def sent(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -222,6 +248,7 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
     app = FastAPI(title="qformer", version=__version__, lifespan=lifespan,
                   description=f"BLIP-2 model {served.name} ({served.kind}): routes {', '.join(served.routes)}")
     app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
+    app.add_middleware(Counted, metrics=metrics)  # outermost: it counts the 413s too
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, err: RequestError) -> JSONResponse:
@@ -240,20 +267,6 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
     @app.exception_handler(Exception)
     async def failed(request: Request, err: Exception) -> JSONResponse:  # uvicorn logs the traceback
         return _error(500, "the server failed on this request (see its log)")
-
-    @app.middleware("http")
-    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        start = time.perf_counter()
-        route = request.url.path.strip("/").split("/")[0] or "page"
-        route = route if route in KNOWN_ROUTES else "other"
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            metrics.requests.labels(route, str(status)).inc()
-            metrics.latency.labels(route).observe(time.perf_counter() - start)
 
     def require(route: str) -> None:
         if route not in served.routes:
