@@ -58,16 +58,41 @@ def test_vqa_accuracy_normalises_both_sides() -> None:
 
 
 def test_vqa_accuracy_short_lists() -> None:
-    assert vqa_accuracy("Yes", ["yes"]) == 1.0  # a single answer: exact match
-    assert vqa_accuracy("no", ["yes"]) == 0.0
+    assert vqa_accuracy("yes", ["yes"]) == 0.0  # the official leave-one-out: a lone answer has no other
     assert vqa_accuracy("yes", ["yes", "yes"]) == pytest.approx(1 / 3)  # each sees one other match
     with pytest.raises(ValueError):
         vqa_accuracy("yes", [])
 
 
+def test_nothing_is_cleaned_when_the_human_answers_agree() -> None:
+    assert vqa_accuracy("Yes", ["yes"] * 10) == 0.0  # the official script: stripped, not lowercased
+    assert vqa_accuracy(" yes\n", ["yes"] * 10) == 1.0
+    assert vqa_accuracy("Yes", ["yes"] * 9 + ["no"]) == 1.0  # they disagree: both sides cleaned
+
+
+def test_at_most_32_periods_are_removed() -> None:
+    assert normalize_answer("." * 40 + "yes") == "." * 8 + "yes"  # re.UNICODE passed as the count
+
+
+def test_vqa_accuracy_equals_the_official_script_on_hand_written_cases() -> None:
+    """109 hand-written edge cases (punctuation, number words, articles, contractions, whitespace,
+    short answer lists, unicode), scored by the official vqaEval.py (its file names its version)."""
+    import json
+    from pathlib import Path
+
+    official = json.loads((Path(__file__).parent / "data" / "vqa_official_cases.json").read_text())
+    different = [(case["prediction"], case["answers"], case["accuracy"], vqa_accuracy(case["prediction"],
+                                                                                       case["answers"]))
+                 for case in official["cases"]
+                 if abs(vqa_accuracy(case["prediction"], case["answers"]) - case["accuracy"]) > 1e-9]
+    assert different == []
+    score = vqa_score([c["prediction"] for c in official["cases"]], [c["answers"] for c in official["cases"]])
+    assert score == {"accuracy": official["overall"], "count": len(official["cases"])}
+
+
 def test_vqa_score() -> None:
     result = vqa_score(["yes", "2"], [["yes"] * 10, ["two"] + ["3"] * 9])
-    assert result == {"accuracy": pytest.approx(100 * (1.0 + 0.3) / 2), "count": 2}
+    assert result == {"accuracy": round(100 * (1.0 + 0.3) / 2, 2), "count": 2}
     with pytest.raises(ValueError):
         vqa_score(["yes"], [])
 

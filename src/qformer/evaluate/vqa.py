@@ -1,155 +1,126 @@
-"""VQAv2 accuracy with the answer normalisation of the official VQA evaluation.
+"""VQA accuracy exactly as the official evaluation computes it (``vqaEval.py`` of
+GT-Vision-Lab/VQA, its current version: "Fixed processing answers bug"), quirks included, so that
+a number printed here is the number the official script prints on the same predictions.
 
-The official evaluation (the ``vqaEval.py`` of the VQA challenge) compares a predicted answer with
-the (usually ten) human answers after cleaning punctuation, digits, articles and contractions. This
-module follows that description with two deliberate differences, both documented where they apply:
+Per question, the official script:
 
-* the prediction and every human answer go through the whole of :func:`normalize_answer`, always;
-  the official script cleans only when the human answers disagree, and puts the human answers
-  through the punctuation step alone (the released annotations are mostly clean already);
-* a question with a single human answer scores 1 for an exact match and 0 otherwise, where the
-  leave-one-out rule would leave nothing to compare with.
+1. turns newlines and tabs into spaces and strips the prediction and every human answer;
+2. only when the human answers are not all identical, cleans both sides: punctuation (see
+   :func:`process_punctuation`), then lowercasing, number words to digits, articles dropped and
+   contractions restored (:func:`process_digits_and_articles`). When all human answers are the
+   same string nothing is cleaned: "Yes" against ten "yes" scores 0;
+3. for each human answer, counts the *other* answers equal to the prediction: acc = min(1, n / 3);
+   the question's accuracy is the mean over the human answers (one answer: always 0).
+
+The overall accuracy is the mean over questions, in percent, rounded to 2 decimals as it prints.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from itertools import combinations
 
-# Characters the official script deletes or turns into a space; the period has a rule of its own.
-_PUNCTUATION = tuple(';/[]"{}()=+\\_-><@`,?!')
+# The official marks, in its order: each is deleted, or replaced by a space (see process_punctuation).
+PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+               "?", "!")
+COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
+# The official pattern as written: "(?!<=\d)" is a look-ahead for the text "<=" and a digit (meant as
+# a look-behind), which never matches at a period, so it removes a period not followed by a digit.
+PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+# The official call is ``periodStrip.sub("", text, re.UNICODE)``: re.UNICODE (32) lands in ``count``.
+PERIODS_REMOVED_AT_MOST = int(re.UNICODE)
 
-# A comma between digits ("1,000"): when present anywhere, every punctuation mark is deleted.
-_COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = ("a", "an", "the")
 
-# The official pattern, kept as written. Its first group is a look-ahead for the text "<=" plus a
-# digit (meant as a look-behind), which never matches at a period, so in effect it removes every
-# period that is not followed by a digit: "dogs." -> "dogs", "1.5" and ".5" unchanged.
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-
-# Number words become digits; "none" -> "0" is in the official map too.
-_NUMBER_WORDS = {
-    "none": "0",
-    "zero": "0",
-    "one": "1",
-    "two": "2",
-    "three": "3",
-    "four": "4",
-    "five": "5",
-    "six": "6",
-    "seven": "7",
-    "eight": "8",
-    "nine": "9",
-    "ten": "10",
-}
-
-_ARTICLES = frozenset({"a", "an", "the"})
-
-# Contractions in their correct spelling. Each is restored from the same word with any of its
-# apostrophes missing ("dont" -> "don't", "couldnt've" -> "couldn't've"). Contractions whose
-# apostrophe-less form is an ordinary word ("we'll"/"well", "it's"/"its", "he'll"/"hell",
-# "she'd"/"shed", "i'll"/"ill", "we're"/"were", "let's"/"lets") are left out, as in the official map.
-# Its quirks are not copied: capitalised keys ("Im", "Ive") that lowercased text never matches, and
-# "somebody'd" turned into "somebodyd". This map also restores "shes" and fully stripped double
-# contractions ("couldntve"), which the official one leaves as they are.
+# The official contraction table, entry for entry: a word equal to a key (after lowercasing, so the
+# keys with capitals never match) becomes its value. It restores few forms with one apostrophe
+# missing and maps "somebody'd" to "somebodyd".
 # fmt: off
-_CONTRACTIONS = (
-    "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't", "doesn't",
-    "don't", "hadn't", "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he's", "how'd",
-    "how'll", "how's", "isn't", "it'd", "it'd've", "it'll", "ma'am", "mightn't", "mightn't've",
-    "might've", "mustn't", "must've", "needn't", "not've", "o'clock", "oughtn't", "shan't",
-    "she'd've", "she's", "should've", "shouldn't", "shouldn't've", "somebody'd", "somebody'd've",
-    "somebody'll", "somebody's", "someone'd", "someone'd've", "someone'll", "someone's",
-    "something'd", "something'd've", "something'll", "that's", "there'd", "there'd've", "there're",
-    "there's", "they'd", "they'd've", "they'll", "they're", "they've", "'twas", "wasn't",
-    "we'd've", "we've", "weren't", "what'll", "what're", "what's", "what've", "when's", "where'd",
-    "where's", "where've", "who'd", "who'd've", "who'll", "who's", "who've", "why'll", "why're",
-    "why's", "won't", "would've", "wouldn't", "wouldn't've", "y'all", "y'all'll", "y'all'd've",
-    "you'd", "you'd've", "you'll", "you're", "you've",
-)
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+    "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
+    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}
 # fmt: on
 
 
-def _without_apostrophes(word: str) -> set[str]:
-    """Every spelling of ``word`` with one or more of its apostrophes dropped."""
-    positions = [i for i, char in enumerate(word) if char == "'"]
-    spellings = set()
-    for size in range(1, len(positions) + 1):
-        for dropped in combinations(positions, size):
-            spellings.add("".join(char for i, char in enumerate(word) if i not in dropped))
-    return spellings
-
-
-CONTRACTION_MAP: dict[str, str] = {spelling: word for word in _CONTRACTIONS for spelling in _without_apostrophes(word)}
-
-
-def _process_punctuation(text: str) -> str:
-    """The official punctuation step.
-
-    A mark is deleted when it touches a space somewhere in the text ("red, blue"), or when the text
-    holds a comma between digits ("1,000"); otherwise it becomes a space ("t-shirt" -> "t shirt").
-    The conditions are read on the original text, the replacements made on the running result.
-    """
+def process_punctuation(text: str) -> str:
+    """The official punctuation step. A mark is deleted when it touches a space somewhere in the
+    text ("red, blue") or when the text holds a comma between digits ("1,000"), else it becomes a
+    space ("t-shirt" -> "t shirt"); both conditions are read on the text as it came in. Then at
+    most 32 periods not followed by a digit are removed."""
     out = text
-    digit_comma = _COMMA_BETWEEN_DIGITS.search(text) is not None
-    for mark in _PUNCTUATION:
+    digit_comma = COMMA_BETWEEN_DIGITS.search(text) is not None
+    for mark in PUNCTUATION:
         if mark + " " in text or " " + mark in text or digit_comma:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    # The official call passes re.UNICODE as the ``count`` argument (at most 32 periods removed);
-    # here every matching period goes.
-    return _PERIOD_STRIP.sub("", out)
+    return PERIOD_STRIP.sub("", out, count=PERIODS_REMOVED_AT_MOST)
 
 
-def _process_digits_and_articles(text: str) -> str:
-    """Lowercase, number words to digits, articles dropped, contractions restored."""
-    words = [_NUMBER_WORDS.get(word, word) for word in text.lower().split()]
-    words = [CONTRACTION_MAP.get(word, word) for word in words if word not in _ARTICLES]
-    return " ".join(words)
+def process_digits_and_articles(text: str) -> str:
+    """The official second step: lowercase, split on whitespace, number words to digits, articles
+    dropped, contractions restored from :data:`CONTRACTIONS`, joined by single spaces."""
+    words = [NUMBER_WORDS.get(word, word) for word in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(word, word) for word in words if word not in ARTICLES)
 
 
 def normalize_answer(text: str) -> str:
-    """The official VQA answer cleaning: ``"Two dogs."`` -> ``"2 dogs"``, ``"dont"`` -> ``"don't"``.
+    """An answer as the official script cleans it when the human answers disagree:
+    ``"Two dogs."`` -> ``"2 dogs"``, ``"dont"`` -> ``"don't"``."""
+    return process_digits_and_articles(process_punctuation(_strip(text)))
 
-    Newlines and tabs become spaces; then punctuation (see :func:`_process_punctuation`), then
-    lowercasing, number words to digits, articles removed, contractions restored, and single
-    spaces between words.
-    """
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return _process_digits_and_articles(_process_punctuation(text))
+
+def _strip(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """The VQA accuracy of one prediction against the human answers, in [0, 1].
-
-    For each human answer i, acc_i = min(1, (number of the *other* answers equal to the
-    prediction) / 3); the result is the mean of acc_i. With ten answers: 4 or more matches give
-    1.0, 3 give 0.9, 2 give 0.6, 1 gives 0.3. Shorter lists use the same leave-one-out over the
-    answers there are (so two answers that both match give 1/3), except that a single answer
-    gives 1.0 for a match and 0.0 otherwise. Everything is normalised first.
-    """
+    """One question's accuracy in [0, 1], as the official script computes it (see the module
+    docstring): with ten answers, 4 or more matching give 1.0, 3 give 0.9, 2 give 0.6, 1 gives 0.3."""
     if not answers:
         raise ValueError("a question needs at least one human answer")
-    prediction = normalize_answer(prediction)
-    matches = sum(normalize_answer(answer) == prediction for answer in answers)
-    if len(answers) == 1:
-        return float(matches)
-    # Leaving out a matching answer leaves matches - 1 others that agree, any other leaves matches.
-    left_out_match = min(1.0, (matches - 1) / 3)
-    left_out_other = min(1.0, matches / 3)
-    return (matches * left_out_match + (len(answers) - matches) * left_out_other) / len(answers)
+    prediction, answers = _strip(prediction), [_strip(answer) for answer in answers]
+    if len(set(answers)) > 1:
+        prediction, answers = normalize_answer(prediction), [normalize_answer(answer) for answer in answers]
+    matches = sum(answer == prediction for answer in answers)
+    # Leaving out a matching answer leaves matches - 1 others that agree; leaving out another, matches.
+    total = matches * min(1.0, (matches - 1) / 3) + (len(answers) - matches) * min(1.0, matches / 3)
+    return total / len(answers)
 
 
 def vqa_score(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float | int]:
-    """Mean :func:`vqa_accuracy` over questions.
-
-    Returns ``{"accuracy": percent in [0, 100], "count": number of questions}``.
-    """
+    """The official overall accuracy: ``{"accuracy": percent rounded to 2 decimals as the script
+    prints it, "count": questions}``."""
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} questions")
     if not predictions:
         raise ValueError("no questions to score")
     total = sum(vqa_accuracy(prediction, truth) for prediction, truth in zip(predictions, answers, strict=True))
-    return {"accuracy": 100.0 * total / len(predictions), "count": len(predictions)}
+    return {"accuracy": round(100 * total / len(predictions), 2), "count": len(predictions)}
