@@ -30,10 +30,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         description="Serve a stage-2 model (BLIP-2, InstructBLIP: /caption, /vqa) or a stage-1 model (/match, "
                     "/search over --gallery) with a web page at /, OpenAPI at /docs, /healthz and /metrics.")
     serve.add_argument("--model", required=True, help="a model directory or hub id")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: a GPU if there is one)")
-    serve.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (default: auto)")
+    serve.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto: the checkpoint's (default: auto)")
     serve.add_argument("--gallery", default=None, help="a folder of images for /search (stage-1 models); an "
                        "optional texts.txt in it (one per line) is what an image searches")
     serve.add_argument("--gallery-index", default=None,
