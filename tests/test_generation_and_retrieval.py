@@ -148,3 +148,15 @@ def test_recall_on_known_scores():
     assert r["txt_r1"] == pytest.approx(100 / 3) and r["txt_r2"] == pytest.approx(200 / 3)
     assert r["img_r1"] == pytest.approx(50.0) and r["img_r2"] == pytest.approx(100.0)
     assert r["r_mean"] == pytest.approx((100 / 3 + 200 / 3 + 50 + 100) / 4)
+
+
+def test_recall_refuses_a_k_below_the_largest_recall_reported():
+    """Below the re-ranking depth every score ties at -100: R@10 with k = 8 would depend on the
+    order of ties, so it is refused; k at least 10, or every item a candidate, is fine."""
+    i2t, t2i = torch.randn(20, 20), torch.randn(20, 20)
+    text_to_image = torch.arange(20)
+    with pytest.raises(ValueError, match=r"recall@10 needs the re-ranking depth k >= 10, got k = 8"):
+        retrieval_recall(i2t, t2i, text_to_image, k=8)
+    assert retrieval_recall(i2t, t2i, text_to_image, k=10) == retrieval_recall(i2t, t2i, text_to_image)
+    small = retrieval_recall(i2t[:6, :6], t2i[:6, :6], torch.arange(6), k=6)  # 6 items, all candidates
+    assert small["txt_r10"] == 100.0

@@ -119,10 +119,17 @@ def retrieval_scores(
 
 
 def retrieval_recall(
-    i2t: Tensor, t2i: Tensor, text_to_image: Tensor, ks: tuple[int, ...] = (1, 5, 10)
+    i2t: Tensor, t2i: Tensor, text_to_image: Tensor, ks: tuple[int, ...] = (1, 5, 10), k: int | None = None
 ) -> dict[str, float]:
     """Recall@K in percent. An image is retrieved right when any of its captions ranks in the
-    top K (``txt_r``); a caption when its image does (``img_r``)."""
+    top K (``txt_r``); a caption when its image does (``img_r``). ``k``: the re-ranking depth of
+    :func:`retrieval_scores`, whose scores below rank k all tie at -100; a K above it would
+    depend on the order of those ties, so it is refused."""
+    if k is not None:
+        for name, count in (("texts", i2t.shape[1]), ("images", t2i.shape[1])):
+            if k < min(max(ks), count):
+                raise ValueError(f"recall@{max(ks)} needs the re-ranking depth k >= {min(max(ks), count)}, got "
+                                 f"k = {k}: below rank k the {name} tie at -100 (BLIP-2 uses k = {RERANK_DEPTH})")
     images = torch.arange(i2t.shape[0], device=i2t.device)
     text_to_image = text_to_image.to(i2t.device)
     hits_i2t = text_to_image[i2t.argsort(dim=1, descending=True)] == images[:, None]  # (Ni, Nt)

@@ -116,7 +116,7 @@ def evaluate_retrieval(
     )
     text = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt").to(device)
     i2t, t2i = retrieval_scores(model, embeds, text.input_ids, text.attention_mask, k=k)
-    metrics = retrieval_recall(i2t, t2i, torch.arange(len(samples), device=device))
+    metrics = retrieval_recall(i2t, t2i, torch.arange(len(samples), device=device), k=k)
     metrics["chance_r1"] = 100.0 / len(samples)
     metrics["pairs"] = len(samples)
     return metrics
