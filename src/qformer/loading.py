@@ -6,6 +6,7 @@ where it belongs and assigned. Half precision, devices and ``device_map`` (accel
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -419,3 +420,16 @@ def load_quantized_llm(
     if problems:
         raise ValueError(f"{directory}: the LLM's weights do not fit its config: {sorted(problems)}")
     return llm
+
+
+def model_fingerprint(directory: Path) -> str:
+    """What identifies a model's weights: its config and its weight files' names, sizes and
+    modification times (hashing gigabytes at every start would be slow)."""
+    digest = hashlib.sha256()
+    for file in sorted(directory.iterdir()):
+        if file.name == "config.json":
+            digest.update(file.read_bytes())
+        elif file.suffix in (".safetensors", ".bin", ".pth"):
+            stat = file.stat()
+            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()

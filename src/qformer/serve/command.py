@@ -51,9 +51,9 @@ def load_served(name: str, device: str | None, dtype: str, gallery: str | None, 
     from qformer.blip2 import Blip2
     from qformer.devices import parse_device, parse_dtype
     from qformer.infer_command import default_device
-    from qformer.loading import resolve_checkpoint
+    from qformer.loading import model_fingerprint, resolve_checkpoint
     from qformer.models.blip2 import Blip2Stage1
-    from qformer.serve.gallery import Gallery, model_fingerprint
+    from qformer.serve.gallery import Gallery
     from qformer.serve.service import ServedModel
     from qformer.stage1_pretrained import stage1_layout
 

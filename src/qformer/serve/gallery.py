@@ -14,7 +14,6 @@ encoded again: the index keeps the small ITC features, not the image encoder's o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -46,19 +45,6 @@ class Hit:
     item: str
     score: float
     itc: float
-
-
-def model_fingerprint(directory: Path) -> str:
-    """What identifies a model's weights: its config and its weight files' names, sizes and
-    modification times (hashing gigabytes at every start would be slow)."""
-    digest = hashlib.sha256()
-    for file in sorted(directory.iterdir()):
-        if file.name == "config.json":
-            digest.update(file.read_bytes())
-        elif file.suffix in (".safetensors", ".bin", ".pth"):
-            stat = file.stat()
-            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()
 
 
 class Gallery:

@@ -57,6 +57,13 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from qformer.train.config import load_train_config
     from qformer.train.evaluation import evaluate_checkpoint, evaluate_run
 
+    if (args.model is None) == (args.target is None):
+        raise ValueError("pass a run folder or recipe (RUN_OR_RECIPE), or --model with --task and --data; not both")
+    if args.model is not None:
+        return _eval_benchmark(args, overrides)
+    for flag in ("task", "data", "split", "prompt", "num_beams", "max_new_tokens", "limit"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} goes with --model (a benchmark), not with a run")
     if args.checkpoint is not None:
         result = evaluate_checkpoint(load_train_config(args.target, overrides), args.checkpoint, args.out)
     elif Path(args.target).is_file():
@@ -64,6 +71,34 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
     else:
         result = evaluate_run(args.target, overrides, args.out)
     _print_result(result)
+    return 0
+
+
+def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``qformer eval --model M --task T --data ROOT``: a paper's benchmark on a model."""
+    from qformer.blip2 import Blip2
+    from qformer.devices import parse_device, parse_dtype
+    from qformer.evaluate.benchmarks import check_task
+    from qformer.evaluate.runner import evaluate_benchmark, summary_line
+    from qformer.infer_command import default_device
+    from qformer.loading import model_fingerprint, resolve_checkpoint
+
+    if overrides:
+        raise ValueError(f"unrecognized arguments: {' '.join(overrides)} (section.key overrides go with a run)")
+    if args.task is None or args.data is None:
+        raise ValueError("--model needs --task and --data")
+    if args.checkpoint is not None:
+        raise ValueError("--checkpoint goes with a recipe, not with --model")
+    check_task(args.task, args.split)  # before the model loads
+    dtype, device = parse_dtype(args.dtype), parse_device(args.device or default_device())
+    directory = resolve_checkpoint(args.model)
+    model = Blip2.from_pretrained(directory, dtype=dtype, device=device)
+    out = Path(args.out or f"eval-{args.task}")
+    results = evaluate_benchmark(model, args.task, args.data, out, split=args.split, prompt=args.prompt,
+                                 batch_size=args.batch_size, limit=args.limit,
+                                 fingerprint=model_fingerprint(Path(directory)), num_beams=args.num_beams,
+                                 max_new_tokens=args.max_new_tokens)
+    print(summary_line(results, out))
     return 0
 
 
@@ -108,16 +143,34 @@ def add_train_commands(commands: Any) -> None:
                            "first (default: off; a folder holding a run is refused)")
     train.set_defaults(run=_train, takes_overrides=True)
     evaluate = commands.add_parser(
-        "eval", help="evaluate a run's checkpoint on its held-out data",
+        "eval", help="evaluate a run's checkpoint on its held-out data, or a model on a paper's benchmark",
         description="Evaluate a run folder (its latest checkpoint), one of its step_XXXXXXX/ checkpoints or its "
                     "final/ model with the run's config.yaml (--section.key value overrides it), or a "
                     "checkpoint with a recipe (RECIPE --checkpoint X).")
-    evaluate.add_argument("target", metavar="RUN_OR_RECIPE",
+    evaluate.add_argument("target", metavar="RUN_OR_RECIPE", nargs="?", default=None,
                           help="a run folder, a step_XXXXXXX/ or final/ folder of a run, or a YAML recipe "
-                               "(with --checkpoint)")
+                               "(with --checkpoint); or none, with --model")
     evaluate.add_argument("--checkpoint", default=None,
                           help="with a recipe: the step_XXXXXXX/ or final/ folder to evaluate (default: none, "
                                "the target is a run folder)")
     evaluate.add_argument("--out", default=None,
-                          help="where to write the results JSON (default: eval.json in the evaluated folder)")
+                          help="where to write the results: a run's JSON (default: eval.json in the evaluated "
+                               "folder), or with --model a folder (default: eval-TASK)")
+    paper = evaluate.add_argument_group("a paper's benchmark on a model (see the README's evaluation table)")
+    paper.add_argument("--model", default=None, help="a BLIP-2 or InstructBLIP directory or hub id")
+    paper.add_argument("--task", default=None, help="vqav2, okvqa or gqa")
+    paper.add_argument("--data", default=None, help="the benchmark's folder, in its official layout")
+    paper.add_argument("--split", default=None,
+                       help="vqav2: val2014 or test-dev2015 (predictions only); okvqa: val2014; gqa: testdev_balanced "
+                            "(default: the first)")
+    paper.add_argument("--prompt", default=None,
+                       help='the question\'s template (default: BLIP-2\'s, "Question: {} Answer:" for a decoder-only '
+                            'LLM, "Question: {} Short answer:" for FlanT5)')
+    paper.add_argument("--num-beams", type=int, default=None, help="beam width (default: 5, as BLIP-2)")
+    paper.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: 10, as BLIP-2)")
+    paper.add_argument("--batch-size", type=int, default=16, help="questions per batch (default: 16)")
+    paper.add_argument("--limit", type=int, default=None, help="only the first N questions (default: all)")
+    paper.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: a GPU if there is one)")
+    paper.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto: the checkpoint's "
+                                                        "(default: auto)")
     evaluate.set_defaults(run=_eval, takes_overrides=True)

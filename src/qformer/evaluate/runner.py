@@ -1,0 +1,125 @@
+"""``qformer eval --model M --task T --data ROOT``: a benchmark of :mod:`qformer.evaluate.benchmarks`
+run on a model, batched, its predictions appended as they come so that a rerun continues where
+it stopped.
+
+The output folder holds ``settings.json`` (the task, split, prompt, generation settings, the
+model's fingerprint and the library's versions: what a number needs to be reproduced),
+``predictions.jsonl`` (one ``{"question_id", "answer"}`` per line, fsynced batch by batch),
+then ``predictions.json`` (the evaluation server's format) and ``results.json`` (the metric
+with the settings). A rerun with other settings is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from qformer.checkpoint import atomic_write
+from qformer.evaluate.benchmarks import check_task, default_prompt
+
+logger = logging.getLogger(__name__)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1, ensure_ascii=False)))
+
+
+def read_predictions(path: Path) -> dict[Any, str]:
+    """The predictions a run has written; a last line cut off by an interruption is dropped
+    (the file is rewritten without it)."""
+    if not path.is_file():
+        return {}
+    done, lines = {}, path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for number, line in enumerate(lines):
+        try:
+            entry = json.loads(line)
+            done[entry["question_id"]] = entry["answer"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number != len(lines) - 1:
+                raise ValueError(f"{path}: line {number + 1} is not a prediction; delete the folder to start over")
+            logger.warning("%s: dropping its last line, cut off when the run stopped", path)
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(lines[:-1]), encoding="utf-8"))
+    return done
+
+
+def evaluate_benchmark(
+    model: Any,
+    task: str,
+    data: str | Path,
+    out: str | Path,
+    split: str | None = None,
+    prompt: str | None = None,
+    batch_size: int = 16,
+    limit: int | None = None,
+    fingerprint: str | None = None,
+    **generation: Any,
+) -> dict[str, Any]:
+    """Run ``task`` on ``model`` (a :class:`~qformer.blip2.Blip2` or InstructBLIP) over the data
+    under ``data``; returns what ``results.json`` holds."""
+    import torch
+    import transformers
+    from tqdm import tqdm
+
+    from qformer import __version__
+    from qformer.data.transforms import clean_question, load_image
+
+    benchmark, split = check_task(task, split)
+    if batch_size < 1 or (limit is not None and limit < 1):
+        raise ValueError("batch_size and limit must be at least 1")
+    questions = benchmark.read(Path(data), split)[:limit]
+    prompt = prompt or default_prompt(model.is_encoder_decoder)
+    if "{}" not in prompt:
+        raise ValueError(f"--prompt {prompt!r} has no {{}} for the question")
+    generation = {**benchmark.generation, **{k: v for k, v in generation.items() if v is not None}}
+    settings = {"task": task, "split": split, "data": str(Path(data).resolve()), "questions": len(questions),
+                "prompt": prompt, "question_cleaning": "LAVIS's blip_question (lowercase, punctuation out, 50 words)",
+                "generation": generation, "model_fingerprint": fingerprint,
+                "versions": {"qformer": __version__, "torch": torch.__version__,
+                             "transformers": transformers.__version__}}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings_file = out / "settings.json"
+    if settings_file.is_file():
+        before = json.loads(settings_file.read_text())
+        changed = [key for key in settings if key != "versions" and before.get(key) != settings[key]]
+        if changed:
+            raise ValueError(f"{out} holds predictions made with other settings ({', '.join(changed)} differ): "
+                             "pass another --out, or delete it to start over")
+    else:
+        _write_json(settings_file, settings)
+
+    log = out / "predictions.jsonl"
+    done = read_predictions(log)
+    todo = [q for q in questions if q.question_id not in done]
+    if done:
+        logger.info("%s: %d of %d questions answered already; continuing", out, len(questions) - len(todo),
+                    len(questions))
+    with open(log, "a", encoding="utf-8") as lines, tqdm(total=len(questions), initial=len(questions) - len(todo),
+                                                         desc=task, unit="q") as progress:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            images = [load_image(q.image) for q in batch]  # a missing or broken image stops, named
+            prompts = [prompt.format(clean_question(q.question)) for q in batch]
+            answers = model.generate_text(images, prompts, **generation)
+            for question, answer in zip(batch, answers, strict=True):
+                done[question.question_id] = answer
+                lines.write(json.dumps({"question_id": question.question_id, "answer": answer}) + "\n")
+            lines.flush()
+            os.fsync(lines.fileno())
+            progress.update(len(batch))
+    predictions = {q.question_id: done[q.question_id] for q in questions}
+    _write_json(out / "predictions.json", [{"question_id": k, "answer": v} for k, v in predictions.items()])
+    results = {**benchmark.score(predictions, questions), "settings": settings}
+    _write_json(out / "results.json", results)
+    return results
+
+
+def summary_line(results: dict[str, Any], out: Path) -> str:
+    metric = next((key for key in ("vqa_accuracy", "accuracy") if key in results), None)
+    figure = f"{metric} {results[metric]:.2f}" if metric else results.get("note", "")
+    return f"{results['settings']['task']} {results['settings']['split']}: {figure} over {results['count']} questions " \
+           f"({out / 'results.json'})"
+

@@ -1,0 +1,157 @@
+"""``qformer eval --model M --task T --data ROOT`` on tiny fixtures in each benchmark's official
+layout: the answers are the model's under BLIP-2's prompt and settings, the metric is the official
+one, an interrupted run resumes, other settings are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from stage2_helpers import save_tiny_blip2
+
+from qformer.blip2 import Blip2
+from qformer.cli import main
+from qformer.data.transforms import clean_question
+from qformer.evaluate.benchmarks import GENERATION
+from qformer.evaluate.runner import evaluate_benchmark
+from qformer.evaluate.vqa import normalize_answer, vqa_score
+
+QUESTIONS = ["What colour is the ball?", "How many dogs are there?", "Is it raining?", "What is on the TABLE?",
+             "Where is the cat?"]
+ANSWERS = [["red"] * 6 + ["orange"] * 4, ["2"] * 5 + ["two"] * 3 + ["3"] * 2, ["no"] * 10, ["grass"] * 3 + ["it"] * 7,
+           ["on the mat"] * 4 + ["mat"] * 6]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("blip2-opt")
+    save_tiny_blip2(directory, "opt")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model(model_dir) -> Blip2:
+    return Blip2.from_pretrained(model_dir)
+
+
+def picture(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG")
+
+
+def vqa_layout(root: Path, questions_name: str, annotations_name: str | None, folder: str) -> Path:
+    """The VQA challenge's files: questions, annotations (ten answers each), COCO-named images."""
+    image_ids = [9, 9, 42, 139, 285]
+    questions = [{"image_id": image, "question": q, "question_id": 1000 + i}
+                 for i, (image, q) in enumerate(zip(image_ids, QUESTIONS))]
+    (root / questions_name).parent.mkdir(parents=True, exist_ok=True)
+    (root / questions_name).write_text(json.dumps({"questions": questions, "data_subtype": folder}))
+    if annotations_name is not None:
+        annotations = [{"question_id": 1000 + i, "image_id": image, "question_type": "what", "answer_type":
+                        "number" if i == 1 else "other",
+                        "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
+                                    for j, a in enumerate(answers)]}
+                       for i, (image, answers) in enumerate(zip(image_ids, ANSWERS))]
+        (root / annotations_name).write_text(json.dumps({"annotations": annotations}))
+    for image in set(image_ids):
+        picture(root / folder / f"COCO_{folder}_{image:012d}.jpg", image)
+    return root
+
+
+def run(model_dir: Path, *arguments: str) -> None:
+    main(["eval", "--model", str(model_dir), "--device", "cpu", *arguments])
+
+
+def expected_answers(model: Blip2, root: Path, folder: str, prompt: str = "Question: {} Answer:") -> list[str]:
+    image_ids = [9, 9, 42, 139, 285]
+    images = [Image.open(root / folder / f"COCO_{folder}_{i:012d}.jpg").convert("RGB") for i in image_ids]
+    prompts = [prompt.format(clean_question(q)) for q in QUESTIONS]
+    return model.generate_text(images, prompts, **GENERATION)
+
+
+def test_vqav2_answers_and_scores_as_blip2_and_the_official_script(model, model_dir, tmp_path, capsys):
+    root = vqa_layout(tmp_path / "vqav2", "v2_OpenEnded_mscoco_val2014_questions.json",
+                      "v2_mscoco_val2014_annotations.json", "val2014")
+    out = tmp_path / "out"
+    run(model_dir, "--task", "vqav2", "--data", str(root), "--out", str(out), "--batch-size", "2")
+    printed = capsys.readouterr().out
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert [p["question_id"] for p in predictions] == [1000 + i for i in range(5)]
+    assert [p["answer"] for p in predictions] == expected_answers(model, root, "val2014")
+    results = json.loads((out / "results.json").read_text())
+    assert results["vqa_accuracy"] == vqa_score([p["answer"] for p in predictions], ANSWERS)["accuracy"]
+    assert set(results["per_answer_type"]) == {"number", "other"} and results["count"] == 5
+    settings = results["settings"]
+    assert settings["prompt"] == "Question: {} Answer:" and settings["generation"] == GENERATION
+    assert len(settings["model_fingerprint"]) == 64 and settings["split"] == "val2014"
+    assert f"vqa_accuracy {results['vqa_accuracy']:.2f} over 5 questions" in printed
+
+
+def test_an_interrupted_run_resumes_and_other_settings_are_refused(model, model_dir, tmp_path, monkeypatch):
+    root = vqa_layout(tmp_path / "okvqa", "OpenEnded_mscoco_val2014_questions.json",
+                      "mscoco_val2014_annotations.json", "val2014")
+    out = tmp_path / "out"
+    whole = evaluate_benchmark(model, "okvqa", root, out, batch_size=2, fingerprint="f")
+    first = (out / "predictions.json").read_text()
+    lines = (out / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (out / "predictions.jsonl").write_text("".join(lines[:2]) + lines[2][:9])  # stopped while writing line 3
+    (out / "results.json").unlink()
+    asked = []
+    original = Blip2.generate_text
+    monkeypatch.setattr(Blip2, "generate_text", lambda self, images, prompts, **kw: asked.extend(prompts)
+                        or original(self, images, prompts, **kw))
+    again = evaluate_benchmark(model, "okvqa", root, out, batch_size=2, fingerprint="f")
+    assert len(asked) == 3  # the 2 answered questions are not asked again
+    assert (out / "predictions.json").read_text() == first and again["vqa_accuracy"] == whole["vqa_accuracy"]
+    with pytest.raises(ValueError, match=r"other settings \(prompt differ\)"):
+        evaluate_benchmark(model, "okvqa", root, out, prompt="Q: {} A:", fingerprint="f")
+    with pytest.raises(ValueError, match=r"other settings \(generation, model_fingerprint differ\)"):
+        evaluate_benchmark(model, "okvqa", root, out, fingerprint="g", num_beams=2)
+
+
+def test_gqa_is_exact_match_of_the_cleaned_prediction(model, model_dir, tmp_path):
+    root = tmp_path / "gqa"
+    entries = {f"20{i}": {"imageId": f"n{i}", "question": q, "answer": answers[0]}
+               for i, (q, answers) in enumerate(zip(QUESTIONS, ANSWERS))}
+    root.mkdir()
+    (root / "testdev_balanced_questions.json").write_text(json.dumps(entries))
+    for i in range(5):
+        picture(root / "images" / f"n{i}.jpg", i)
+    out = tmp_path / "out"
+    run(model_dir, "--task", "gqa", "--data", str(root), "--out", str(out))
+    predictions = {p["question_id"]: p["answer"] for p in json.loads((out / "predictions.json").read_text())}
+    expected = sum(normalize_answer(predictions[qid]) == e["answer"] for qid, e in entries.items()) / 5
+    assert json.loads((out / "results.json").read_text())["accuracy"] == round(100 * expected, 2)
+
+
+def test_test_dev_writes_predictions_for_the_server(model_dir, tmp_path):
+    root = vqa_layout(tmp_path / "vqav2", "v2_OpenEnded_mscoco_test-dev2015_questions.json", None, "test2015")
+    out = tmp_path / "out"
+    run(model_dir, "--task", "vqav2", "--split", "test-dev2015", "--data", str(root), "--out", str(out))
+    assert len(json.loads((out / "predictions.json").read_text())) == 5
+    assert "evaluation server" in json.loads((out / "results.json").read_text())["note"]
+
+
+@pytest.mark.parametrize(("arguments", "words"), [
+    (["--task", "vqav2"], "--model needs --task and --data"),
+    (["--task", "nocaps", "--data", "."], "--task 'nocaps': one of vqav2, okvqa, gqa"),
+    (["--task", "gqa", "--data", "nowhere"], "testdev_balanced_questions.json not found"),
+    (["--task", "okvqa", "--data", ".", "--split", "test"], "--split 'test': okvqa has val2014"),
+])
+def test_mistakes_are_one_line(model_dir, arguments, words, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run(model_dir, *arguments)
+    assert exit_.value.code == 1 and words in capsys.readouterr().err
+
+
+def test_flan_t5_gets_the_short_answer_prompt(tmp_path):
+    directory = tmp_path / "t5"
+    save_tiny_blip2(directory, "t5")
+    root = vqa_layout(tmp_path / "okvqa", "OpenEnded_mscoco_val2014_questions.json",
+                      "mscoco_val2014_annotations.json", "val2014")
+    results = evaluate_benchmark(Blip2.from_pretrained(directory), "okvqa", root, tmp_path / "out", limit=2)
+    assert results["settings"]["prompt"] == "Question: {} Short answer:" and results["count"] == 2
