@@ -138,7 +138,7 @@ def test_test_dev_writes_predictions_for_the_server(model_dir, tmp_path):
 
 @pytest.mark.parametrize(("arguments", "words"), [
     (["--task", "vqav2"], "--model needs --task and --data"),
-    (["--task", "nocaps", "--data", "."], "--task 'nocaps': one of vqav2, okvqa, gqa"),
+    (["--task", "nocaps", "--data", "."], "--task 'nocaps': one of vqav2, okvqa, gqa, coco_retrieval, flickr_retrieval"),
     (["--task", "gqa", "--data", "nowhere"], "testdev_balanced_questions.json not found"),
     (["--task", "okvqa", "--data", ".", "--split", "test"], "--split 'test': okvqa has val2014"),
 ])
@@ -155,3 +155,37 @@ def test_flan_t5_gets_the_short_answer_prompt(tmp_path):
                       "mscoco_val2014_annotations.json", "val2014")
     results = evaluate_benchmark(Blip2.from_pretrained(directory), "okvqa", root, tmp_path / "out", limit=2)
     assert results["settings"]["prompt"] == "Question: {} Short answer:" and results["count"] == 2
+
+
+def test_coco_retrieval_recalls_as_blip2_retrieves(tmp_path, minilm_path, capsys):
+    """A stage-1 model on LAVIS's Karpathy test layout: every image against every caption, k = 128."""
+    import torch
+    from stage1_helpers import usable_stage1
+
+    from qformer import load_tokenizer
+    from qformer.data.transforms import clean_caption, eval_image
+    from qformer.retrieval import retrieval_recall, retrieval_scores, tokenize
+
+    stage1 = usable_stage1(load_tokenizer(minilm_path))
+    stage1.save_pretrained(tmp_path / "s1")
+    root = tmp_path / "coco"
+    entries = [{"image": f"val2014/COCO_val2014_{i:012d}.jpg", "caption": [f"A photo of thing {i}.", f"thing {i}!"]}
+               for i in range(4)]
+    for i in range(4):
+        picture(root / entries[i]["image"], i)
+    (root / "coco_karpathy_test.json").write_text(json.dumps(entries))
+    out = tmp_path / "out"
+    main(["eval", "--model", str(tmp_path / "s1"), "--device", "cpu", "--task", "coco_retrieval", "--data", str(root),
+          "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    model = type(stage1).from_pretrained(tmp_path / "s1")
+    pixels = torch.stack([eval_image(root / e["image"], model.config.image) for e in entries])
+    ids, mask = tokenize(model, [clean_caption(c) for e in entries for c in e["caption"]])
+    i2t, t2i = retrieval_scores(model, model.image_embeds(pixels), ids, mask, k=128)
+    expected = retrieval_recall(i2t, t2i, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    assert {key: results[key] for key in expected} == {key: round(value, 2) for key, value in expected.items()}
+    assert results["settings"]["k"] == 128 and results["count"] == 4
+    assert "coco_retrieval: txt_r1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(tmp_path / "s1"), "--task", "coco_retrieval", "--data", str(root), "--prompt", "x"])
+    assert "--prompt goes with a question-answering task" in capsys.readouterr().err

@@ -118,8 +118,13 @@ def evaluate_benchmark(
 
 
 def summary_line(results: dict[str, Any], out: Path) -> str:
+    """One line: the task, its figures, how many items, where the results are."""
+    settings = results["settings"]
+    if "txt_r1" in results:
+        figures = ", ".join(f"{key} {results[key]:.2f}" for key in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5",
+                                                                    "img_r10"))
+        return f"{settings['task']}: {figures} over {results['count']} images ({out / 'results.json'})"
     metric = next((key for key in ("vqa_accuracy", "accuracy") if key in results), None)
     figure = f"{metric} {results[metric]:.2f}" if metric else results.get("note", "")
-    return f"{results['settings']['task']} {results['settings']['split']}: {figure} over {results['count']} questions " \
-           f"({out / 'results.json'})"
+    return f"{settings['task']} {settings['split']}: {figure} over {results['count']} questions ({out / 'results.json'})"
 

@@ -89,15 +89,33 @@ def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ValueError("--model needs --task and --data")
     if args.checkpoint is not None:
         raise ValueError("--checkpoint goes with a recipe, not with --model")
-    check_task(args.task, args.split)  # before the model loads
+    from qformer.evaluate.benchmarks import BENCHMARKS
+    from qformer.evaluate.retrieval_tasks import RETRIEVAL_TASKS
+
+    if args.task not in BENCHMARKS and args.task not in RETRIEVAL_TASKS:
+        raise ValueError(f"--task {args.task!r}: one of {', '.join([*BENCHMARKS, *RETRIEVAL_TASKS])}")
+    retrieval = args.task in RETRIEVAL_TASKS
+    if retrieval:
+        for flag in ("split", "prompt", "num_beams", "max_new_tokens"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} goes with a question-answering task, not {args.task}")
+    else:
+        check_task(args.task, args.split)  # before the model loads
     dtype, device = parse_dtype(args.dtype), parse_device(args.device or default_device())
     directory = resolve_checkpoint(args.model)
-    model = Blip2.from_pretrained(directory, dtype=dtype, device=device)
-    out = Path(args.out or f"eval-{args.task}")
-    results = evaluate_benchmark(model, args.task, args.data, out, split=args.split, prompt=args.prompt,
-                                 batch_size=args.batch_size, limit=args.limit,
-                                 fingerprint=model_fingerprint(Path(directory)), num_beams=args.num_beams,
-                                 max_new_tokens=args.max_new_tokens)
+    fingerprint, out = model_fingerprint(Path(directory)), Path(args.out or f"eval-{args.task}")
+    if retrieval:
+        from qformer.evaluate.retrieval_tasks import evaluate_retrieval_task
+        from qformer.models.blip2 import Blip2Stage1
+
+        model = Blip2Stage1.from_pretrained(directory, dtype=dtype, device=device)
+        results = evaluate_retrieval_task(model, args.task, args.data, out, k=args.k, batch_size=args.batch_size,
+                                          limit=args.limit, fingerprint=fingerprint)
+    else:
+        model = Blip2.from_pretrained(directory, dtype=dtype, device=device)
+        results = evaluate_benchmark(model, args.task, args.data, out, split=args.split, prompt=args.prompt,
+                                     batch_size=args.batch_size, limit=args.limit, fingerprint=fingerprint,
+                                     num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     print(summary_line(results, out))
     return 0
 
@@ -158,7 +176,8 @@ def add_train_commands(commands: Any) -> None:
                                "folder), or with --model a folder (default: eval-TASK)")
     paper = evaluate.add_argument_group("a paper's benchmark on a model (see the README's evaluation table)")
     paper.add_argument("--model", default=None, help="a BLIP-2 or InstructBLIP directory or hub id")
-    paper.add_argument("--task", default=None, help="vqav2, okvqa or gqa")
+    paper.add_argument("--task", default=None,
+                       help="vqav2, okvqa, gqa (a stage-2 model); coco_retrieval, flickr_retrieval (a stage-1 model)")
     paper.add_argument("--data", default=None, help="the benchmark's folder, in its official layout")
     paper.add_argument("--split", default=None,
                        help="vqav2: val2014 or test-dev2015 (predictions only); okvqa: val2014; gqa: testdev_balanced "
@@ -168,7 +187,9 @@ def add_train_commands(commands: Any) -> None:
                             'LLM, "Question: {} Short answer:" for FlanT5)')
     paper.add_argument("--num-beams", type=int, default=None, help="beam width (default: 5, as BLIP-2)")
     paper.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: 10, as BLIP-2)")
-    paper.add_argument("--batch-size", type=int, default=16, help="questions per batch (default: 16)")
+    paper.add_argument("--batch-size", type=int, default=16, help="questions or images per batch (default: 16)")
+    paper.add_argument("--k", type=int, default=128,
+                       help="retrieval: the ITC candidates re-ranked by ITM each way (default: 128, as BLIP-2)")
     paper.add_argument("--limit", type=int, default=None, help="only the first N questions (default: all)")
     paper.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: a GPU if there is one)")
     paper.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto: the checkpoint's "
