@@ -189,3 +189,6 @@ def test_coco_retrieval_recalls_as_blip2_retrieves(tmp_path, minilm_path, capsys
     with pytest.raises(SystemExit):
         main(["eval", "--model", str(tmp_path / "s1"), "--task", "coco_retrieval", "--data", str(root), "--prompt", "x"])
     assert "--prompt goes with a question-answering task" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(tmp_path / "s1"), "--task", "vqav2", "--data", str(root)])
+    assert "holds a stage-1 model (image-text matching, no LLM)" in capsys.readouterr().err

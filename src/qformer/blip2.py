@@ -88,7 +88,13 @@ class Blip2(Blip2Stage2):
         ``quantization_config`` (transformers', e.g. ``BitsAndBytesConfig(load_in_8bit=True)``)
         quantises the LLM as transformers loads it."""
         directory = resolve_checkpoint(path_or_hub_id)
-        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+        values = json.loads((directory / "config.json").read_text())
+        model_type = values.get("model_type")
+        if (model_type is None and "embed_dim" in values) or "Blip2ForImageTextRetrieval" in values.get(
+                "architectures", ()):
+            raise ValueError(f"{path_or_hub_id} holds a stage-1 model (image-text matching, no LLM): load it with "
+                             "Blip2Stage1.from_pretrained (qformer retrieve, qformer serve, qformer eval --task "
+                             "coco_retrieval)")
         target = InstructBlip if model_type == "instructblip" else cls
         model, report = target.load_weights(directory, dtype=dtype, device=device, device_map=device_map,
                                             max_memory=max_memory, quantization_config=quantization_config)
