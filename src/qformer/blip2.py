@@ -90,8 +90,8 @@ class Blip2(Blip2Stage2):
         directory = resolve_checkpoint(path_or_hub_id)
         values = json.loads((directory / "config.json").read_text())
         model_type = values.get("model_type")
-        if (model_type is None and "embed_dim" in values) or "Blip2ForImageTextRetrieval" in values.get(
-                "architectures", ()):
+        if (model_type is None and "embed_dim" in values) or "Blip2ForImageTextRetrieval" in (
+                values.get("architectures") or ()):
             raise ValueError(f"{path_or_hub_id} holds a stage-1 model (image-text matching, no LLM): load it with "
                              "Blip2Stage1.from_pretrained (qformer retrieve, qformer serve, qformer eval --task "
                              "coco_retrieval)")
