@@ -138,7 +138,8 @@ def test_test_dev_writes_predictions_for_the_server(model_dir, tmp_path):
 
 @pytest.mark.parametrize(("arguments", "words"), [
     (["--task", "vqav2"], "--model needs --task and --data"),
-    (["--task", "nocaps", "--data", "."], "--task 'nocaps': one of vqav2, okvqa, gqa, coco_retrieval, flickr_retrieval"),
+    (["--task", "scienceqa", "--data", "."], "--task 'scienceqa': one of vqav2, okvqa, gqa, coco_caption, nocaps, "
+                                              "flickr_caption, coco_retrieval, flickr_retrieval"),
     (["--task", "gqa", "--data", "nowhere"], "testdev_balanced_questions.json not found"),
     (["--task", "okvqa", "--data", ".", "--split", "test"], "--split 'test': okvqa has val2014"),
 ])
@@ -192,3 +193,42 @@ def test_coco_retrieval_recalls_as_blip2_retrieves(tmp_path, minilm_path, capsys
     with pytest.raises(SystemExit):
         main(["eval", "--model", str(tmp_path / "s1"), "--task", "vqav2", "--data", str(root)])
     assert "holds a stage-1 model (image-text matching, no LLM)" in capsys.readouterr().err
+
+
+CAPTIONS = [["a red ball on the grass", "a ball that is red"], ["two dogs play", "dogs playing in a park"],
+            ["a cat on a mat", "the cat sleeps"], ["a table with food", "food on a wooden table"]]
+
+
+@pytest.mark.skipif(__import__("shutil").which("java") is None, reason="pycocoevalcap's tokenizer runs on Java")
+def test_coco_and_nocaps_captions_score_as_pycocoevalcap(model, model_dir, tmp_path):
+    from qformer.evaluate.benchmarks import CAPTION_GENERATION
+    from qformer.evaluate.captions import caption_metrics
+
+    coco = tmp_path / "coco"
+    entries = [{"image": f"val2014/COCO_val2014_{i:012d}.jpg", "caption": refs} for i, refs in enumerate(CAPTIONS)]
+    for i, entry in enumerate(entries):
+        picture(coco / entry["image"], i)
+    (coco / "coco_karpathy_test.json").write_text(json.dumps(entries))
+    out = tmp_path / "coco-out"
+    run(model_dir, "--task", "coco_caption", "--data", str(coco), "--out", str(out))
+    predictions = json.loads((out / "predictions.json").read_text())
+    images = [Image.open(coco / e["image"]).convert("RGB") for e in entries]
+    expected = model.generate_text(images, ["a photo of"] * 4, **CAPTION_GENERATION)
+    assert [p["caption"] for p in predictions] == expected and [p["image_id"] for p in predictions] == \
+        [e["image"] for e in entries]
+    results = json.loads((out / "results.json").read_text())
+    metrics = caption_metrics(dict(enumerate(expected)), dict(enumerate(CAPTIONS)))
+    assert {k: results[k] for k in metrics} == {k: round(100 * v, 2) for k, v in metrics.items()}
+
+    nocaps = tmp_path / "nocaps"
+    domains = ["in-domain", "near-domain", "out-domain", "near-domain"]
+    data = {"images": [{"id": i, "file_name": f"{i:04x}.jpg", "domain": d} for i, d in enumerate(domains)],
+            "annotations": [{"image_id": i, "caption": c} for i, refs in enumerate(CAPTIONS) for c in refs]}
+    for i in range(4):
+        picture(nocaps / "images" / f"{i:04x}.jpg", i)
+    (nocaps / "nocaps_val_4500_captions.json").write_text(json.dumps(data))
+    results = evaluate_benchmark(model, "nocaps", nocaps, tmp_path / "nocaps-out", fingerprint="f")
+    near = [1, 3]
+    near_cider = caption_metrics({i: expected[i] for i in near}, {i: CAPTIONS[i] for i in near}, ("CIDEr",))["CIDEr"]
+    assert results["CIDEr_per_domain"]["near-domain"] == round(100 * near_cider, 2)
+    assert set(results["CIDEr_per_domain"]) == set(domains) and "not computed" in results["SPICE"]

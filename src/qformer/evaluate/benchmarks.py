@@ -1,5 +1,5 @@
-"""The papers' question-answering benchmarks: each one's files in its official layout, its prompt
-and generation settings as BLIP-2 states them (Section 4.2, Table 2), and its metric.
+"""The papers' question-answering and captioning benchmarks: each one's files in its official
+layout, its prompt and generation settings as BLIP-2 states them, and its metric.
 
 - ``vqav2``: VQAv2 (``v2_OpenEnded_mscoco_{split}_questions.json``, ``v2_mscoco_{split}_annotations.json``
   and the COCO images ``val2014/COCO_val2014_000000xxxxxx.jpg``); split ``val2014`` (scored) or
@@ -8,10 +8,14 @@ and generation settings as BLIP-2 states them (Section 4.2, Table 2), and its me
   COCO val2014 images).
 - ``gqa``: GQA balanced test-dev (``testdev_balanced_questions.json``, ``images/{imageId}.jpg``),
   exact match of the cleaned prediction with the answer, as LAVIS scores it.
+- ``coco_caption`` and ``flickr_caption``: LAVIS's ``coco_karpathy_test.json`` / ``flickr30k_test.json``
+  and the images at their paths; ``nocaps``: ``nocaps_val_4500_captions.json`` and ``images/``,
+  CIDEr per domain (in, near, out) too.
 
 VQAv2 and OK-VQA are scored with :func:`qformer.evaluate.vqa.vqa_accuracy`, the official
-algorithm. BLIP-2 prompts OPT with "Question: {} Answer:" and FlanT5 with "Question: {} Short
-answer:", and decodes with 5 beams, length penalty -1, at most 10 new tokens.
+algorithm. BLIP-2 (Section 4.2, Table 2) prompts OPT with "Question: {} Answer:" and FlanT5 with
+"Question: {} Short answer:", and decodes with 5 beams, length penalty -1, at most 10 new tokens.
+Captions follow "a photo of", 5 beams, 8 to 30 new tokens (LAVIS's caption evaluation configs).
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ GENERATION = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length
 
 @dataclass(frozen=True)
 class Question:
-    question_id: int | str
+    """One item: a question about an image, or (captioning) an image to describe."""
+
+    question_id: int | str  # the question's id, or the image's for captioning
     image: Path
-    question: str
-    answers: tuple[str, ...] = ()  # the human answers (VQA) or the one answer (GQA); none for test splits
-    answer_type: str | None = None
+    question: str | None  # None for captioning
+    answers: tuple[str, ...] = ()  # human answers (VQA), the answer (GQA), reference captions; none for test splits
+    answer_type: str | None = None  # VQA's answer type, NoCaps' domain
 
 
 @dataclass(frozen=True)
@@ -43,18 +49,21 @@ class Benchmark:
     name: str
     splits: tuple[str, ...]
     read: Callable[[Path, str], list[Question]]
-    score_one: Callable[[str, Sequence[str]], float]  # one prediction against its answers, in [0, 1]
-    metric: str
+    score: Callable[[dict[Any, str], Sequence[Question]], dict[str, Any]]  # the predictions' figures
     generation: dict[str, Any] = field(default_factory=lambda: dict(GENERATION))
+    caption_prompt: str | None = None  # a captioning task's prompt (None: a question-answering task)
 
-    def score(self, predictions: dict[Any, str], questions: Sequence[Question]) -> dict[str, Any]:
-        """The metric in percent (2 decimals, as the official scripts print), overall and per
-        answer type where the annotations have one."""
+
+def vqa_figures(score_one: Callable[[str, Sequence[str]], float], metric: str) -> Callable[..., dict[str, Any]]:
+    """A question-answering task's figures: the metric in percent (2 decimals, as the official
+    scripts print), overall and per answer type where the annotations have one."""
+
+    def score(predictions: dict[Any, str], questions: Sequence[Question]) -> dict[str, Any]:
         scored = [q for q in questions if q.answers]
         if not scored:
             return {"count": 0, "note": "no answers in this split: submit predictions.json to the evaluation server"}
-        values = {q.question_id: self.score_one(predictions[q.question_id], q.answers) for q in scored}
-        result: dict[str, Any] = {self.metric: round(100 * sum(values.values()) / len(values), 2), "count": len(values)}
+        values = {q.question_id: score_one(predictions[q.question_id], q.answers) for q in scored}
+        result: dict[str, Any] = {metric: round(100 * sum(values.values()) / len(values), 2), "count": len(values)}
         types = sorted({q.answer_type for q in scored if q.answer_type})
         if types:
             result["per_answer_type"] = {
@@ -63,6 +72,29 @@ class Benchmark:
                 for kind in types
             }
         return result
+
+    return score
+
+
+def caption_figures(predictions: dict[Any, str], images: Sequence[Question]) -> dict[str, Any]:
+    """BLEU-4, METEOR, ROUGE-L, CIDEr (pycocoevalcap, times 100 as the papers print them); with
+    domains (NoCaps), CIDEr of each domain on its own, as NoCaps' evaluation computes it. SPICE is
+    not computed (it needs Stanford CoreNLP's models, which pycocoevalcap downloads)."""
+    from qformer.evaluate.captions import caption_metrics
+
+    def figures(subset: Sequence[Question], metrics: Sequence[str]) -> dict[str, float]:
+        scores = caption_metrics({q.question_id: predictions[q.question_id] for q in subset},
+                                 {q.question_id: list(q.answers) for q in subset}, metrics)
+        return {name: round(100 * value, 2) for name, value in scores.items()}
+
+    result: dict[str, Any] = {**figures(images, ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")), "count": len(images),
+                              "SPICE": "not computed (needs Stanford CoreNLP's models)"}
+    domains = sorted({q.answer_type for q in images if q.answer_type})
+    if domains:
+        result["CIDEr_per_domain"] = {
+            domain: figures([q for q in images if q.answer_type == domain], ("CIDEr",))["CIDEr"] for domain in domains
+        }
+    return result
 
 
 def _load(path: Path) -> Any:
@@ -118,15 +150,52 @@ def read_gqa(root: Path, split: str) -> list[Question]:
             for qid, entry in entries.items()]
 
 
+def _karpathy_test(root: Path, name: str) -> list[Question]:
+    """LAVIS's test annotations: ``[{"image": path under root, "caption": [references]}]``."""
+    entries = _load(root / name)
+    if not isinstance(entries, list):
+        raise ValueError(f"{root / name}: expected [{{'image': path, 'caption': [captions]}}, ...]")
+    return [Question(entry["image"], root / entry["image"], None,
+                     tuple([entry["caption"]] if isinstance(entry["caption"], str) else entry["caption"]))
+            for entry in entries]
+
+
+def read_coco_caption(root: Path, split: str) -> list[Question]:
+    return _karpathy_test(root, "coco_karpathy_test.json")
+
+
+def read_flickr_caption(root: Path, split: str) -> list[Question]:
+    return _karpathy_test(root, "flickr30k_test.json")
+
+
+def read_nocaps(root: Path, split: str) -> list[Question]:
+    """NoCaps' validation file (``nocaps_val_4500_captions.json``: COCO-style ``images`` with
+    their ``domain`` and ``annotations``), the images under ``ROOT/images/``."""
+    data = _load(root / "nocaps_val_4500_captions.json")
+    references: dict[Any, list[str]] = {}
+    for annotation in data.get("annotations", []):
+        references.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    return [Question(image["id"], root / "images" / image["file_name"], None, tuple(references.get(image["id"], ())),
+                     image.get("domain")) for image in data.get("images", [])]
+
+
 def gqa_match(prediction: str, answers: Sequence[str]) -> float:
     """LAVIS's GQA score: the prediction cleaned as the VQA script cleans it, equal to the answer."""
     return float(normalize_answer(prediction) == answers[0])
 
 
+CAPTION_GENERATION = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}  # LAVIS's caption eval configs
+CAPTION_PROMPT = "a photo of"
+
 BENCHMARKS = {
-    "vqav2": Benchmark("vqav2", ("val2014", "test-dev2015"), read_vqav2, vqa_accuracy, "vqa_accuracy"),
-    "okvqa": Benchmark("okvqa", ("val2014",), read_okvqa, vqa_accuracy, "vqa_accuracy"),
-    "gqa": Benchmark("gqa", ("testdev_balanced",), read_gqa, gqa_match, "accuracy"),
+    "vqav2": Benchmark("vqav2", ("val2014", "test-dev2015"), read_vqav2, vqa_figures(vqa_accuracy, "vqa_accuracy")),
+    "okvqa": Benchmark("okvqa", ("val2014",), read_okvqa, vqa_figures(vqa_accuracy, "vqa_accuracy")),
+    "gqa": Benchmark("gqa", ("testdev_balanced",), read_gqa, vqa_figures(gqa_match, "accuracy")),
+    "coco_caption": Benchmark("coco_caption", ("karpathy_test",), read_coco_caption, caption_figures,
+                              dict(CAPTION_GENERATION), CAPTION_PROMPT),
+    "nocaps": Benchmark("nocaps", ("val",), read_nocaps, caption_figures, dict(CAPTION_GENERATION), CAPTION_PROMPT),
+    "flickr_caption": Benchmark("flickr_caption", ("test",), read_flickr_caption, caption_figures,
+                                dict(CAPTION_GENERATION), CAPTION_PROMPT),
 }
 
 

@@ -4,7 +4,8 @@ it stopped.
 
 The output folder holds ``settings.json`` (the task, split, prompt, generation settings, the
 model's fingerprint and the library's versions: what a number needs to be reproduced),
-``predictions.jsonl`` (one ``{"question_id", "answer"}`` per line, fsynced batch by batch),
+``predictions.jsonl`` (one ``{"question_id", "answer"}`` per line, for captions ``{"image_id",
+"caption"}``, fsynced batch by batch),
 then ``predictions.json`` (the evaluation server's format) and ``results.json`` (the metric
 with the settings). A rerun with other settings is refused rather than mixed in.
 """
@@ -27,16 +28,16 @@ def _write_json(path: Path, value: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1, ensure_ascii=False)))
 
 
-def read_predictions(path: Path) -> dict[Any, str]:
-    """The predictions a run has written; a last line cut off by an interruption is dropped
-    (the file is rewritten without it)."""
+def read_predictions(path: Path, keys: tuple[str, str] = ("question_id", "answer")) -> dict[Any, str]:
+    """The predictions a run has written (``keys``: the id's and the text's), a last line cut off
+    by an interruption dropped (the file is rewritten without it)."""
     if not path.is_file():
         return {}
     done, lines = {}, path.read_text(encoding="utf-8").splitlines(keepends=True)
     for number, line in enumerate(lines):
         try:
             entry = json.loads(line)
-            done[entry["question_id"]] = entry["answer"]
+            done[entry[keys[0]]] = entry[keys[1]]
         except (json.JSONDecodeError, KeyError, TypeError):
             if number != len(lines) - 1:
                 raise ValueError(f"{path}: line {number + 1} is not a prediction; delete the folder to start over")
@@ -70,12 +71,14 @@ def evaluate_benchmark(
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError("batch_size and limit must be at least 1")
     questions = benchmark.read(Path(data), split)[:limit]
-    prompt = prompt or default_prompt(model.is_encoder_decoder)
-    if "{}" not in prompt:
+    captioning = benchmark.caption_prompt is not None
+    prompt = prompt or (benchmark.caption_prompt if captioning else default_prompt(model.is_encoder_decoder))
+    if not captioning and "{}" not in prompt:
         raise ValueError(f"--prompt {prompt!r} has no {{}} for the question")
     generation = {**benchmark.generation, **{k: v for k, v in generation.items() if v is not None}}
     settings = {"task": task, "split": split, "data": str(Path(data).resolve()), "questions": len(questions),
-                "prompt": prompt, "question_cleaning": "LAVIS's blip_question (lowercase, punctuation out, 50 words)",
+                "prompt": prompt,
+                "question_cleaning": None if captioning else "LAVIS's blip_question (lowercase, punctuation out, 50 words)",
                 "generation": generation, "model_fingerprint": fingerprint,
                 "versions": {"qformer": __version__, "torch": torch.__version__,
                              "transformers": transformers.__version__}}
@@ -91,8 +94,9 @@ def evaluate_benchmark(
     else:
         _write_json(settings_file, settings)
 
+    keys = ("image_id", "caption") if captioning else ("question_id", "answer")  # the servers' result formats
     log = out / "predictions.jsonl"
-    done = read_predictions(log)
+    done = read_predictions(log, keys)
     todo = [q for q in questions if q.question_id not in done]
     if done:
         logger.info("%s: %d of %d questions answered already; continuing", out, len(questions) - len(todo),
@@ -102,16 +106,16 @@ def evaluate_benchmark(
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             images = [load_image(q.image) for q in batch]  # a missing or broken image stops, named
-            prompts = [prompt.format(clean_question(q.question)) for q in batch]
+            prompts = [prompt if captioning else prompt.format(clean_question(q.question)) for q in batch]
             answers = model.generate_text(images, prompts, **generation)
             for question, answer in zip(batch, answers, strict=True):
                 done[question.question_id] = answer
-                lines.write(json.dumps({"question_id": question.question_id, "answer": answer}) + "\n")
+                lines.write(json.dumps({keys[0]: question.question_id, keys[1]: answer}) + "\n")
             lines.flush()
             os.fsync(lines.fileno())
             progress.update(len(batch))
     predictions = {q.question_id: done[q.question_id] for q in questions}
-    _write_json(out / "predictions.json", [{"question_id": k, "answer": v} for k, v in predictions.items()])
+    _write_json(out / "predictions.json", [{keys[0]: k, keys[1]: v} for k, v in predictions.items()])
     results = {**benchmark.score(predictions, questions), "settings": settings}
     _write_json(out / "results.json", results)
     return results
@@ -123,6 +127,12 @@ def summary_line(results: dict[str, Any], out: Path) -> str:
     if "txt_r1" in results:
         figures = ", ".join(f"{key} {results[key]:.2f}" for key in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5",
                                                                     "img_r10"))
+        return f"{settings['task']}: {figures} over {results['count']} images ({out / 'results.json'})"
+    if "CIDEr" in results:
+        figures = ", ".join(f"{key} {results[key]:.2f}" for key in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"))
+        domains = results.get("CIDEr_per_domain")
+        if domains:
+            figures += " (CIDEr " + ", ".join(f"{name} {value:.2f}" for name, value in domains.items()) + ")"
         return f"{settings['task']}: {figures} over {results['count']} images ({out / 'results.json'})"
     metric = next((key for key in ("vqa_accuracy", "accuracy") if key in results), None)
     figure = f"{metric} {results[metric]:.2f}" if metric else results.get("note", "")

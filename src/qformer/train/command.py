@@ -177,16 +177,19 @@ def add_train_commands(commands: Any) -> None:
     paper = evaluate.add_argument_group("a paper's benchmark on a model (see the README's evaluation table)")
     paper.add_argument("--model", default=None, help="a BLIP-2 or InstructBLIP directory or hub id")
     paper.add_argument("--task", default=None,
-                       help="vqav2, okvqa, gqa (a stage-2 model); coco_retrieval, flickr_retrieval (a stage-1 model)")
+                       help="vqav2, okvqa, gqa, coco_caption, nocaps, flickr_caption (a stage-2 model); coco_retrieval, "
+                            "flickr_retrieval (a stage-1 model)")
     paper.add_argument("--data", default=None, help="the benchmark's folder, in its official layout")
     paper.add_argument("--split", default=None,
-                       help="vqav2: val2014 or test-dev2015 (predictions only); okvqa: val2014; gqa: testdev_balanced "
-                            "(default: the first)")
+                       help="vqav2: val2014 or test-dev2015 (predictions only); the other tasks have one (default: "
+                            "the first)")
     paper.add_argument("--prompt", default=None,
                        help='the question\'s template (default: BLIP-2\'s, "Question: {} Answer:" for a decoder-only '
-                            'LLM, "Question: {} Short answer:" for FlanT5)')
+                            'LLM, "Question: {} Short answer:" for FlanT5), or the caption\'s prompt (default: "a photo '
+                            'of")')
     paper.add_argument("--num-beams", type=int, default=None, help="beam width (default: 5, as BLIP-2)")
-    paper.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: 10, as BLIP-2)")
+    paper.add_argument("--max-new-tokens", type=int, default=None,
+                       help="longest answer (default: 10 for questions, 30 for captions, as BLIP-2)")
     paper.add_argument("--batch-size", type=int, default=16, help="questions or images per batch (default: 16)")
     paper.add_argument("--k", type=int, default=128,
                        help="retrieval: the ITC candidates re-ranked by ITM each way (default: 128, as BLIP-2)")
