@@ -270,3 +270,21 @@ def test_frozen_head_reads_the_last_position_without_copying_its_weight(saved):
     assert "aten::bmm" not in ops and "aten::mm" in ops, ops
     expected = hidden.reshape(3, -1) @ head.weight.T + (0 if head.bias is None else head.bias)
     assert_close(logits, expected[:, None], rtol=1e-5, atol=1e-5)
+
+
+def test_a_resized_image_encoder_saves_and_loads_at_its_size(saved, tmp_path):
+    """As the 364-px fine-tuning recipes do: the encoder resized, then the transformers layout
+    written and read back at that size (config and preprocessing)."""
+    llm, directory, _, _ = saved
+    model = Blip2.from_pretrained(directory)
+    size = 2 * model.config.vision.image_size
+    model.resize_image_encoder(size)
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    text = model.tokenizer(["a photo of", "two"], padding=True, return_tensors="pt")
+    labels = text.input_ids if llm == "t5" else None
+    logits = model(images, text.input_ids, text.attention_mask, labels=labels).logits
+    model.save_pretrained(tmp_path)
+    reloaded = Blip2.from_pretrained(tmp_path)
+    assert reloaded.config.vision.image_size == size and reloaded.config.image.size == size
+    assert_close(reloaded(images, text.input_ids, text.attention_mask, labels=labels).logits, logits)
+    assert Blip2ForConditionalGeneration.from_pretrained(tmp_path).config.vision_config.image_size == size

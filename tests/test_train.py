@@ -205,6 +205,41 @@ def test_stage1_image_encoder_from_vision_weights(tmp_path):
         build_model(tiny(tmp_path, "--model.vision_weights", str(tmp_path / "narrow.safetensors")))
 
 
+def test_a_recipe_at_another_image_size_resizes_the_encoder_and_saves_it(tmp_path):
+    """BLIP-2 fine-tunes its 224-px encoder at 364 px: a recipe's data.image_size above the
+    encoder's interpolates its position table, and final/ loads at that size."""
+    from qformer.train.stage1_job import build_model
+
+    config = tiny(tmp_path)
+    model, _ = build_model(config)
+    size = config.model.stage1.vision.image_size
+    bigger, _ = build_model(tiny(tmp_path, "--data.image_size", str(2 * size)))
+    assert bigger.vision.image_size == 2 * size and bigger.config.image.size == 2 * size
+    grid = 2 * size // bigger.config.vision.patch_size
+    assert bigger.vision.position_embedding.shape == (1, 1 + grid * grid, bigger.config.vision.hidden_size)
+    assert not bigger.vision.position_embedding.requires_grad  # still frozen
+    pixels = torch.rand(2, 3, 2 * size, 2 * size)
+    features = bigger.image_embeds(pixels)
+    bigger.save_pretrained(tmp_path / "final")
+    reloaded = Blip2Stage1.from_pretrained(tmp_path / "final")
+    assert reloaded.vision.image_size == 2 * size and reloaded.config.image.size == 2 * size
+    torch.testing.assert_close(reloaded.image_embeds(pixels), features)
+
+
+def test_stage1_can_start_from_a_stage1_model(tmp_path):
+    """Retrieval fine-tuning starts from stage 1 (LAVIS's retrieval_coco_ft.yaml)."""
+    from qformer.train.stage1_job import build_model
+
+    donor, tokenizer = build_model(tiny(tmp_path))
+    donor.save_pretrained(tmp_path / "s1")
+    model, loaded_tokenizer = build_model(tiny(tmp_path, "--model.init_from", str(tmp_path / "s1")))
+    for name, tensor in donor.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert loaded_tokenizer.vocab_size == tokenizer.vocab_size
+    with pytest.raises(ValueError, match="model.init_from brings its Q-Former and image encoder"):
+        build_model(tiny(tmp_path, "--model.init_from", str(tmp_path / "s1"), "--model.bert", "minilm"))
+
+
 def caption_shards(root: Path, shards: int = 4, per_shard: int = 5, broken: tuple[int, ...] = ()) -> str:
     """Tar shards of coloured pictures with numbered captions (sample n of shard n // per_shard);
     the samples in ``broken`` alternate between a non-image and a missing caption. Returns the glob."""

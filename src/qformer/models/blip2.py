@@ -103,6 +103,16 @@ class Blip2Base(nn.Module):
         self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, qformer_config.hidden_size) * 0.02)
         self.qformer = QFormer(qformer_config)
 
+    def resize_image_encoder(self, image_size: int) -> None:
+        """The EVA image encoder at ``image_size`` px, and the config saved with the model (the
+        encoder's size and the preprocessing's)."""
+        if not isinstance(self.vision, EvaViT):
+            raise ValueError(f"only the EVA image encoder can be resized to {image_size} px; this model has "
+                             f"{type(self.vision).__name__}")
+        self.vision.resize(image_size)
+        self.config = self.config.replace(vision=self.vision.config.to_dict(),
+                                          image=self.config.image.replace(size=image_size).to_dict())
+
     def train(self, mode: bool = True) -> Blip2Base:
         """Frozen parts stay in eval mode."""
         super().train(mode)

@@ -83,6 +83,14 @@ class EvaViT(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
+    def resize(self, image_size: int) -> None:
+        """Take ``image_size``-px images: the position table interpolated bicubically, as BLIP-2
+        runs its 224-px encoder at 364 px to fine-tune for captions and retrieval."""
+        config = self.config.replace(image_size=image_size)  # checked against the patch size
+        table = interpolate_position_embedding(self.position_embedding.detach(), config.num_positions)
+        self.position_embedding = nn.Parameter(table, requires_grad=self.position_embedding.requires_grad)
+        self.config, self.image_size = config, image_size
+
     def forward(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, 1 + H/p * W/p, D)."""
         size = self.config.image_size

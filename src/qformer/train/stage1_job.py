@@ -17,7 +17,7 @@ from qformer.models.qformer import QFormer
 from qformer.retrieval import RERANK_DEPTH, retrieval_recall, retrieval_scores
 from qformer.stage1 import Stage1Objective
 from qformer.tokenizer import load_tokenizer
-from qformer.train.build import Job, check_sources, eval_pixels, evaluate_sets, resolve_bert
+from qformer.train.build import Job, check_sources, eval_pixels, evaluate_sets, fit_image_size, resolve_bert
 from qformer.train.config import TrainConfig
 from qformer.train.distributed import Runtime
 
@@ -28,7 +28,9 @@ def build_model(config: TrainConfig) -> tuple[Blip2Stage1, Any]:
     """The stage-1 model; the Q-Former from BERT when ``model.bert`` is set (as BLIP-2), the
     image encoder from ``model.vision_weights`` when set."""
     spec = config.model
-    check_sources(spec, ("bert", "tokenizer", "vision_weights"))
+    check_sources(spec, ("init_from", "bert", "tokenizer", "vision_weights"))
+    if spec.init_from:
+        return _from_stage1(config)
     stage1 = spec.stage1.replace(image=ImageConfig(size=config.data.image_size).to_dict())  # what it trains on
     tokenizer_path = spec.tokenizer or (resolve_bert(spec.bert) if spec.bert else None)
     if tokenizer_path is None:
@@ -48,7 +50,26 @@ def build_model(config: TrainConfig) -> tuple[Blip2Stage1, Any]:
         model.qformer.load_state_dict(qformer.state_dict())
     if spec.vision_weights:
         load_vision_weights(model, spec.vision_weights)
+    fit_image_size(model, config.data.image_size)
     model.tokenizer = tokenizer  # saved with it: final/ is ready for Blip2Stage1.from_pretrained
+    return model, tokenizer
+
+
+def _from_stage1(config: TrainConfig) -> tuple[Blip2Stage1, Any]:
+    """``model.init_from``: a stage-1 model to go on training (retrieval fine-tuning starts from
+    stage 1, as LAVIS's ``retrieval_coco_ft.yaml`` loads ``blip2_pretrained.pth``), with its own
+    architecture and tokenizer, its encoder at ``data.image_size``."""
+    spec = config.model
+    if spec.bert or spec.vision_weights:
+        raise ValueError("model.init_from brings its Q-Former and image encoder: leave model.bert and "
+                         "model.vision_weights unset")
+    model = Blip2Stage1.from_pretrained(spec.init_from, dtype="float32")
+    tokenizer = load_tokenizer(resolve_bert(spec.tokenizer)) if spec.tokenizer else model.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"model.init_from {spec.init_from} has no tokenizer: set model.tokenizer")
+    logger.info("stage 1 from %s (its architecture; model.stage1 is not used)", spec.init_from)
+    fit_image_size(model, config.data.image_size)
+    model.tokenizer = tokenizer
     return model, tokenizer
 
 

@@ -17,7 +17,7 @@ from qformer.data.text import decoder_only_batch, encoder_decoder_batch, prefix_
 from qformer.devices import DTYPES, dtype_name
 from qformer.models.blip2 import Blip2Stage1, freeze
 from qformer.tokenizer import load_tokenizer
-from qformer.train.build import Job, check_sources, eval_pixels, evaluate_sets, resolve_bert
+from qformer.train.build import Job, check_sources, eval_pixels, evaluate_sets, fit_image_size, resolve_bert
 from qformer.train.config import TrainConfig
 from qformer.train.distributed import Runtime
 from qformer.train.export import save_final
@@ -45,6 +45,7 @@ def build_model(config: TrainConfig) -> Blip2:
             if path is None:
                 raise ValueError("model.instruct needs the Q-Former's tokenizer: set model.tokenizer or model.bert")
             model.qformer_tokenizer = load_tokenizer(resolve_bert(path), truncation_side="left")
+    fit_image_size(model, config.data.image_size)
     if spec.lora_r:
         model.add_lora(r=spec.lora_r, alpha=2 * spec.lora_r)
     return model
