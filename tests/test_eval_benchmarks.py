@@ -232,3 +232,31 @@ def test_coco_and_nocaps_captions_score_as_pycocoevalcap(model, model_dir, tmp_p
     near_cider = caption_metrics({i: expected[i] for i in near}, {i: CAPTIONS[i] for i in near}, ("CIDEr",))["CIDEr"]
     assert results["CIDEr_per_domain"]["near-domain"] == round(100 * near_cider, 2)
     assert set(results["CIDEr_per_domain"]) == set(domains) and "not computed" in results["SPICE"]
+
+
+def test_two_processes_answer_as_one(model_dir, tmp_path):
+    """Under torchrun each rank answers its share; the gathered predictions and figures equal one
+    process's."""
+    import os
+    import subprocess
+    import sys
+
+    root = vqa_layout(tmp_path / "okvqa", "OpenEnded_mscoco_val2014_questions.json",
+                      "mscoco_val2014_annotations.json", "val2014")
+    arguments = ["-m", "qformer", "eval", "--model", str(model_dir), "--device", "cpu", "--task", "okvqa",
+                 "--data", str(root), "--batch-size", "2"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    one = subprocess.run([sys.executable, *arguments, "--out", str(tmp_path / "one")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *arguments, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    assert sorted(p.name for p in (tmp_path / "two").glob("predictions*.jsonl")) == [
+        "predictions.rank0.jsonl", "predictions.rank1.jsonl"]
+    for name in ("predictions.json",):
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
+    figures = [json.loads((tmp_path / side / "results.json").read_text()) for side in ("one", "two")]
+    assert figures[0]["vqa_accuracy"] == figures[1]["vqa_accuracy"] and figures[1]["count"] == 5
+    assert two.stdout.count("okvqa val2014:") == 1  # printed by rank 0 alone

@@ -5,7 +5,8 @@ it stopped.
 The output folder holds ``settings.json`` (the task, split, prompt, generation settings, the
 model's fingerprint and the library's versions: what a number needs to be reproduced),
 ``predictions.jsonl`` (one ``{"question_id", "answer"}`` per line, for captions ``{"image_id",
-"caption"}``, fsynced batch by batch),
+"caption"}``, fsynced batch by batch; under torchrun one file per rank, each rank answering its
+share of the questions left),
 then ``predictions.json`` (the evaluation server's format) and ``results.json`` (the metric
 with the settings). A rerun with other settings is refused rather than mixed in.
 """
@@ -83,42 +84,74 @@ def evaluate_benchmark(
                 "versions": {"qformer": __version__, "torch": torch.__version__,
                              "transformers": transformers.__version__}}
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    settings_file = out / "settings.json"
-    if settings_file.is_file():
-        before = json.loads(settings_file.read_text())
-        changed = [key for key in settings if key != "versions" and before.get(key) != settings[key]]
-        if changed:
-            raise ValueError(f"{out} holds predictions made with other settings ({', '.join(changed)} differ): "
-                             "pass another --out, or delete it to start over")
-    else:
-        _write_json(settings_file, settings)
-
+    rank, world = _rank_and_world()
     keys = ("image_id", "caption") if captioning else ("question_id", "answer")  # the servers' result formats
-    log = out / "predictions.jsonl"
-    done = read_predictions(log, keys)
-    todo = [q for q in questions if q.question_id not in done]
-    if done:
-        logger.info("%s: %d of %d questions answered already; continuing", out, len(questions) - len(todo),
-                    len(questions))
-    with open(log, "a", encoding="utf-8") as lines, tqdm(total=len(questions), initial=len(questions) - len(todo),
-                                                         desc=task, unit="q") as progress:
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_settings(out / "settings.json", settings)
+        _answered(out, keys)  # a line cut off by an interruption is dropped here, once
+    _barrier(world)
+    done = _answered(out, keys)
+    todo = [q for q in questions if q.question_id not in done][rank::world]  # this rank's share of what is left
+    if done and rank == 0:
+        logger.info("%s: %d of %d answered already; continuing", out, len(done), len(questions))
+    log = out / ("predictions.jsonl" if world == 1 else f"predictions.rank{rank}.jsonl")
+    with open(log, "a", encoding="utf-8") as lines, tqdm(total=len(todo), desc=task, unit="q",
+                                                         disable=rank != 0) as progress:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             images = [load_image(q.image) for q in batch]  # a missing or broken image stops, named
             prompts = [prompt if captioning else prompt.format(clean_question(q.question)) for q in batch]
             answers = model.generate_text(images, prompts, **generation)
             for question, answer in zip(batch, answers, strict=True):
-                done[question.question_id] = answer
                 lines.write(json.dumps({keys[0]: question.question_id, keys[1]: answer}) + "\n")
             lines.flush()
             os.fsync(lines.fileno())
             progress.update(len(batch))
+    _barrier(world)
+    if rank != 0:
+        _barrier(world)  # rank 0 writes the results
+        return json.loads((out / "results.json").read_text())
+    done = _answered(out, keys)
     predictions = {q.question_id: done[q.question_id] for q in questions}
     _write_json(out / "predictions.json", [{keys[0]: k, keys[1]: v} for k, v in predictions.items()])
     results = {**benchmark.score(predictions, questions), "settings": settings}
     _write_json(out / "results.json", results)
+    _barrier(world)
     return results
+
+
+def _check_settings(path: Path, settings: dict[str, Any]) -> None:
+    """Write the run's settings, or refuse a rerun whose settings differ from those written."""
+    if not path.is_file():
+        _write_json(path, settings)
+        return
+    before = json.loads(path.read_text())
+    changed = [key for key in settings if key != "versions" and before.get(key) != settings[key]]
+    if changed:
+        raise ValueError(f"{path.parent} holds predictions made with other settings ({', '.join(changed)} differ): "
+                         "pass another --out, or delete it to start over")
+
+
+def _answered(out: Path, keys: tuple[str, str]) -> dict[Any, str]:
+    """Every prediction written so far, by any number of ranks (a rerun may use another number)."""
+    done: dict[Any, str] = {}
+    for path in sorted(out.glob("predictions*.jsonl")):
+        done.update(read_predictions(path, keys))
+    return done
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def summary_line(results: dict[str, Any], out: Path) -> str:

@@ -77,9 +77,10 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
 def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
     """``qformer eval --model M --task T --data ROOT``: a paper's benchmark on a model."""
     from qformer.blip2 import Blip2
-    from qformer.devices import parse_device, parse_dtype
+    from qformer.devices import parse_dtype
     from qformer.evaluate.benchmarks import check_task
     from qformer.evaluate.runner import evaluate_benchmark, summary_line
+    from qformer.train.distributed import setup_runtime, teardown_runtime
     from qformer.infer_command import default_device
     from qformer.loading import model_fingerprint, resolve_checkpoint
 
@@ -101,11 +102,16 @@ def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
                 raise ValueError(f"--{flag.replace('_', '-')} goes with a question-answering task, not {args.task}")
     else:
         check_task(args.task, args.split)  # before the model loads
-    dtype, device = parse_dtype(args.dtype), parse_device(args.device or default_device())
+    dtype = parse_dtype(args.dtype)
+    runtime = setup_runtime(args.device or default_device())  # under torchrun: one process per device
+    device = runtime.device
     directory = resolve_checkpoint(args.model)
     fingerprint, out = model_fingerprint(Path(directory)), Path(args.out or f"eval-{args.task}")
     if retrieval:
         from qformer.evaluate.retrieval_tasks import evaluate_retrieval_task
+
+        if runtime.world_size > 1:
+            raise ValueError(f"{args.task} runs in one process (every image against every caption); not under torchrun")
         from qformer.models.blip2 import Blip2Stage1
 
         model = Blip2Stage1.from_pretrained(directory, dtype=dtype, device=device)
@@ -116,7 +122,9 @@ def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
         results = evaluate_benchmark(model, args.task, args.data, out, split=args.split, prompt=args.prompt,
                                      batch_size=args.batch_size, limit=args.limit, fingerprint=fingerprint,
                                      num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-    print(summary_line(results, out))
+    teardown_runtime(runtime)
+    if runtime.is_main:
+        print(summary_line(results, out))
     return 0
 
 
