@@ -23,6 +23,7 @@ from qformer.loading import resolve_checkpoint
 from qformer.models.blip2 import Blip2Stage1, Blip2Stage2
 from qformer.models.instructblip import InstructBlipStage2
 from qformer.models.qformer import QFormer
+from qformer.stage1_pretrained import stage1_layout_of
 from qformer.tokenizer import directory_tokenizer, save_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -90,8 +91,7 @@ class Blip2(Blip2Stage2):
         directory = resolve_checkpoint(path_or_hub_id)
         values = json.loads((directory / "config.json").read_text())
         model_type = values.get("model_type")
-        if (model_type is None and "embed_dim" in values) or "Blip2ForImageTextRetrieval" in (
-                values.get("architectures") or ()):
+        if stage1_layout_of(values) is not None:
             raise ValueError(f"{path_or_hub_id} holds a stage-1 model (image-text matching, no LLM): load it with "
                              "Blip2Stage1.from_pretrained (qformer retrieve, qformer serve, qformer eval --task "
                              "coco_retrieval)")

@@ -24,6 +24,15 @@ RETRIEVAL_ARCHITECTURE = "Blip2ForImageTextRetrieval"
 Layout = Literal["qformer", "transformers"]
 
 
+def stage1_layout_of(values: dict) -> Layout | None:
+    """The stage-1 layout a ``config.json``'s values describe, or None for anything else."""
+    if values.get("model_type") == "blip-2" and RETRIEVAL_ARCHITECTURE in (values.get("architectures") or []):
+        return "transformers"
+    if values.get("model_type") is None and "embed_dim" in values:
+        return "qformer"
+    return None
+
+
 def stage1_layout(directory: Path) -> Layout:
     """Which stage-1 layout a directory holds; a stage-2 or unknown model fails in one line."""
     file = directory / CONFIG_NAME
@@ -34,10 +43,9 @@ def stage1_layout(directory: Path) -> Layout:
         )
     values = json.loads(file.read_text())
     model_type, architectures = values.get("model_type"), values.get("architectures") or []
-    if model_type == "blip-2" and RETRIEVAL_ARCHITECTURE in architectures:
-        return "transformers"
-    if model_type is None and "embed_dim" in values:
-        return "qformer"
+    layout = stage1_layout_of(values)
+    if layout is not None:
+        return layout
     if model_type in ("blip-2", "instructblip"):
         named = ", ".join(architectures) or f"model_type {model_type!r}"
         raise ValueError(

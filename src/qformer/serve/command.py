@@ -4,6 +4,7 @@ requests in flight finish, then the server exits)."""
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -55,21 +56,19 @@ def load_served(name: str, device: str | None, dtype: str, gallery: str | None, 
     from qformer.models.blip2 import Blip2Stage1
     from qformer.serve.gallery import Gallery
     from qformer.serve.service import ServedModel
-    from qformer.stage1_pretrained import stage1_layout
+    from qformer.stage1_pretrained import stage1_layout_of
 
     options = {"dtype": parse_dtype(dtype), "device": parse_device(device or default_device())}
-    directory = resolve_checkpoint(name)
-    if not (Path(directory) / "config.json").is_file():
+    directory = Path(resolve_checkpoint(name))
+    if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{name} holds no config.json: expected a model directory (a training run's final/, "
                                 "transformers' BLIP-2, InstructBLIP or Blip2ForImageTextRetrieval, qformer export's)")
-    try:
-        stage1_layout(directory)
-    except ValueError:  # not stage 1: the stage-2 loader names what it is if not stage 2 either
-        if gallery is not None:
-            raise ValueError(f"--gallery is searched by a stage-1 model; {name} is not one") from None
+    if stage1_layout_of(json.loads((directory / "config.json").read_text())) is None:
+        if gallery is not None:  # the stage-2 loader names what it is if not stage 2 either
+            raise ValueError(f"--gallery is searched by a stage-1 model; {name} is not one")
         return ServedModel(Blip2.from_pretrained(directory, **options), name)
     model = Blip2Stage1.from_pretrained(directory, **options)
-    index = None if gallery is None else Gallery(model, gallery, model_fingerprint(Path(directory)), gallery_index)
+    index = None if gallery is None else Gallery(model, gallery, model_fingerprint(directory), gallery_index)
     return ServedModel(model, name, index)
 
 
