@@ -253,7 +253,7 @@ class SearchResult:
     skipped: list[str] = field(default_factory=list)
 
 
-def _read_pixels(model: Blip2Stage1, names: Sequence[str], skipped: list[str]) -> tuple[list[str], Tensor | None]:
+def read_pixels(model: Blip2Stage1, names: Sequence[str], skipped: list[str]) -> tuple[list[str], Tensor | None]:
     """The readable images of ``names`` and their pixels (B, 3, S, S); the others noted in ``skipped``."""
     kept, pixels = [], []
     for name in names:
@@ -297,7 +297,7 @@ def search(
 
     readable, image_feats = [], []
     for names in batches(paths, batch_size):
-        kept, pixels = _read_pixels(model, names, skipped)
+        kept, pixels = read_pixels(model, names, skipped)
         if kept:
             image_feats.append(extract_features(model, image_embeds_of(model, pixels)).image)  # (B, Q, E)
             readable += kept

@@ -126,7 +126,8 @@ def _read_text(path: Path) -> str:
                          f"{err.start}); save the file as UTF-8") from None
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file (UTF-8); invalid JSON named with the file."""
     try:
         return json.loads(_read_text(path))
     except json.JSONDecodeError as err:
@@ -150,7 +151,7 @@ def read_coco_captions(path: str | Path) -> list[CaptionRecord]:
     [{"image_id", "caption"}]}`` or LAVIS/BLIP's ``[{"image", "caption", "image_id"?}]``
     (a list caption gives one record per caption)."""
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path)
     blank: list[str] = []
     if isinstance(data, list):
         records = [r for i, entry in enumerate(data) for r in _caption_records(entry, f"{path}: entry {i}", blank)]
@@ -211,7 +212,7 @@ def read_captions(path: str | Path) -> list[CaptionRecord]:
 def read_vqa(path: str | Path) -> list[VQARecord]:
     """Questions from LAVIS's ``[{"image", "question", "answer": str or list, "question_id"?}]``."""
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a list of {{'image', 'question', 'answer'}}")
     records = []
@@ -230,7 +231,7 @@ def read_instructions(path: str | Path) -> list[InstructionRecord]:
     if path.suffix.lower() == ".jsonl":
         entries = list(_json_lines(path))
     else:
-        data = _read_json(path)
+        data = read_json(path)
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a list of {{'image', 'instruction', 'answer'}}")
         entries = [(f"{path}: entry {i}", entry) for i, entry in enumerate(data)]

@@ -20,12 +20,12 @@ Captions follow "a photo of", 5 beams, 8 to 30 new tokens (LAVIS's caption evalu
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qformer.data.datasets import read_json
 from qformer.evaluate.vqa import normalize_answer, vqa_accuracy
 
 DECODER_PROMPT = "Question: {} Answer:"  # BLIP-2 with OPT
@@ -100,10 +100,7 @@ def caption_figures(predictions: dict[Any, str], images: Sequence[Question]) -> 
 def _load(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the benchmark's official file (see the README's evaluation table)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    return read_json(path)
 
 
 def _coco_image(root: Path, folder: str, image_id: int) -> Path:
@@ -150,10 +147,11 @@ def read_gqa(root: Path, split: str) -> list[Question]:
             for qid, entry in entries.items()]
 
 
-def _karpathy_test(root: Path, name: str) -> list[Question]:
+def karpathy_test(root: Path, name: str) -> list[Question]:
     """LAVIS's test annotations: ``[{"image": path under root, "caption": [references]}]``."""
     entries = _load(root / name)
-    if not isinstance(entries, list):
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"image", "caption"} <= set(e)
+                                                for e in entries):
         raise ValueError(f"{root / name}: expected [{{'image': path, 'caption': [captions]}}, ...]")
     return [Question(entry["image"], root / entry["image"], None,
                      tuple([entry["caption"]] if isinstance(entry["caption"], str) else entry["caption"]))
@@ -161,11 +159,11 @@ def _karpathy_test(root: Path, name: str) -> list[Question]:
 
 
 def read_coco_caption(root: Path, split: str) -> list[Question]:
-    return _karpathy_test(root, "coco_karpathy_test.json")
+    return karpathy_test(root, "coco_karpathy_test.json")
 
 
 def read_flickr_caption(root: Path, split: str) -> list[Question]:
-    return _karpathy_test(root, "flickr30k_test.json")
+    return karpathy_test(root, "flickr30k_test.json")
 
 
 def read_nocaps(root: Path, split: str) -> list[Question]:

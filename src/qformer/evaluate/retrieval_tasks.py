@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from qformer.checkpoint import atomic_write
+from qformer.evaluate.benchmarks import karpathy_test
 from qformer.retrieval import RERANK_DEPTH, retrieval_recall, retrieval_scores, tokenize
 
 RETRIEVAL_TASKS = {"coco_retrieval": "coco_karpathy_test.json", "flickr_retrieval": "flickr30k_test.json"}
@@ -24,20 +25,10 @@ RETRIEVAL_TASKS = {"coco_retrieval": "coco_karpathy_test.json", "flickr_retrieva
 
 def read_retrieval_test(root: Path, task: str) -> tuple[list[Path], list[str], list[int]]:
     """The images, the captions and each caption's image index."""
-    file = root / RETRIEVAL_TASKS[task]
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: LAVIS's test annotations for {task} (see the README)")
-    entries = json.loads(file.read_text(encoding="utf-8"))
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"image", "caption"} <= set(e)
-                                                for e in entries):
-        raise ValueError(f"{file}: expected [{{'image': path, 'caption': [captions]}}, ...]")
-    images, captions, owner = [], [], []
-    for index, entry in enumerate(entries):
-        images.append(root / entry["image"])
-        for caption in [entry["caption"]] if isinstance(entry["caption"], str) else entry["caption"]:
-            captions.append(caption)
-            owner.append(index)
-    return images, captions, owner
+    images = karpathy_test(root, RETRIEVAL_TASKS[task])
+    captions = [caption for image in images for caption in image.answers]
+    owner = [index for index, image in enumerate(images) for _ in image.answers]
+    return [image.image for image in images], captions, owner
 
 
 @torch.no_grad()

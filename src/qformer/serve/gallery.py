@@ -28,7 +28,7 @@ from torch import Tensor
 from qformer.checkpoint import atomic_write
 from qformer.data.image_files import IMAGE_SUFFIXES, batches
 from qformer.models.blip2 import Blip2Stage1, expand_key_values
-from qformer.retrieval import extract_features, image_embeds_of, itm_match_logits, tokenize
+from qformer.retrieval import read_pixels, extract_features, image_embeds_of, itm_match_logits, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -146,17 +146,14 @@ class Gallery:
         return _ranked(texts, itm.float().cpu() + itc_top, itc_top, top)
 
     def _read(self, names: list[str], unreadable: dict[str, str]) -> tuple[list[str], Tensor | None]:
-        from qformer.data.transforms import eval_image
-
-        kept, pixels = [], []
-        for name in names:
-            try:
-                pixels.append(eval_image(self.folder / name, self.model.config.image))
-                kept.append(name)
-            except ValueError as err:
-                unreadable[name] = str(err)
-                logger.warning("gallery: %s", err)
-        return kept, (torch.stack(pixels) if pixels else None)
+        """The readable ``names`` and their pixels; each unreadable one noted with why."""
+        messages: list[str] = []
+        kept, pixels = read_pixels(self.model, [str(self.folder / name) for name in names], messages)
+        readable = {Path(path).name for path in kept}
+        for name, message in zip([n for n in names if n not in readable], messages, strict=True):
+            unreadable[name] = message
+            logger.warning("gallery: %s", message)
+        return [name for name in names if name in readable], pixels
 
     def _refresh_texts(self) -> None:
         file = self.folder / TEXTS_FILE
