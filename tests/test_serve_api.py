@@ -397,3 +397,18 @@ def test_malformed_bodies_answer_4xx_and_the_server_stays_up(stage2):
     many = [("texts", (None, "t")) for _ in range(100)] + [("image", ("a.png", png_bytes(), "image/png"))]
     assert 400 <= stage2.post("/caption", files=many).status_code < 500
     assert stage2.get("/healthz").status_code == 200
+
+
+def test_a_search_checks_the_folder_not_every_file(tmp_path, stage1_model, monkeypatch):
+    """An image added while serving is found at the next search; an unchanged folder is not scanned."""
+    folder = gallery_folder(tmp_path / "photos", images=2)
+    gallery = Gallery(stage1_model, folder, fingerprint="m")
+    gallery.refresh()
+    scans = []
+    original = Gallery.signature
+    monkeypatch.setattr(Gallery, "signature", lambda self: scans.append(1) or original(self))
+    gallery.refresh_if_changed()
+    assert scans == [] and len(gallery.names) == 2
+    (folder / "new.png").write_bytes(png_bytes(7))
+    gallery.refresh_if_changed()
+    assert scans and "new.png" in gallery.names

@@ -65,6 +65,7 @@ class Gallery:
         self.unreadable: dict[str, str] = {}  # name -> why
         self._entries: dict[str, dict] = {}  # name -> {"size", "mtime_ns"[, "unreadable"]}
         self._signature: tuple | None = None
+        self._folder_times: tuple | None = None
         self._load_index()
 
     def signature(self) -> tuple:
@@ -80,6 +81,8 @@ class Gallery:
     def refresh(self) -> dict[str, int]:
         """Bring the index up to date with the folder: encode new and changed images, drop
         removed ones. Returns the counts (added, removed, unreadable, images, texts)."""
+        self.index.mkdir(parents=True, exist_ok=True)  # made now, it does not change the folder's time later
+        self._folder_times = self.folder_times()  # before the scan: a change during it shows next time
         signature = self.signature()
         if signature == self._signature:
             return {"added": 0, "removed": 0, "unreadable": len(self.unreadable), "images": len(self.names),
@@ -111,8 +114,16 @@ class Gallery:
         logger.info("gallery %s: %s", self.folder, ", ".join(f"{v} {k}" for k, v in counts.items()))
         return counts
 
+    def folder_times(self) -> tuple[int, int | None]:
+        """The folder's modification time (it changes when a file is added, removed or renamed
+        into it) and texts.txt's: two stats, where :meth:`signature` stats every file."""
+        texts = self.folder / TEXTS_FILE
+        return self.folder.stat().st_mtime_ns, texts.stat().st_mtime_ns if texts.is_file() else None
+
     def refresh_if_changed(self) -> None:
-        if self.signature() != self._signature:
+        """Refresh when files came, went or were renamed in, or texts.txt changed (each search
+        calls this: two stats, not a scan of a folder of any size)."""
+        if self.folder_times() != self._folder_times:
             self.refresh()
 
     @torch.no_grad()
