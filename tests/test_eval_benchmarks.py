@@ -25,18 +25,6 @@ ANSWERS = [["red"] * 6 + ["orange"] * 4, ["2"] * 5 + ["two"] * 3 + ["3"] * 2, ["
            ["on the mat"] * 4 + ["mat"] * 6]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("blip2-opt")
-    save_tiny_blip2(directory, "opt")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def model(model_dir) -> Blip2:
-    return Blip2.from_pretrained(model_dir)
-
-
 def picture(path: Path, seed: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8)
@@ -62,8 +50,8 @@ def vqa_layout(root: Path, questions_name: str, annotations_name: str | None, fo
     return root
 
 
-def run(model_dir: Path, *arguments: str) -> None:
-    main(["eval", "--model", str(model_dir), "--device", "cpu", *arguments])
+def run(blip2_dir: Path, *arguments: str) -> None:
+    main(["eval", "--model", str(blip2_dir), "--device", "cpu", *arguments])
 
 
 def expected_answers(model: Blip2, root: Path, folder: str, prompt: str = "Question: {} Answer:") -> list[str]:
@@ -73,15 +61,15 @@ def expected_answers(model: Blip2, root: Path, folder: str, prompt: str = "Quest
     return model.generate_text(images, prompts, **GENERATION)
 
 
-def test_vqav2_answers_and_scores_as_blip2_and_the_official_script(model, model_dir, tmp_path, capsys):
+def test_vqav2_answers_and_scores_as_blip2_and_the_official_script(blip2, blip2_dir, tmp_path, capsys):
     root = vqa_layout(tmp_path / "vqav2", "v2_OpenEnded_mscoco_val2014_questions.json",
                       "v2_mscoco_val2014_annotations.json", "val2014")
     out = tmp_path / "out"
-    run(model_dir, "--task", "vqav2", "--data", str(root), "--out", str(out), "--batch-size", "2")
+    run(blip2_dir, "--task", "vqav2", "--data", str(root), "--out", str(out), "--batch-size", "2")
     printed = capsys.readouterr().out
     predictions = json.loads((out / "predictions.json").read_text())
     assert [p["question_id"] for p in predictions] == [1000 + i for i in range(5)]
-    assert [p["answer"] for p in predictions] == expected_answers(model, root, "val2014")
+    assert [p["answer"] for p in predictions] == expected_answers(blip2, root, "val2014")
     results = json.loads((out / "results.json").read_text())
     assert results["vqa_accuracy"] == vqa_score([p["answer"] for p in predictions], ANSWERS)["accuracy"]
     assert set(results["per_answer_type"]) == {"number", "other"} and results["count"] == 5
@@ -91,11 +79,11 @@ def test_vqav2_answers_and_scores_as_blip2_and_the_official_script(model, model_
     assert f"vqa_accuracy {results['vqa_accuracy']:.2f} over 5 questions" in printed
 
 
-def test_an_interrupted_run_resumes_and_other_settings_are_refused(model, model_dir, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_and_other_settings_are_refused(blip2, blip2_dir, tmp_path, monkeypatch):
     root = vqa_layout(tmp_path / "okvqa", "OpenEnded_mscoco_val2014_questions.json",
                       "mscoco_val2014_annotations.json", "val2014")
     out = tmp_path / "out"
-    whole = evaluate_benchmark(model, "okvqa", root, out, batch_size=2, fingerprint="f")
+    whole = evaluate_benchmark(blip2, "okvqa", root, out, batch_size=2, fingerprint="f")
     first = (out / "predictions.json").read_text()
     lines = (out / "predictions.jsonl").read_text().splitlines(keepends=True)
     (out / "predictions.jsonl").write_text("".join(lines[:2]) + lines[2][:9])  # stopped while writing line 3
@@ -104,16 +92,16 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(model, model_
     original = Blip2.generate_text
     monkeypatch.setattr(Blip2, "generate_text", lambda self, images, prompts, **kw: asked.extend(prompts)
                         or original(self, images, prompts, **kw))
-    again = evaluate_benchmark(model, "okvqa", root, out, batch_size=2, fingerprint="f")
+    again = evaluate_benchmark(blip2, "okvqa", root, out, batch_size=2, fingerprint="f")
     assert len(asked) == 3  # the 2 answered questions are not asked again
     assert (out / "predictions.json").read_text() == first and again["vqa_accuracy"] == whole["vqa_accuracy"]
     with pytest.raises(ValueError, match=r"other settings \(prompt differ\)"):
-        evaluate_benchmark(model, "okvqa", root, out, prompt="Q: {} A:", fingerprint="f")
+        evaluate_benchmark(blip2, "okvqa", root, out, prompt="Q: {} A:", fingerprint="f")
     with pytest.raises(ValueError, match=r"other settings \(generation, model_fingerprint differ\)"):
-        evaluate_benchmark(model, "okvqa", root, out, fingerprint="g", num_beams=2)
+        evaluate_benchmark(blip2, "okvqa", root, out, fingerprint="g", num_beams=2)
 
 
-def test_gqa_is_exact_match_of_the_cleaned_prediction(model, model_dir, tmp_path):
+def test_gqa_is_exact_match_of_the_cleaned_prediction(blip2, blip2_dir, tmp_path):
     root = tmp_path / "gqa"
     entries = {f"20{i}": {"imageId": f"n{i}", "question": q, "answer": answers[0]}
                for i, (q, answers) in enumerate(zip(QUESTIONS, ANSWERS))}
@@ -122,16 +110,16 @@ def test_gqa_is_exact_match_of_the_cleaned_prediction(model, model_dir, tmp_path
     for i in range(5):
         picture(root / "images" / f"n{i}.jpg", i)
     out = tmp_path / "out"
-    run(model_dir, "--task", "gqa", "--data", str(root), "--out", str(out))
+    run(blip2_dir, "--task", "gqa", "--data", str(root), "--out", str(out))
     predictions = {p["question_id"]: p["answer"] for p in json.loads((out / "predictions.json").read_text())}
     expected = sum(normalize_answer(predictions[qid]) == e["answer"] for qid, e in entries.items()) / 5
     assert json.loads((out / "results.json").read_text())["accuracy"] == round(100 * expected, 2)
 
 
-def test_test_dev_writes_predictions_for_the_server(model_dir, tmp_path):
+def test_test_dev_writes_predictions_for_the_server(blip2_dir, tmp_path):
     root = vqa_layout(tmp_path / "vqav2", "v2_OpenEnded_mscoco_test-dev2015_questions.json", None, "test2015")
     out = tmp_path / "out"
-    run(model_dir, "--task", "vqav2", "--split", "test-dev2015", "--data", str(root), "--out", str(out))
+    run(blip2_dir, "--task", "vqav2", "--split", "test-dev2015", "--data", str(root), "--out", str(out))
     assert len(json.loads((out / "predictions.json").read_text())) == 5
     assert "evaluation server" in json.loads((out / "results.json").read_text())["note"]
 
@@ -143,9 +131,9 @@ def test_test_dev_writes_predictions_for_the_server(model_dir, tmp_path):
     (["--task", "gqa", "--data", "nowhere"], "testdev_balanced_questions.json not found"),
     (["--task", "okvqa", "--data", ".", "--split", "test"], "--split 'test': okvqa has val2014"),
 ])
-def test_mistakes_are_one_line(model_dir, arguments, words, capsys):
+def test_mistakes_are_one_line(blip2_dir, arguments, words, capsys):
     with pytest.raises(SystemExit) as exit_:
-        run(model_dir, *arguments)
+        run(blip2_dir, *arguments)
     assert exit_.value.code == 1 and words in capsys.readouterr().err
 
 
@@ -200,7 +188,7 @@ CAPTIONS = [["a red ball on the grass", "a ball that is red"], ["two dogs play",
 
 
 @pytest.mark.skipif(__import__("shutil").which("java") is None, reason="pycocoevalcap's tokenizer runs on Java")
-def test_coco_and_nocaps_captions_score_as_pycocoevalcap(model, model_dir, tmp_path):
+def test_coco_and_nocaps_captions_score_as_pycocoevalcap(blip2, blip2_dir, tmp_path):
     from qformer.evaluate.benchmarks import CAPTION_GENERATION
     from qformer.evaluate.captions import caption_metrics
 
@@ -210,10 +198,10 @@ def test_coco_and_nocaps_captions_score_as_pycocoevalcap(model, model_dir, tmp_p
         picture(coco / entry["image"], i)
     (coco / "coco_karpathy_test.json").write_text(json.dumps(entries))
     out = tmp_path / "coco-out"
-    run(model_dir, "--task", "coco_caption", "--data", str(coco), "--out", str(out))
+    run(blip2_dir, "--task", "coco_caption", "--data", str(coco), "--out", str(out))
     predictions = json.loads((out / "predictions.json").read_text())
     images = [Image.open(coco / e["image"]).convert("RGB") for e in entries]
-    expected = model.generate_text(images, ["a photo of"] * 4, **CAPTION_GENERATION)
+    expected = blip2.generate_text(images, ["a photo of"] * 4, **CAPTION_GENERATION)
     assert [p["caption"] for p in predictions] == expected and [p["image_id"] for p in predictions] == \
         [e["image"] for e in entries]
     results = json.loads((out / "results.json").read_text())
@@ -227,14 +215,14 @@ def test_coco_and_nocaps_captions_score_as_pycocoevalcap(model, model_dir, tmp_p
     for i in range(4):
         picture(nocaps / "images" / f"{i:04x}.jpg", i)
     (nocaps / "nocaps_val_4500_captions.json").write_text(json.dumps(data))
-    results = evaluate_benchmark(model, "nocaps", nocaps, tmp_path / "nocaps-out", fingerprint="f")
+    results = evaluate_benchmark(blip2, "nocaps", nocaps, tmp_path / "nocaps-out", fingerprint="f")
     near = [1, 3]
     near_cider = caption_metrics({i: expected[i] for i in near}, {i: CAPTIONS[i] for i in near}, ("CIDEr",))["CIDEr"]
     assert results["CIDEr_per_domain"]["near-domain"] == round(100 * near_cider, 2)
     assert set(results["CIDEr_per_domain"]) == set(domains) and "not computed" in results["SPICE"]
 
 
-def test_two_processes_answer_as_one(model_dir, tmp_path):
+def test_two_processes_answer_as_one(blip2_dir, tmp_path):
     """Under torchrun each rank answers its share; the gathered predictions and figures equal one
     process's."""
     import os
@@ -243,7 +231,7 @@ def test_two_processes_answer_as_one(model_dir, tmp_path):
 
     root = vqa_layout(tmp_path / "okvqa", "OpenEnded_mscoco_val2014_questions.json",
                       "mscoco_val2014_annotations.json", "val2014")
-    arguments = ["-m", "qformer", "eval", "--model", str(model_dir), "--device", "cpu", "--task", "okvqa",
+    arguments = ["-m", "qformer", "eval", "--model", str(blip2_dir), "--device", "cpu", "--task", "okvqa",
                  "--data", str(root), "--batch-size", "2"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))

@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 from serve_helpers import burst, gallery_folder, metric, png_bytes, running, serve_process
 from stage1_helpers import usable_stage1
-from stage2_helpers import save_tiny_blip2
 
 from qformer import load_tokenizer
 from qformer.blip2 import CAPTION_DEFAULTS, VQA_DEFAULTS, Blip2
@@ -43,18 +42,6 @@ def image_file(data: bytes | None = None, name: str = "a.png") -> dict:
 
 def picture(data: bytes | None = None) -> Image.Image:
     return Image.open(io.BytesIO(png_bytes() if data is None else data)).convert("RGB")
-
-
-@pytest.fixture(scope="module")
-def stage2_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("blip2")
-    save_tiny_blip2(directory, "opt")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def blip2(stage2_dir) -> Blip2:
-    return Blip2.from_pretrained(stage2_dir)
 
 
 @pytest.fixture(scope="module")
@@ -315,8 +302,8 @@ def test_gallery_index_is_kept_on_disk_and_updated_incrementally(tmp_path, stage
     assert other.refresh()["added"] == 3
 
 
-def test_cli_serves_and_finishes_in_flight_requests_on_sigterm(stage2_dir):
-    with serve_process(["--model", str(stage2_dir), "--device", "cpu", "--max-wait-ms", "1500"]) as (url, server, output):
+def test_cli_serves_and_finishes_in_flight_requests_on_sigterm(blip2_dir):
+    with serve_process(["--model", str(blip2_dir), "--device", "cpu", "--max-wait-ms", "1500"]) as (url, server, output):
         result = {}
         request = threading.Thread(target=lambda: result.update(response=httpx.post(
             f"{url}/caption", files=image_file(), data={"max_new_tokens": "3"}, timeout=60)))
@@ -330,13 +317,13 @@ def test_cli_serves_and_finishes_in_flight_requests_on_sigterm(stage2_dir):
     assert "Shutting down" in log and "Traceback" not in log, log
 
 
-def test_cli_refuses_bad_settings_in_one_line(stage2_dir, tmp_path):
+def test_cli_refuses_bad_settings_in_one_line(blip2_dir, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"))
-    cases = [(["--model", str(stage2_dir), "--max-batch", "0"], "max_batch must be positive"),
-             (["--model", str(stage2_dir), "--port", "70000"], "--port must be within 1..65535"),
+    cases = [(["--model", str(blip2_dir), "--max-batch", "0"], "max_batch must be positive"),
+             (["--model", str(blip2_dir), "--port", "70000"], "--port must be within 1..65535"),
              (["--model", str(tmp_path / "missing")], "not a local directory"),
              (["--model", str(tmp_path)], "holds no config.json: expected a model directory"),
-             (["--model", str(stage2_dir), "--gallery", str(tmp_path)], "--gallery is searched by a stage-1 model")]
+             (["--model", str(blip2_dir), "--gallery", str(tmp_path)], "--gallery is searched by a stage-1 model")]
     for arguments, words in cases:
         done = subprocess.run([sys.executable, "-m", "qformer", "serve", *arguments], env=env, capture_output=True,
                               text=True, timeout=120)
