@@ -239,6 +239,9 @@ def test_a_request_past_its_timeout_answers_504(blip2):
     limits = Limits(request_timeout_s=0.2, max_wait_ms=1)
     with running(create_app(SlowModel(blip2, 1.0), limits)) as url, httpx.Client(base_url=url, timeout=30) as c:
         assert_refused(c.post("/caption", files=image_file()), 504, "no answer within 0.2 s")
+        streamed = c.post("/caption", files=image_file(), data={"stream": "true"})
+        assert streamed.status_code == 200 and streamed.text.startswith("event: error\n")
+        assert "no answer within 0.2 s" in streamed.text and "Traceback" not in streamed.text
         assert c.get("/healthz").status_code == 200
 
 

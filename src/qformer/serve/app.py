@@ -273,14 +273,16 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
             raise RequestError(404, f"this {served.kind.replace('stage', 'stage-')} model answers {', '.join('/' + r for r in served.routes)}, "
                                     f"not /{route}")
 
-    async def answer(key: tuple, payload: Any) -> Any:
+    def submit(key: tuple, payload: Any) -> asyncio.Future:
         try:
-            future = batcher.submit(key, payload)
+            return batcher.submit(key, payload)
         except QueueFull as err:
             raise RequestError(503, f"the server is busy: {err}; retry in {RETRY_AFTER_S} s",
                                {"Retry-After": str(RETRY_AFTER_S)}) from err
+
+    async def answer(key: tuple, payload: Any) -> Any:
         try:
-            return await asyncio.wait_for(future, limits.request_timeout_s)
+            return await asyncio.wait_for(submit(key, payload), limits.request_timeout_s)
         except TimeoutError:
             raise RequestError(504, f"no answer within {limits.request_timeout_s:g} s (request_timeout)") from None
         except ValueError as err:  # what the model refuses names the input
@@ -305,51 +307,47 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
         return JSONResponse(await answer((route, tuple(sorted(settings.items()))), payload))
 
     async def streamed(route: str, payload: Generation, settings: dict[str, Any]) -> StreamingResponse:
+        """Server-sent events: the text so far as the model thread emits it, then the whole
+        answer (or the error), which comes after every text in the event queue."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
+        events: asyncio.Queue = asyncio.Queue()  # texts, then the request's future once it is done
         abandoned = threading.Event()  # set when the client goes away: the generation stops at its next token
 
         def emit(text: str) -> None:
             loop.call_soon_threadsafe(events.put_nowait, text)
 
         start = time.perf_counter()
-        try:
-            future = batcher.submit(("stream", uuid.uuid4().hex), (payload, settings, emit, abandoned))
-        except QueueFull as err:
-            raise RequestError(503, f"the server is busy: {err}; retry in {RETRY_AFTER_S} s",
-                               {"Retry-After": str(RETRY_AFTER_S)}) from err
+        future = submit(("stream", uuid.uuid4().hex), (payload, settings, emit, abandoned))
+        future.add_done_callback(events.put_nowait)
         key = "caption" if route == "caption" else "answer"
 
+        def event(kind: str, data: dict) -> str:
+            return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
         async def sse() -> AsyncIterator[str]:
-            waiter = asyncio.ensure_future(asyncio.wait_for(asyncio.shield(future), limits.request_timeout_s))
+            deadline = loop.time() + limits.request_timeout_s
             try:
                 while True:
-                    getter = asyncio.ensure_future(events.get())
-                    done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter in done:
-                        yield f"data: {json.dumps({'text': getter.result()})}\n\n"
-                        continue
-                    getter.cancel()
-                    while not events.empty():
-                        yield f"data: {json.dumps({'text': events.get_nowait()})}\n\n"
                     try:
-                        text = waiter.result()
+                        item = await asyncio.wait_for(events.get(), deadline - loop.time())
                     except TimeoutError:
                         message = f"no answer within {limits.request_timeout_s:g} s (request_timeout)"
-                        yield f"event: error\ndata: {json.dumps({'error': message})}\n\n"
-                    except ValueError as err:
-                        yield f"event: error\ndata: {json.dumps({'error': str(err)})}\n\n"
-                    except Exception:
-                        logger.exception("streamed /%s failed", route)
-                        yield f"event: error\ndata: {json.dumps({'error': 'the server failed on this request'})}\n\n"
+                        yield event("error", {"error": message})
+                        return
+                    if isinstance(item, str):
+                        yield f"data: {json.dumps({'text': item})}\n\n"
+                        continue
+                    if item.cancelled() or isinstance(item.exception(), ValueError):
+                        yield event("error", {"error": "cancelled" if item.cancelled() else str(item.exception())})
+                    elif item.exception() is not None:
+                        logger.error("streamed /%s failed", route, exc_info=item.exception())
+                        yield event("error", {"error": "the server failed on this request"})
                     else:
-                        done_data = {key: text, "seconds": time.perf_counter() - start}
-                        yield f"event: done\ndata: {json.dumps(done_data)}\n\n"
+                        yield event("done", {key: item.result(), "seconds": time.perf_counter() - start})
                     return
             finally:
                 abandoned.set()
-                waiter.cancel()
+                future.cancel()  # still queued: dropped unrun; running: stops at its next token
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
