@@ -7,10 +7,11 @@ the reference is LAVIS's ``compute_sim_matrix``: the same ITC features and top k
 for every pair. Both batch the pairs alike (``CHUNK`` pairs a pass; LAVIS runs k a pass), so the
 figure measures the shared K/V, not batching. The rankings must be identical.
 
-qformer_caption: ours is :func:`qformer.retrieval.caption_images` (beam search with the Q-Former's
-KV cache, one token a step); the reference runs the same beam search with a full pass over
-[queries; [DEC] + text so far] per new token (image K/V computed once, as ours). Tokens must be
-identical.
+qformer_caption: ours is :func:`qformer.retrieval.caption_images` (transformers' beam search over
+the Q-Former's KV cache, the queries run once per image, one token a step); the reference is
+LAVIS's ``Blip2Qformer.generate`` (:class:`FullPassDecoder`): the same beam search with a full
+pass over [queries; [DEC] + text so far] of every beam row per new token, the image K/V projected
+again each time. Tokens must be identical.
 
 FLOPs are counted by :mod:`qformer.flops`'s formulas (forward matmul FLOPs; norms, softmax and
 activations left out); ``tests/test_bench_flops.py`` checks these sums against
@@ -19,14 +20,19 @@ activations left out); ``tests/test_bench_flops.py`` checks these sums against
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 from harness import Result, max_abs_diff, time_alternately
 from torch import Tensor
+from transformers import GenerationConfig
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from qformer.config import Blip2Stage1Config, QFormerConfig
 from qformer.flops import image_key_values, matmul, qformer_pass
-from qformer.generate import DecodingOptions
-from qformer.models.blip2 import Blip2Stage1, expand_key_values
+from qformer.generate import DecodingOptions, QFormerDecoder, pad_after_eos
+from qformer.models.blip2 import Blip2Stage1
+from qformer.models.qformer import QFormer
 from qformer.retrieval import caption_images, retrieval_scores
 
 CHUNK = 32  # pairs (images, texts) a pass, both sides
@@ -149,54 +155,48 @@ def bench_retrieval_rerank(quick: bool, device: str) -> Result:
     return time_alternately(ours, ref, rounds, device, warmup=0).into(result)
 
 
+class FullPassDecoder(QFormerDecoder):
+    """LAVIS's ``Blip2Qformer.generate`` with transformers' beam search: every step one full
+    pass over [queries; [DEC] + text so far] of every beam row, the image keys/values projected
+    again from the image embeddings repeated per beam (LAVIS's BERT fork gets no cache back
+    under the names it reads)."""
+
+    def __init__(self, qformer: QFormer, eos_token_id: int, queries: Tensor, embeds: Tensor) -> None:
+        super().__init__(qformer, eos_token_id)
+        self.queries, self.embeds = queries, embeds  # (B x nb, Q, D), (B x nb, S, W)
+
+    def forward(self, input_ids: Tensor, use_cache: bool = False, return_dict: bool = True) -> CausalLMOutputWithPast:
+        out = self.qformer(input_ids=input_ids, query_embeds=self.queries, encoder_hidden_states=self.embeds,
+                           is_decoder=True)
+        return CausalLMOutputWithPast(logits=out.logits)
+
+
 @torch.no_grad()
 def reference_caption(model: Blip2Stage1, embeds: Tensor, options: DecodingOptions) -> Tensor:
-    """Beam search as :func:`qformer.generate.qformer_generate` (finished beams extend with
-    padding at no cost; the best beam by score / length^penalty), each step one full pass over
-    [queries; [DEC] + text so far] without cache: (B, L)."""
+    """Captions (B, L) as LAVIS decodes them (:class:`FullPassDecoder`), padded after eos as ours."""
     qformer, beams, batch = model.qformer, options.num_beams, embeds.shape[0]
-    pad, device = qformer.config.pad_token_id, embeds.device
-    rows = torch.arange(batch, device=device).repeat_interleave(beams)
-    image_kv = expand_key_values(qformer.encoder_key_values(embeds), rows)  # once per image, (B * nb) rows
-    queries = model.queries(batch * beams)
-    sequences = torch.full((batch * beams, 1), qformer.config.bos_token_id, dtype=torch.long, device=device)
-    scores = torch.zeros(batch, beams, device=device)
-    scores[:, 1:] = float("-inf")
-    finished = torch.zeros(batch * beams, dtype=torch.bool, device=device)
-    lengths = torch.zeros(batch * beams, device=device)
-    for _ in range(options.max_new_tokens):
-        logits = qformer(input_ids=sequences, query_embeds=queries, encoder_key_values=image_kv,
-                         is_decoder=True).logits[:, -1]  # (B * nb, V)
-        logprobs = logits.float().log_softmax(-1)
-        logprobs[finished] = float("-inf")
-        logprobs[finished, pad] = 0.0
-        vocab = logprobs.shape[1]
-        scores, flat = (scores.view(-1, 1) + logprobs).view(batch, beams * vocab).topk(beams, dim=1)
-        source = (flat // vocab + torch.arange(batch, device=device)[:, None] * beams).view(-1)
-        token = (flat % vocab).view(-1)
-        sequences, finished, lengths = sequences[source], finished[source], lengths[source]
-        token = token.masked_fill(finished, pad)
-        lengths = lengths + (~finished).float()
-        sequences = torch.cat([sequences, token[:, None]], dim=1)
-        finished = finished | (token == EOS)
-        if bool(finished.all()):
-            break
-    best = (scores / lengths.view(batch, beams).clamp(min=1) ** options.length_penalty).argmax(dim=1)
-    return sequences[best + torch.arange(batch, device=device) * beams, 1:]
+    decoder = FullPassDecoder(qformer, EOS, model.queries(batch * beams), embeds.repeat_interleave(beams, dim=0))
+    start = torch.full((batch, 1), qformer.config.bos_token_id, dtype=torch.long, device=embeds.device)
+    generation = GenerationConfig(**asdict(options), use_cache=False, bos_token_id=qformer.config.bos_token_id,
+                                  eos_token_id=EOS, pad_token_id=qformer.config.pad_token_id)
+    return pad_after_eos(decoder.generate(input_ids=start, generation_config=generation)[:, 1:], EOS,
+                         qformer.config.pad_token_id)
 
 
 def caption_flops(config: QFormerConfig, batch: int, beams: int, steps: int, cached: bool) -> int:
-    """Forward FLOPs (:mod:`qformer.flops`) of beam-search captioning: the image K/V and (cached)
-    one query pass per image, then per step the new token through every layer against the cache
-    and the LM head on it; without cache, per step a full pass over queries + the text so far
-    and the LM head on every text position. Beam bookkeeping is left out."""
+    """Forward FLOPs (:mod:`qformer.flops`) of beam-search captioning. Cached: the image K/V and
+    one query pass per image, then per step the new token of every beam row through every layer
+    against the cache and the LM head on it. LAVIS's: per step a full pass of every beam row over
+    queries + the text so far, its image K/V projected again, the LM head on every text
+    position. Beam bookkeeping is left out."""
     rows = batch * beams
-    total = image_key_values(config, batch, IMAGE_TOKENS)
     if cached:
+        total = image_key_values(config, batch, IMAGE_TOKENS)
         total = total + qformer_pass(config, batch, queries=QUERIES, image_tokens=IMAGE_TOKENS, project_image=False)
         for step in range(steps):  # the new token attends to Q + step cached positions and itself
             total = total + qformer_pass(config, rows, text=1, past=QUERIES + step, lm_head=True)
         return total.forward
+    total = image_key_values(config, rows, IMAGE_TOKENS) * steps
     for step in range(steps):
         total = total + qformer_pass(config, rows, queries=QUERIES, text=step + 1, image_tokens=IMAGE_TOKENS,
                                      project_image=False, lm_head=True)

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, Blip2Processor, BlipImageProcessor
 from qformer import Blip2Stage1, load_tokenizer
 from qformer.cli import main
 from qformer.data.transforms import eval_transform
-from qformer.retrieval import extract_features, retrieval_scores, search, tokenize
+from qformer.retrieval import caption_texts, extract_features, retrieval_scores, search, tokenize
 from qformer.train.config import load_train_config
 from qformer.train.loop import train
 from qformer.train.stage1_job import evaluate_retrieval
@@ -255,3 +255,24 @@ def test_convert_keeps_tokenizer_and_preprocessing(itm_dir, tmp_path):
     back = Blip2Stage1.from_pretrained(tmp_path / "back")
     assert back.config.image == IMAGE_CONFIG
     assert tokenize(back, TEXTS)[0].tolist() == tokenize(ours, TEXTS)[0].tolist()
+
+
+def test_cli_caption_with_a_stage1_model(tokenizer, itm_dir, photos, tmp_path, capsys):
+    """qformer caption on a stage-1 model: the Q-Former's captions, as caption_texts gives them;
+    what it cannot do is said in one line."""
+    model = usable_stage1(tokenizer)
+    model.save_pretrained(tmp_path / "model")
+    names = readable(photos)[:3]
+    main(["caption", "--model", str(tmp_path / "model"), *names, "--json", "--num-beams", "2", "--max-new-tokens", "6",
+          "--device", "cpu"])  # no SystemExit: status 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = caption_texts(model, [Image.open(name) for name in names], num_beams=2, max_new_tokens=6)
+    assert [row["caption"] for row in rows] == expected and [row["image"] for row in rows] == names
+    for model_dir, options, message in (
+        (itm_dir[0], [], "Blip2ForImageTextRetrieval, which has no Q-Former LM head"),
+        (tmp_path / "model", ["--prompt", "a photo of"], "--prompt needs a BLIP-2 model with an LLM"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main(["caption", "--model", str(model_dir), names[0], "--device", "cpu", *options])
+        err = capsys.readouterr().err
+        assert stop.value.code == 1 and message in err and len(err.strip().splitlines()) == 1, err

@@ -57,9 +57,28 @@ def device_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_model(args: argparse.Namespace):
-    from qformer.blip2 import Blip2
+    """A BLIP-2 / InstructBLIP model; for ``qformer caption``, a stage-1 model too (its Q-Former
+    captions alone, as LAVIS's ``Blip2Qformer.generate``)."""
+    import json
 
-    return Blip2.from_pretrained(args.model, **device_options(args))
+    from qformer.blip2 import Blip2
+    from qformer.loading import resolve_checkpoint
+    from qformer.models.blip2 import Blip2Stage1
+    from qformer.stage1_pretrained import stage1_layout_of
+
+    options = device_options(args)
+    directory = resolve_checkpoint(args.model)
+    config = directory / "config.json"
+    layout = stage1_layout_of(json.loads(config.read_text())) if config.is_file() else None
+    if layout is None or args.command != "caption":
+        return Blip2.from_pretrained(directory, **options)
+    if layout == "transformers":
+        raise ValueError(f"{args.model} is transformers' Blip2ForImageTextRetrieval, which has no Q-Former LM "
+                         "head: caption with a stage-1 model in qformer's layout (a training run's final/, or "
+                         "LAVIS's blip2_pretrained.pth through qformer convert)")
+    if args.prompt:
+        raise ValueError("a stage-1 model captions from [DEC] alone: --prompt needs a BLIP-2 model with an LLM")
+    return Blip2Stage1.from_pretrained(directory, **options)
 
 
 def run_images(args: argparse.Namespace, answer_batch, result_key: str, extra: dict[str, Any]) -> int:
@@ -114,7 +133,15 @@ def emit(args: argparse.Namespace, row: dict[str, Any], key: str) -> None:
 
 
 def caption_command(args: argparse.Namespace) -> int:
-    return run_images(args, lambda model, images, gen: model.caption(images, prompt=args.prompt, **gen), "caption", {})
+    def caption(model, images, gen):
+        from qformer.models.blip2 import Blip2Stage1
+        from qformer.retrieval import caption_texts
+
+        if isinstance(model, Blip2Stage1):
+            return caption_texts(model, images, **gen)
+        return model.caption(images, prompt=args.prompt, **gen)
+
+    return run_images(args, caption, "caption", {})
 
 
 def vqa_command(args: argparse.Namespace) -> int:

@@ -147,20 +147,38 @@ def retrieval_recall(
     return metrics
 
 
+# LAVIS's Blip2Qformer.generate: 3 beams, max_length 30 and min_length 10 counting [DEC], top_p 0.9 if sampling
+LAVIS_CAPTIONS = DecodingOptions(num_beams=3, max_new_tokens=29, min_new_tokens=9, top_p=0.9)
+
+
 @torch.no_grad()
 def caption_images(
     model: Blip2Stage1,
     image_embeds: Tensor,
     eos_token_id: int,
     pad_token_id: int | None = None,
-    options: DecodingOptions = DecodingOptions(num_beams=3, max_new_tokens=30),
-    generator: torch.Generator | None = None,
+    options: DecodingOptions = LAVIS_CAPTIONS,
+    **generate_kwargs,
 ) -> Tensor:
     """Caption token ids (B, L) from a stage-1 model's Q-Former alone (``[DEC]`` prompt), as
-    LAVIS's ``Blip2Qformer.generate`` (beam search, 3 beams) does."""
+    LAVIS's ``Blip2Qformer.generate`` decodes them (its settings by default).
+    ``generate_kwargs``: any other option of transformers' ``generate`` (see :func:`qformer_generate`)."""
     image_kv = model.qformer.encoder_key_values(image_embeds)
     queries = model.queries(image_embeds.shape[0])
-    return qformer_generate(model.qformer, queries, image_kv, eos_token_id, pad_token_id, options, generator)
+    return qformer_generate(model.qformer, queries, image_kv, eos_token_id, pad_token_id, options, **generate_kwargs)
+
+
+def caption_texts(model: Blip2Stage1, images: Images, **generation) -> list[str]:
+    """Captions of images as users have them (see :func:`image_embeds_of`) by the Q-Former
+    alone, decoded with the model's tokenizer ([SEP] ends a caption, as in LAVIS).
+    ``generation``: ``num_beams``, ``max_new_tokens`` or any option of :func:`qformer_generate`
+    (LAVIS's settings by default)."""
+    tokenizer = model.tokenizer
+    if tokenizer is None or tokenizer.sep_token_id is None:
+        raise ValueError("captions need the stage-1 model's BERT tokenizer (with [SEP]): set model.tokenizer")
+    tokens = caption_images(model, image_embeds_of(model, images), tokenizer.sep_token_id, tokenizer.pad_token_id,
+                            **generation)
+    return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
 
 def image_embeds_of(model: Blip2Stage1, images: Images) -> Tensor:

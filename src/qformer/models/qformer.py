@@ -101,6 +101,20 @@ class QFormerCache:
             self.query_length,
         )
 
+    # What transformers' ``generate`` reads of a cache (qformer.generate decodes through it).
+    is_compileable = False  # its length grows each step
+
+    @property
+    def is_linear(self) -> tuple[bool, ...]:
+        return (False,) * len(self.key_values)  # softmax attention in every layer
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        """Keep rows ``beam_idx``, in place (beam search, each step)."""
+        self.key_values = self.index_select(beam_idx).key_values
+
 
 PastKeyValues = Union[QFormerCache, tuple[KeyValue, ...]]
 
