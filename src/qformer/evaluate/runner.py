@@ -92,6 +92,7 @@ def evaluate_benchmark(
         _answered(out, keys)  # a line cut off by an interruption is dropped here, once
     _barrier(world)
     done = _answered(out, keys)
+    _barrier(world)  # every rank has read the same answers before any rank adds to them
     todo = [q for q in questions if q.question_id not in done][rank::world]  # this rank's share of what is left
     if done and rank == 0:
         logger.info("%s: %d of %d answered already; continuing", out, len(done), len(questions))
@@ -121,16 +122,17 @@ def evaluate_benchmark(
     return results
 
 
-def _check_settings(path: Path, settings: dict[str, Any]) -> None:
-    """Write the run's settings, or refuse a rerun whose settings differ from those written."""
+def _check_settings(path: Path, settings: dict[str, Any], holds: str = "predictions made",
+                    remedy: str = "pass another --out, or delete it to start over") -> None:
+    """Write the run's settings, or refuse a rerun whose settings differ from those written
+    (``holds``: what the folder holds; ``remedy``: what to do instead)."""
     if not path.is_file():
         _write_json(path, settings)
         return
     before = json.loads(path.read_text())
     changed = [key for key in settings if key != "versions" and before.get(key) != settings[key]]
     if changed:
-        raise ValueError(f"{path.parent} holds predictions made with other settings ({', '.join(changed)} differ): "
-                         "pass another --out, or delete it to start over")
+        raise ValueError(f"{path.parent} holds {holds} with other settings ({', '.join(changed)} differ): {remedy}")
 
 
 def _answered(out: Path, keys: tuple[str, str]) -> dict[Any, str]:
