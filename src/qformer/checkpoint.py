@@ -103,7 +103,7 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
 
 def write_safetensors(path: str | Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     """Tensors to a safetensors file, atomically (see :func:`atomic_write`)."""
-    tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 

@@ -173,12 +173,10 @@ def retrieval_scores(
     (:mod:`qformer.evaluate.retrieval_tasks`) keeps features on disk, resumes and spreads over ranks.
     """
     n_images, n_texts = image_embeds.shape[0], input_ids.shape[0]
-    text_feats = torch.cat(
-        [
-            extract_features(model, input_ids=input_ids[i : i + chunk], attention_mask=attention_mask[i : i + chunk]).text
-            for i in range(0, n_texts, chunk)
-        ]
-    )
+    text_feats = torch.cat([
+        extract_features(model, input_ids=input_ids[i : i + chunk], attention_mask=attention_mask[i : i + chunk]).text
+        for i in range(0, n_texts, chunk)
+    ])  # (Nt, E)
     image_feats = (extract_features(model, image_embeds[i : i + chunk]).image for i in range(0, n_images, chunk))
     candidates = rerank_candidates(similarity_rows(model, image_feats, text_feats), k)
     itm = itm_of_images(model, image_embeds, 0, candidates, input_ids, attention_mask, chunk)

@@ -61,11 +61,8 @@ def evaluate_benchmark(
 ) -> dict[str, Any]:
     """Run ``task`` on ``model`` (a :class:`~qformer.blip2.Blip2` or InstructBLIP) over the data
     under ``data``; returns what ``results.json`` holds."""
-    import torch
-    import transformers
     from tqdm import tqdm
 
-    from qformer import __version__
     from qformer.data.transforms import clean_question, load_image
 
     benchmark, split = check_task(task, split)
@@ -80,9 +77,7 @@ def evaluate_benchmark(
     settings = {"task": task, "split": split, "data": str(Path(data).resolve()), "questions": len(questions),
                 "prompt": prompt,
                 "question_cleaning": None if captioning else "LAVIS's blip_question (lowercase, punctuation out, 50 words)",
-                "generation": generation, "model_fingerprint": fingerprint,
-                "versions": {"qformer": __version__, "torch": torch.__version__,
-                             "transformers": transformers.__version__}}
+                "generation": generation, "model_fingerprint": fingerprint, "versions": library_versions()}
     out = Path(out)
     rank, world = _rank_and_world()
     keys = ("image_id", "caption") if captioning else ("question_id", "answer")  # the servers' result formats
@@ -120,6 +115,16 @@ def evaluate_benchmark(
     _write_json(out / "results.json", results)
     _barrier(world)
     return results
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a figure was computed with: qformer, torch, transformers."""
+    import torch
+    import transformers
+
+    from qformer import __version__
+
+    return {"qformer": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def _check_settings(path: Path, settings: dict[str, Any], holds: str = "predictions made",

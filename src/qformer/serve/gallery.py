@@ -198,7 +198,8 @@ class Gallery:
         self.image_features, self.text_features = images, texts
 
     def _save_index(self) -> None:
-        write_safetensors(self.index / "features.safetensors", {"images": self.image_features, "texts": self.text_features})
+        tensors = {"images": self.image_features, "texts": self.text_features}
+        write_safetensors(self.index / "features.safetensors", tensors)
         manifest = {"format": FORMAT, "model": self.fingerprint, "names": self.names, "texts": self.texts,
                     "entries": self._entries}
         atomic_write(self.index / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
