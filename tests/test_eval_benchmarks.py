@@ -4,6 +4,7 @@ one, an interrupted run resumes, other settings are refused."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from qformer.blip2 import Blip2
 from qformer.cli import main
 from qformer.data.transforms import clean_question
 from qformer.evaluate.benchmarks import GENERATION
+from qformer.evaluate.retrieval_tasks import evaluate_retrieval_task
 from qformer.evaluate.runner import evaluate_benchmark
 from qformer.evaluate.vqa import normalize_answer, vqa_score
 
@@ -146,41 +148,184 @@ def test_flan_t5_gets_the_short_answer_prompt(tmp_path):
     assert results["settings"]["prompt"] == "Question: {} Short answer:" and results["count"] == 2
 
 
-def test_coco_retrieval_recalls_as_blip2_retrieves(tmp_path, minilm_path, capsys):
-    """A stage-1 model on LAVIS's Karpathy test layout: every image against every caption, k = 128."""
-    import torch
+@pytest.fixture(scope="module")
+def retrieval(tmp_path_factory, minilm_path):
+    """A tiny stage-1 model saved and loaded, LAVIS's Karpathy test layout (6 images, 2 captions
+    each) and a whole evaluation of it (features and re-ranking in chunks of 2) to compare with."""
+    from types import SimpleNamespace
+
     from stage1_helpers import usable_stage1
 
     from qformer import load_tokenizer
+    from qformer.loading import model_fingerprint
+    from qformer.models.blip2 import Blip2Stage1
+
+    tmp = tmp_path_factory.mktemp("retrieval")
+    usable_stage1(load_tokenizer(minilm_path)).save_pretrained(tmp / "s1")
+    root = tmp / "coco"
+    entries = [{"image": f"val2014/COCO_val2014_{i:012d}.jpg", "caption": [f"A photo of thing {i}.", f"thing {i}!"]}
+               for i in range(6)]
+    for i, entry in enumerate(entries):
+        picture(root / entry["image"], i)
+    (root / "coco_karpathy_test.json").write_text(json.dumps(entries))
+    model, fingerprint = Blip2Stage1.from_pretrained(tmp / "s1"), model_fingerprint(tmp / "s1")
+    results = evaluate_retrieval_task(model, "coco_retrieval", root, tmp / "whole", batch_size=2, chunk_size=2,
+                                      fingerprint=fingerprint)
+    return SimpleNamespace(directory=tmp / "s1", model=model, fingerprint=fingerprint, root=root, entries=entries,
+                           whole=tmp / "whole", results=results)
+
+
+def read_scores(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "scores.safetensors")
+
+
+def assert_same_scores(out: Path, reference: Path) -> None:
+    from torch.testing import assert_close
+
+    got, expected = read_scores(out), read_scores(reference)
+    assert got.keys() == expected.keys() == {"i2t_texts", "i2t_scores", "t2i_images", "t2i_scores"}
+    for name in expected:
+        assert_close(got[name], expected[name])
+
+
+def test_coco_retrieval_recalls_as_blip2_retrieves(retrieval, tmp_path, capsys):
+    """``qformer eval --task coco_retrieval``: every image against every caption, k = 128, the
+    scores and recall of retrieval_scores in memory; a changed model is refused in one line."""
+    import torch
+    from torch.testing import assert_close
+
     from qformer.data.transforms import clean_caption, eval_image
     from qformer.retrieval import retrieval_recall, retrieval_scores, tokenize
 
-    stage1 = usable_stage1(load_tokenizer(minilm_path))
-    stage1.save_pretrained(tmp_path / "s1")
-    root = tmp_path / "coco"
-    entries = [{"image": f"val2014/COCO_val2014_{i:012d}.jpg", "caption": [f"A photo of thing {i}.", f"thing {i}!"]}
-               for i in range(4)]
-    for i in range(4):
-        picture(root / entries[i]["image"], i)
-    (root / "coco_karpathy_test.json").write_text(json.dumps(entries))
     out = tmp_path / "out"
-    main(["eval", "--model", str(tmp_path / "s1"), "--device", "cpu", "--task", "coco_retrieval", "--data", str(root),
-          "--out", str(out)])
+    main(["eval", "--model", str(retrieval.directory), "--device", "cpu", "--task", "coco_retrieval", "--data",
+          str(retrieval.root), "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
-    model = type(stage1).from_pretrained(tmp_path / "s1")
-    pixels = torch.stack([eval_image(root / e["image"], model.config.image) for e in entries])
-    ids, mask = tokenize(model, [clean_caption(c) for e in entries for c in e["caption"]])
+    model = retrieval.model
+    pixels = torch.stack([eval_image(retrieval.root / e["image"], model.config.image) for e in retrieval.entries])
+    ids, mask = tokenize(model, [clean_caption(c) for e in retrieval.entries for c in e["caption"]])
     i2t, t2i = retrieval_scores(model, model.image_embeds(pixels), ids, mask, k=128)
-    expected = retrieval_recall(i2t, t2i, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    expected = retrieval_recall(i2t, t2i, torch.tensor([i // 2 for i in range(12)]))
     assert {key: results[key] for key in expected} == {key: round(value, 2) for key, value in expected.items()}
-    assert results["settings"]["k"] == 128 and results["count"] == 4
+    assert results["settings"]["k"] == 128 and results["count"] == 6
+    scores = read_scores(out)
+    assert_close(scores["i2t_scores"], i2t.gather(1, scores["i2t_texts"]))
+    assert_close(scores["t2i_scores"], t2i.gather(1, scores["t2i_images"]))
     assert "coco_retrieval: txt_r1" in capsys.readouterr().out
+    assert_same_scores(retrieval.whole, out)  # chunks of 2 (the fixture's) score as chunks of 256
+
+    type(model).from_pretrained(retrieval.directory).save_pretrained(tmp_path / "s1-again")  # another fingerprint
     with pytest.raises(SystemExit):
-        main(["eval", "--model", str(tmp_path / "s1"), "--task", "coco_retrieval", "--data", str(root), "--prompt", "x"])
-    assert "--prompt goes with a question-answering task" in capsys.readouterr().err
+        main(["eval", "--model", str(tmp_path / "s1-again"), "--task", "coco_retrieval", "--data",
+              str(retrieval.root), "--features", str(out), "--out", str(tmp_path / "again")])
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "holds features computed with other settings (model_fingerprint differ)" in error
+    assert not (tmp_path / "again").exists()
+    for arguments, words in ((["--prompt", "x"], "--prompt goes with a question-answering task"),
+                             (["--task", "vqav2", "--features", "f"], "--features goes with a retrieval task")):
+        with pytest.raises(SystemExit):
+            main(["eval", "--model", str(retrieval.directory), "--task", "coco_retrieval", "--data",
+                  str(retrieval.root), *arguments])
+        assert words in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["eval", "--model", str(tmp_path / "s1"), "--task", "vqav2", "--data", str(root)])
+        main(["eval", "--model", str(retrieval.directory), "--task", "vqav2", "--data", str(retrieval.root)])
     assert "holds a stage-1 model (image-text matching, no LLM)" in capsys.readouterr().err
+
+
+class Calls:
+    """Counts the calls of a method or function, and raises at call number ``fail_at``."""
+
+    def __init__(self, monkeypatch, owner, name: str, fail_at: int | None = None) -> None:
+        self.count, self.original, self.fail_at = 0, getattr(owner, name), fail_at
+        monkeypatch.setattr(owner, name, self)
+
+    def __call__(self, *args, **kwargs):
+        self.count += 1
+        if self.count == self.fail_at:
+            raise RuntimeError("stopped by the test")
+        return self.original(*args, **kwargs)
+
+    def __get__(self, instance, owner=None):  # as a method
+        return self if instance is None else functools.partial(self, instance)
+
+
+def interrupted_feature_phase(retrieval, out: Path, monkeypatch) -> None:
+    """An evaluation stopped while encoding its second chunk of images: one image chunk on disk."""
+    with monkeypatch.context() as patch:
+        Calls(patch, type(retrieval.model), "encode_image", fail_at=2)
+        with pytest.raises(RuntimeError, match="stopped by the test"):
+            evaluate_retrieval_task(retrieval.model, "coco_retrieval", retrieval.root, out, batch_size=2, chunk_size=2,
+                                    fingerprint=retrieval.fingerprint)
+    assert sorted(p.name for p in (out / "features").glob("*.safetensors")) == ["images-00000.safetensors"]
+
+
+def test_an_interrupted_retrieval_evaluation_computes_only_what_is_missing(retrieval, tmp_path, monkeypatch):
+    from qformer.evaluate import retrieval_tasks
+
+    out, model = tmp_path / "out", retrieval.model
+    interrupted_feature_phase(retrieval, out, monkeypatch)
+    first = (out / "features" / "images-00000.safetensors").stat().st_mtime_ns
+    with monkeypatch.context() as patch:  # resumed, and stopped again in the second re-rank chunk
+        images = Calls(patch, type(model), "encode_image")
+        texts = Calls(patch, type(model), "text_pass")
+        Calls(patch, retrieval_tasks, "itm_of_images", fail_at=2)
+        with pytest.raises(RuntimeError, match="stopped by the test"):
+            evaluate_retrieval_task(model, "coco_retrieval", retrieval.root, out, batch_size=2, chunk_size=2,
+                                    fingerprint=retrieval.fingerprint)
+    assert (images.count, texts.count) == (2, 6)  # the 2 missing image chunks (batch 2), the 6 text chunks
+    assert (out / "features" / "images-00000.safetensors").stat().st_mtime_ns == first
+    assert [p.name for p in (out / "rerank").glob("*.safetensors")] == ["itm-00000.safetensors"]
+    with monkeypatch.context() as patch:
+        images = Calls(patch, type(model), "encode_image")
+        texts = Calls(patch, type(model), "text_pass")
+        rerank = Calls(patch, retrieval_tasks, "itm_of_images")
+        results = evaluate_retrieval_task(model, "coco_retrieval", retrieval.root, out, batch_size=2, chunk_size=2,
+                                          fingerprint=retrieval.fingerprint)
+    assert (images.count, texts.count, rerank.count) == (0, 0, 2)
+    assert results == {**retrieval.results, "settings": {**retrieval.results["settings"],
+                                                         "features": str((out / "features").resolve())}}
+    assert_same_scores(out, retrieval.whole)
+
+    with pytest.raises(ValueError, match=r"other settings \(model_fingerprint differ\): pass another --features"):
+        evaluate_retrieval_task(model, "coco_retrieval", retrieval.root, out, chunk_size=2, fingerprint="another")
+    with pytest.raises(ValueError, match=r"other settings \(images, captions, data_digest differ\)"):
+        evaluate_retrieval_task(model, "coco_retrieval", retrieval.root, out, chunk_size=2, limit=4,
+                                fingerprint=retrieval.fingerprint)
+    with pytest.raises(ValueError, match=r"holds predictions made with other settings \(k differ\)"):
+        evaluate_retrieval_task(model, "coco_retrieval", retrieval.root, out, k=10, chunk_size=2,
+                                fingerprint=retrieval.fingerprint)
+
+
+def test_precomputed_features_serve_another_k_without_the_image_encoder(retrieval, tmp_path, monkeypatch):
+    """An earlier evaluation's features, reused for k = 10: no image or text encoded, the scores of
+    retrieval_scores(k=10)."""
+    import torch
+    from torch.testing import assert_close
+
+    from qformer.data.transforms import clean_caption, eval_image
+    from qformer.retrieval import retrieval_recall, retrieval_scores, tokenize
+
+    model = retrieval.model
+    with monkeypatch.context() as patch:
+        images = Calls(patch, type(model), "encode_image")
+        texts = Calls(patch, type(model), "text_pass")
+        queries = Calls(patch, type(model), "query_pass")
+        results = evaluate_retrieval_task(model, "coco_retrieval", retrieval.root, tmp_path / "k10", k=10,
+                                          batch_size=2, chunk_size=2, fingerprint=retrieval.fingerprint,
+                                          features=retrieval.whole)
+    assert (images.count, texts.count, queries.count) == (0, 0, 0)
+    assert results["settings"]["features"] == str((retrieval.whole / "features").resolve())
+    pixels = torch.stack([eval_image(retrieval.root / e["image"], model.config.image) for e in retrieval.entries])
+    ids, mask = tokenize(model, [clean_caption(c) for e in retrieval.entries for c in e["caption"]])
+    i2t, t2i = retrieval_scores(model, model.image_embeds(pixels), ids, mask, k=10)
+    expected = retrieval_recall(i2t, t2i, torch.tensor([i // 2 for i in range(12)]), k=10)
+    assert {key: results[key] for key in expected} == {key: round(value, 2) for key, value in expected.items()}
+    scores = read_scores(tmp_path / "k10")
+    assert scores["i2t_texts"].shape == (6, 10) and scores["t2i_images"].shape == (12, 6)
+    assert_close(scores["i2t_scores"], i2t.gather(1, scores["i2t_texts"]))
+    assert_close(scores["t2i_scores"], t2i.gather(1, scores["t2i_images"]))
 
 
 CAPTIONS = [["a red ball on the grass", "a ball that is red"], ["two dogs play", "dogs playing in a park"],
@@ -248,3 +393,41 @@ def test_two_processes_answer_as_one(blip2_dir, tmp_path):
     figures = [json.loads((tmp_path / side / "results.json").read_text()) for side in ("one", "two")]
     assert figures[0]["vqa_accuracy"] == figures[1]["vqa_accuracy"] and figures[1]["count"] == 5
     assert two.stdout.count("okvqa val2014:") == 1  # printed by rank 0 alone
+
+
+def test_two_ranks_finish_a_retrieval_evaluation_as_one_process(retrieval, tmp_path, monkeypatch):
+    """One process stops after one image chunk; torchrun with 2 ranks resumes it, each rank computing
+    its share of the missing chunks and of the re-ranking: the scores and figures of one process."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    interrupted_feature_phase(retrieval, out, monkeypatch)
+    first = (out / "features" / "images-00000.safetensors").stat().st_mtime_ns
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "qformer", "eval", "--model", str(retrieval.directory), "--device", "cpu",
+                          "--task", "coco_retrieval", "--data", str(retrieval.root), "--batch-size", "2",
+                          "--chunk-size", "2", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("coco_retrieval: txt_r1") == 1  # printed by rank 0 alone
+    results = json.loads((out / "results.json").read_text())
+    assert {key: value for key, value in results.items() if key != "settings"} == \
+        {key: value for key, value in retrieval.results.items() if key != "settings"}
+    assert_same_scores(out, retrieval.whole)
+    assert (out / "features" / "images-00000.safetensors").stat().st_mtime_ns == first  # not computed again
+
+    def writers(paths: list[Path]) -> list[str]:
+        ranks = []
+        for path in paths:
+            with safe_open(path, framework="pt") as file:
+                ranks.append(file.metadata()["rank"])
+        return ranks
+
+    features = sorted((out / "features").glob("*.safetensors"))[1:]  # images 1-2, texts 0-5: missing at the resume
+    assert writers(features) == ["0", "1", "0", "1", "0", "1", "0", "1"]  # every other missing chunk, in order
+    assert writers(sorted((out / "rerank").glob("*.safetensors"))) == ["0", "1", "0"]

@@ -101,6 +101,12 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
         return load_file(path)
 
 
+def write_safetensors(path: str | Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Tensors to a safetensors file, atomically (see :func:`atomic_write`)."""
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
 def load_plain(path: str | Path, mmap: bool = False) -> Any:
     """A ``torch.save`` file of tensors and plain containers (dict, list, tuple, numbers,
     strings), read with ``torch.load(weights_only=True)``: a pickle that asks for anything else,

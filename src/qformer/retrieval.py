@@ -4,7 +4,7 @@ its recall@K, captions from the Q-Former alone; and the same from inputs as user
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +64,97 @@ def itm_match_logits(
     return model.itm_logits(hidden)[:, 1]
 
 
+@dataclass
+class Candidates:
+    """The pairs BLIP-2's retrieval re-ranks, picked by the ITC similarity ``sim``: each image's
+    best texts (``top_text``) and each text's best images (``top_image``). ``image_of`` /
+    ``text_of`` list every such pair once, sorted by image then text (a pair that is a candidate
+    both ways is scored once); ``inverse`` maps the i2t pairs, then the t2i pairs, onto them."""
+
+    sim: Tensor  # (Ni, Nt)
+    top_text: Tensor  # (Ni, kt)
+    top_image: Tensor  # (Nt, ki)
+    image_of: Tensor  # (P,)
+    text_of: Tensor  # (P,)
+    inverse: Tensor  # (Ni * kt + Nt * ki,)
+
+    def pairs(self) -> tuple[Tensor, Tensor]:
+        """The image and the text of each i2t pair, then of each t2i pair."""
+        return _candidate_pairs(self.top_text, self.top_image)
+
+    def pairs_of_images(self, first: int, last: int) -> tuple[int, int]:
+        """The range of ``image_of`` whose image is in [first, last)."""
+        bounds = torch.tensor([first, last], device=self.image_of.device)
+        lo, hi = torch.searchsorted(self.image_of, bounds).tolist()
+        return lo, hi
+
+
+def _candidate_pairs(top_text: Tensor, top_image: Tensor) -> tuple[Tensor, Tensor]:
+    """(image, text) of each i2t pair, then of each t2i pair: (Ni * kt + Nt * ki,) each."""
+    (n_images, k_texts), (n_texts, k_images) = top_text.shape, top_image.shape
+    images = torch.arange(n_images, device=top_text.device).repeat_interleave(k_texts)  # (Ni * kt,)
+    texts = torch.arange(n_texts, device=top_image.device).repeat_interleave(k_images)  # (Nt * ki,)
+    return torch.cat([images, top_image.reshape(-1)]), torch.cat([top_text.reshape(-1), texts])
+
+
+def rerank_candidates(sim: Tensor, k: int = RERANK_DEPTH) -> Candidates:
+    """The ``k`` best texts of every image and the ``k`` best images of every text by ITC
+    similarity ``sim`` (Ni, Nt): the pairs ITM re-scores."""
+    n_images, n_texts = sim.shape
+    top_text = sim.topk(min(k, n_texts), dim=1).indices  # (Ni, kt)
+    top_image = sim.t().topk(min(k, n_images), dim=1).indices  # (Nt, ki)
+    pair_image, pair_text = _candidate_pairs(top_text, top_image)
+    unique, inverse = torch.unique(pair_image * n_texts + pair_text, return_inverse=True)  # sorted: by image
+    return Candidates(sim, top_text, top_image, unique // n_texts, unique % n_texts, inverse)
+
+
+def similarity_rows(model: Blip2Stage1, image_feats: Iterable[Tensor], text_feats: Tensor) -> Tensor:
+    """:meth:`Blip2Stage1.similarity` a block of images at a time (each block's (B, Nt, Q)
+    products, not all images' at once): blocks of (B, Q, E) x (Nt, E) -> (Ni, Nt)."""
+    return torch.cat([model.similarity(block, text_feats) for block in image_feats])
+
+
+@torch.no_grad()
+def itm_of_images(
+    model: Blip2Stage1,
+    image_embeds: Tensor,
+    first: int,
+    candidates: Candidates,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    chunk: int = 32,
+) -> Tensor:
+    """The ITM match logits (float32) of the candidate pairs whose image is one of
+    ``image_embeds`` (B, S, W): images ``first`` to ``first + B``, in ``candidates``' order.
+    ``chunk`` images' cross-attention keys/values are computed once for all their texts; the
+    pairs go ``chunk`` at a time."""
+    logits = [torch.empty(0, device=image_embeds.device)]
+    for start in range(0, image_embeds.shape[0], chunk):
+        block = image_embeds[start : start + chunk]
+        lo, hi = candidates.pairs_of_images(first + start, first + start + block.shape[0])
+        image_kv = model.qformer.encoder_key_values(block)  # once per image
+        for pair in range(lo, hi, chunk):
+            rows = slice(pair, min(pair + chunk, hi))
+            kv = expand_key_values(image_kv, candidates.image_of[rows] - first - start)
+            texts = candidates.text_of[rows]
+            logits.append(itm_match_logits(model, kv, input_ids[texts], attention_mask[texts]).float())
+    return torch.cat(logits)
+
+
+def reranked_scores(candidates: Candidates, itm: Tensor) -> tuple[Tensor, Tensor]:
+    """i2t (Ni, Nt) and t2i (Nt, Ni): ITM logit + ITC similarity for the candidates (``itm``: one
+    logit per ``image_of`` pair), -100 elsewhere."""
+    sim = candidates.sim
+    pair_image, pair_text = candidates.pairs()
+    scores = itm.to(sim.device)[candidates.inverse] + sim[pair_image, pair_text]  # (Ni * kt + Nt * ki,)
+    i2t = torch.full_like(sim, -100.0)
+    t2i = torch.full_like(sim.t(), -100.0)
+    split = candidates.top_text.numel()
+    i2t[pair_image[:split], pair_text[:split]] = scores[:split].to(sim.dtype)
+    t2i[pair_text[split:], pair_image[split:]] = scores[split:].to(sim.dtype)
+    return i2t, t2i
+
+
 @torch.no_grad()
 def retrieval_scores(
     model: Blip2Stage1,
@@ -77,45 +168,19 @@ def retrieval_scores(
     of every image (text) are re-scored with ITM logit + ITC similarity; the rest get -100.
 
     image_embeds (Ni, S, W) after ``ln_vision``; texts (Nt, T). Returns i2t (Ni, Nt), t2i (Nt, Ni).
-    The ITM passes of both directions go ``chunk`` pairs at a time, grouped by image: each
-    image's cross-attention keys/values are computed once for all its candidate texts, and a
-    pair that is a candidate both ways is scored once.
+    The ITM passes of both directions go ``chunk`` pairs at a time, grouped by image (see
+    :func:`itm_of_images`). Everything is held in memory; ``qformer eval --task coco_retrieval``
+    (:mod:`qformer.evaluate.retrieval_tasks`) keeps features on disk, resumes and spreads over ranks.
     """
     n_images, n_texts = image_embeds.shape[0], input_ids.shape[0]
-    image_feats = torch.cat(
-        [extract_features(model, image_embeds[i : i + chunk]).image for i in range(0, n_images, chunk)]
-    )
-    text_feats = torch.cat(
-        [
-            extract_features(model, input_ids=input_ids[i : i + chunk], attention_mask=attention_mask[i : i + chunk]).text
-            for i in range(0, n_texts, chunk)
-        ]
-    )
-    sim = model.similarity(image_feats, text_feats)  # (Ni, Nt)
-    k_texts, k_images = min(k, n_texts), min(k, n_images)
-    top_text = sim.topk(k_texts, dim=1).indices  # (Ni, k)
-    top_image = sim.t().topk(k_images, dim=1).indices  # (Nt, k)
-    images = torch.arange(n_images, device=sim.device)
-    texts = torch.arange(n_texts, device=sim.device)
-    pair_image = torch.cat([images.repeat_interleave(k_texts), top_image.reshape(-1)])  # i2t pairs, then t2i
-    pair_text = torch.cat([top_text.reshape(-1), texts.repeat_interleave(k_images)])
-    unique, inverse = torch.unique(pair_image * n_texts + pair_text, return_inverse=True)  # sorted: by image
-    image_of, text_of = unique // n_texts, unique % n_texts
-    itm = torch.empty(len(unique), device=sim.device)
-    bounds = torch.searchsorted(image_of, torch.arange(0, n_images + chunk, chunk, device=sim.device)).tolist()
-    for first, (lo, hi) in zip(range(0, n_images, chunk), zip(bounds, bounds[1:])):
-        image_kv = model.qformer.encoder_key_values(image_embeds[first : first + chunk])  # once per image
-        for start in range(lo, hi, chunk):
-            pairs = slice(start, min(start + chunk, hi))
-            kv = expand_key_values(image_kv, image_of[pairs] - first)
-            itm[pairs] = itm_match_logits(model, kv, input_ids[text_of[pairs]], attention_mask[text_of[pairs]]).float()
-    scores = itm[inverse] + sim[pair_image, pair_text]  # (Ni * k + Nt * k,)
-    i2t = torch.full_like(sim, -100.0)
-    t2i = torch.full_like(sim.t(), -100.0)
-    split = n_images * k_texts
-    i2t[pair_image[:split], pair_text[:split]] = scores[:split].to(sim.dtype)
-    t2i[pair_text[split:], pair_image[split:]] = scores[split:].to(sim.dtype)
-    return i2t, t2i
+    text_feats = torch.cat([
+        extract_features(model, input_ids=input_ids[i : i + chunk], attention_mask=attention_mask[i : i + chunk]).text
+        for i in range(0, n_texts, chunk)
+    ])  # (Nt, E)
+    image_feats = (extract_features(model, image_embeds[i : i + chunk]).image for i in range(0, n_images, chunk))
+    candidates = rerank_candidates(similarity_rows(model, image_feats, text_feats), k)
+    itm = itm_of_images(model, image_embeds, 0, candidates, input_ids, attention_mask, chunk)
+    return reranked_scores(candidates, itm)
 
 
 def retrieval_recall(

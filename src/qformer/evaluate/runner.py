@@ -61,11 +61,8 @@ def evaluate_benchmark(
 ) -> dict[str, Any]:
     """Run ``task`` on ``model`` (a :class:`~qformer.blip2.Blip2` or InstructBLIP) over the data
     under ``data``; returns what ``results.json`` holds."""
-    import torch
-    import transformers
     from tqdm import tqdm
 
-    from qformer import __version__
     from qformer.data.transforms import clean_question, load_image
 
     benchmark, split = check_task(task, split)
@@ -80,9 +77,7 @@ def evaluate_benchmark(
     settings = {"task": task, "split": split, "data": str(Path(data).resolve()), "questions": len(questions),
                 "prompt": prompt,
                 "question_cleaning": None if captioning else "LAVIS's blip_question (lowercase, punctuation out, 50 words)",
-                "generation": generation, "model_fingerprint": fingerprint,
-                "versions": {"qformer": __version__, "torch": torch.__version__,
-                             "transformers": transformers.__version__}}
+                "generation": generation, "model_fingerprint": fingerprint, "versions": library_versions()}
     out = Path(out)
     rank, world = _rank_and_world()
     keys = ("image_id", "caption") if captioning else ("question_id", "answer")  # the servers' result formats
@@ -92,6 +87,7 @@ def evaluate_benchmark(
         _answered(out, keys)  # a line cut off by an interruption is dropped here, once
     _barrier(world)
     done = _answered(out, keys)
+    _barrier(world)  # every rank has read the same answers before any rank adds to them
     todo = [q for q in questions if q.question_id not in done][rank::world]  # this rank's share of what is left
     if done and rank == 0:
         logger.info("%s: %d of %d answered already; continuing", out, len(done), len(questions))
@@ -121,16 +117,27 @@ def evaluate_benchmark(
     return results
 
 
-def _check_settings(path: Path, settings: dict[str, Any]) -> None:
-    """Write the run's settings, or refuse a rerun whose settings differ from those written."""
+def library_versions() -> dict[str, str]:
+    """The versions a figure was computed with: qformer, torch, transformers."""
+    import torch
+    import transformers
+
+    from qformer import __version__
+
+    return {"qformer": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _check_settings(path: Path, settings: dict[str, Any], holds: str = "predictions made",
+                    remedy: str = "pass another --out, or delete it to start over") -> None:
+    """Write the run's settings, or refuse a rerun whose settings differ from those written
+    (``holds``: what the folder holds; ``remedy``: what to do instead)."""
     if not path.is_file():
         _write_json(path, settings)
         return
     before = json.loads(path.read_text())
     changed = [key for key in settings if key != "versions" and before.get(key) != settings[key]]
     if changed:
-        raise ValueError(f"{path.parent} holds predictions made with other settings ({', '.join(changed)} differ): "
-                         "pass another --out, or delete it to start over")
+        raise ValueError(f"{path.parent} holds {holds} with other settings ({', '.join(changed)} differ): {remedy}")
 
 
 def _answered(out: Path, keys: tuple[str, str]) -> dict[Any, str]:

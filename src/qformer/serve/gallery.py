@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from qformer.checkpoint import atomic_write
+from qformer.checkpoint import atomic_write, read_safetensors, write_safetensors
 from qformer.data.image_files import IMAGE_SUFFIXES, batches
 from qformer.models.blip2 import Blip2Stage1, expand_key_values
 from qformer.retrieval import read_pixels, extract_features, image_embeds_of, itm_match_logits, tokenize
@@ -187,7 +186,7 @@ class Gallery:
             if manifest.get("format") != FORMAT or manifest.get("model") != self.fingerprint:
                 logger.info("gallery index %s is for another model or format: rebuilding it", self.index)
                 return
-            tensors = load_file(features_file)
+            tensors = read_safetensors(features_file)
             images, texts = tensors.get("images", torch.empty(0)), tensors.get("texts", torch.empty(0))
             if len(images) != len(manifest["names"]) or len(texts) != len(manifest["texts"]):
                 raise ValueError("features and manifest disagree")
@@ -199,8 +198,8 @@ class Gallery:
         self.image_features, self.text_features = images, texts
 
     def _save_index(self) -> None:
-        tensors = {"images": self.image_features.contiguous(), "texts": self.text_features.contiguous()}
-        atomic_write(self.index / "features.safetensors", lambda tmp: save_file(tensors, tmp))
+        tensors = {"images": self.image_features, "texts": self.text_features}
+        write_safetensors(self.index / "features.safetensors", tensors)
         manifest = {"format": FORMAT, "model": self.fingerprint, "names": self.names, "texts": self.texts,
                     "entries": self._entries}
         atomic_write(self.index / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))

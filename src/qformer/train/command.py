@@ -61,7 +61,7 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ValueError("pass a run folder or recipe (RUN_OR_RECIPE), or --model with --task and --data; not both")
     if args.model is not None:
         return _eval_benchmark(args, overrides)
-    for flag in ("task", "data", "split", "prompt", "num_beams", "max_new_tokens", "limit"):
+    for flag in ("task", "data", "split", "prompt", "num_beams", "max_new_tokens", "limit", "features", "chunk_size"):
         if getattr(args, flag) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} goes with --model (a benchmark), not with a run")
     if args.checkpoint is not None:
@@ -101,6 +101,9 @@ def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} goes with a question-answering task, not {args.task}")
     else:
+        for flag in ("features", "chunk_size"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} goes with a retrieval task, not {args.task}")
         check_task(args.task, args.split)  # before the model loads
     dtype = parse_dtype(args.dtype)
     runtime = setup_runtime(args.device or default_device())  # under torchrun: one process per device
@@ -108,15 +111,13 @@ def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
     directory = resolve_checkpoint(args.model)
     fingerprint, out = model_fingerprint(Path(directory)), Path(args.out or f"eval-{args.task}")
     if retrieval:
-        from qformer.evaluate.retrieval_tasks import evaluate_retrieval_task
-
-        if runtime.world_size > 1:
-            raise ValueError(f"{args.task} runs in one process (every image against every caption); not under torchrun")
+        from qformer.evaluate.retrieval_tasks import FEATURE_CHUNK, evaluate_retrieval_task
         from qformer.models.blip2 import Blip2Stage1
 
         model = Blip2Stage1.from_pretrained(directory, dtype=dtype, device=device)
         results = evaluate_retrieval_task(model, args.task, args.data, out, k=args.k, batch_size=args.batch_size,
-                                          limit=args.limit, fingerprint=fingerprint)
+                                          limit=args.limit, fingerprint=fingerprint, features=args.features,
+                                          chunk_size=FEATURE_CHUNK if args.chunk_size is None else args.chunk_size)
     else:
         model = Blip2.from_pretrained(directory, dtype=dtype, device=device)
         results = evaluate_benchmark(model, args.task, args.data, out, split=args.split, prompt=args.prompt,
@@ -201,7 +202,15 @@ def add_train_commands(commands: Any) -> None:
     paper.add_argument("--batch-size", type=int, default=16, help="questions or images per batch (default: 16)")
     paper.add_argument("--k", type=int, default=128,
                        help="retrieval: the ITC candidates re-ranked by ITM each way (default: 128, as BLIP-2)")
-    paper.add_argument("--limit", type=int, default=None, help="only the first N questions (default: all)")
+    paper.add_argument("--features", default=None, metavar="DIR",
+                       help="retrieval: where the image and text features are kept, computed where missing; an "
+                            "earlier evaluation's (its OUT or OUT/features) is reused, refused if the model or the "
+                            "data differ (default: OUT/features)")
+    paper.add_argument("--chunk-size", type=int, default=None,
+                       help="retrieval: images or captions per feature file, what a resume recomputes at most "
+                            "(default: 256)")
+    paper.add_argument("--limit", type=int, default=None,
+                       help="only the first N questions (retrieval: images, with their captions) (default: all)")
     paper.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: a GPU if there is one)")
     paper.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto: the checkpoint's "
                                                         "(default: auto)")
