@@ -48,7 +48,7 @@ class Question:
 class Benchmark:
     name: str
     splits: tuple[str, ...]
-    read: Callable[[Path, str], list[Question]]
+    read: Callable[[Path, str], list[Any]]  # (root, split) -> its items: Question here
     score: Callable[[dict[Any, Any], Sequence[Any]], dict[str, Any]]  # the predictions' figures, from the items
     generation: dict[str, Any] = field(default_factory=lambda: dict(GENERATION))
     caption_prompt: str | None = None  # a captioning task's prompt (None: a question-answering task)

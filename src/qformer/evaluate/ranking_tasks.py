@@ -30,12 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qformer.data.transforms import clean_caption, clean_question
 from qformer.evaluate.benchmarks import Benchmark, _load, missing_file
 
 # The default prompts. LAVIS ships no held-out evaluation prompt for these sets, and InstructBLIP's
-# appendix (its instruction templates) could not be read where this was written: the VSR and
-# Hateful Memes wording is the one InstructBLIP's held-out templates are known by, the ScienceQA
-# and IconQA ones follow BLIP-2's VQA prompt. Pass --prompt to use the paper's exact wording.
+# appendix (its instruction templates) could not be read where this was written. Hateful Memes':
+# MiniGPT-v2's evaluation prompt (after Flamingo's); VSR's: MiniGPT-v2's question, the statement
+# quoted and "Answer:" after it; ScienceQA's and IconQA's follow BLIP-2's VQA prompt. --prompt
+# replaces them.
 SCIENCEQA_PROMPT = "{context}Question: {question} Options: {options}. Answer:"
 ICONQA_PROMPT = "Question: {question} Options: {options}. Answer:"
 VSR_PROMPT = 'Based on the image, is this statement true or false? "{caption}" Answer:'
@@ -85,17 +87,12 @@ def check_prompt(task: RankingTask, prompt: str | None) -> str:
 
 
 def fill_prompt(prompt: str, item: RankingItem) -> str:
+    """The item's prompt: the template's fields filled from the item's."""
     return prompt.format(**item.fields)
 
 
 def _options(choices: Sequence[str]) -> str:
     return "; ".join(choices)
-
-
-def _clean_question(text: str) -> str:
-    from qformer.data.transforms import clean_question
-
-    return clean_question(text)
 
 
 def _choices(where: str, entry: dict[str, Any]) -> tuple[tuple[str, ...], int | None]:
@@ -137,7 +134,7 @@ def read_scienceqa(root: Path, split: str) -> list[RankingItem]:
             continue
         choices, answer = _choices(where, entry)
         hint = (entry.get("hint") or "").strip()
-        fields = {"question": _clean_question(entry["question"]), "options": _options(choices),
+        fields = {"question": clean_question(entry["question"]), "options": _options(choices),
                   "context": f"context: {hint}. " if hint else ""}
         items.append(RankingItem(str(pid), root / "images" / split / str(pid) / entry["image"], fields, choices, answer))
     return items
@@ -156,7 +153,7 @@ def read_iconqa(root: Path, split: str) -> list[RankingItem]:
         where = str(problem / "data.json")
         entry = _entry(where, _load(problem / "data.json"), ("question", "choices"))
         choices, answer = _choices(where, entry)
-        fields = {"question": _clean_question(entry["question"]), "options": _options(choices)}
+        fields = {"question": clean_question(entry["question"]), "options": _options(choices)}
         items.append(RankingItem(problem.name, problem / "image.png", fields, choices, answer))
     return items
 
@@ -186,8 +183,6 @@ def _binary(where: str, label: Any) -> int | None:
 
 def read_vsr(root: Path, split: str) -> list[RankingItem]:
     """VSR's zero-shot ``split``: one statement about an image per line, true (1) or false (0)."""
-    from qformer.data.transforms import clean_caption
-
     path = root / VSR_FILE.format(split=split)
     items = []
     for number, entry in enumerate(_jsonl(path), 1):
