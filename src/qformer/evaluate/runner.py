@@ -23,7 +23,6 @@ from typing import Any
 
 from qformer.checkpoint import atomic_write
 from qformer.evaluate.benchmarks import Benchmark, check_task, default_prompt
-from qformer.evaluate.ranking import RANKING_RULE
 from qformer.evaluate.ranking_tasks import RankingTask, check_prompt, rank_items
 
 logger = logging.getLogger(__name__)
@@ -148,6 +147,8 @@ def _generating(model: Any, benchmark: Benchmark, prompt: str | None,
 def _ranking(model: Any, task: RankingTask, prompt: str | None,
              generation: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str], Answer]:
     """A candidate-ranking task's settings, result keys and answering step."""
+    from qformer.evaluate.ranking import RANKING_RULE  # which imports the models
+
     given = [name for name, value in generation.items() if value is not None]
     if given:
         raise ValueError(f"{task.name} ranks candidates, it generates nothing: {', '.join(given)} do not apply")
