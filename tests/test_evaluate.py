@@ -6,8 +6,10 @@ import shutil
 import pytest
 
 from qformer.evaluate import caption_metrics, exact_match, normalize_answer, vqa_accuracy, vqa_score
+from qformer.evaluate.captions import spice_unavailable
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap runs Java programs")
+needs_spice = pytest.mark.skipif(spice_unavailable() is not None, reason=f"SPICE: {spice_unavailable()}")
 
 
 # --- VQA ------------------------------------------------------------------------------------------
@@ -155,9 +157,44 @@ def test_caption_metrics_without_java(monkeypatch: pytest.MonkeyPatch) -> None:
         caption_metrics({1: "a cat"}, {1: ["a cat"]})
 
 
+def test_spice_is_skipped_with_its_reason(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """No Java, or no Stanford CoreNLP jars in pycocoevalcap's spice folder: SPICE says why, and
+    caption_metrics refuses it before any Java program starts (nothing is downloaded)."""
+    from pycocoevalcap.spice import get_stanford_models
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert spice_unavailable() == "java is not on PATH"
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")  # Java, as far as a check can tell
+    monkeypatch.setattr(get_stanford_models, "SPICEDIR", str(tmp_path))  # a spice folder without its jars
+    assert spice_unavailable() == (
+        f"no spice-1.0.jar, lib/stanford-corenlp-3.6.0.jar, lib/stanford-corenlp-3.6.0-models.jar in {tmp_path} "
+        "(Stanford CoreNLP 3.6.0's jars, which pycocoevalcap downloads on first use: put them there by hand where "
+        "there is no network)")
+    with pytest.raises(RuntimeError, match=r"SPICE cannot run: no spice-1.0.jar, lib/stanford-corenlp-3.6.0.jar"):
+        caption_metrics({1: "a cat"}, {1: ["a cat"]}, metrics=("CIDEr", "SPICE"))
+    (tmp_path / "lib").mkdir()
+    for name in ("spice-1.0.jar", "lib/stanford-corenlp-3.6.0.jar"):
+        (tmp_path / name).touch()
+    assert spice_unavailable().startswith(f"no lib/stanford-corenlp-3.6.0-models.jar in {tmp_path} ")
+    (tmp_path / "lib" / "stanford-corenlp-3.6.0-models.jar").touch()
+    assert spice_unavailable() is None
+
+
+@needs_spice
+def test_spice_is_pycocoevalcaps() -> None:
+    from pycocoevalcap.spice.spice import Spice
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    predictions = {1: "a man rides a horse", 2: "two dogs with a ball", 3: "a plate of rice"}
+    tokenizer = PTBTokenizer()
+    truths = tokenizer.tokenize({k: [{"caption": c} for c in refs] for k, refs in REFERENCES.items()})
+    expected = Spice().compute_score(truths, tokenizer.tokenize({k: [{"caption": c}] for k, c in predictions.items()}))
+    assert caption_metrics(predictions, REFERENCES, metrics=("SPICE",))["SPICE"] == pytest.approx(expected[0])
+
+
 def test_caption_metrics_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="unknown metrics"):
-        caption_metrics({1: "a cat"}, {1: ["a cat"]}, metrics=("SPICE",))
+        caption_metrics({1: "a cat"}, {1: ["a cat"]}, metrics=("WER",))
     with pytest.raises(ValueError, match="only one of"):
         caption_metrics({1: "a cat"}, {2: ["a cat"]})
     with pytest.raises(ValueError, match="no reference"):

@@ -194,6 +194,15 @@ class Blip2(Blip2Stage2):
         tokens = self.generate(pixels, text.input_ids, text.attention_mask, **self.instruction(prompts), **generation)
         return [t.strip() for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
+    def rank_candidates(self, images: Sequence[ImageInput], prompts: Sequence[str],
+                        candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+        """One prompt and a list of candidate answers per image: each candidate's summed token
+        log-likelihood, as InstructBLIP ranks them (:mod:`qformer.evaluate.ranking`)."""
+        from qformer.evaluate.ranking import candidate_log_likelihoods
+
+        check_images(images)
+        return candidate_log_likelihoods(self, images, prompts, candidates)
+
     def instruction(self, prompts: Sequence[str]) -> dict[str, Any]:
         """What the Q-Former reads of the prompts: nothing for BLIP-2 (see :class:`InstructBlip`)."""
         return {}

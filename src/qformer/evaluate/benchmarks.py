@@ -48,8 +48,8 @@ class Question:
 class Benchmark:
     name: str
     splits: tuple[str, ...]
-    read: Callable[[Path, str], list[Question]]
-    score: Callable[[dict[Any, str], Sequence[Question]], dict[str, Any]]  # the predictions' figures
+    read: Callable[[Path, str], list[Any]]  # (root, split) -> its items: Question here
+    score: Callable[[dict[Any, Any], Sequence[Any]], dict[str, Any]]  # the predictions' figures, from the items
     generation: dict[str, Any] = field(default_factory=lambda: dict(GENERATION))
     caption_prompt: str | None = None  # a captioning task's prompt (None: a question-answering task)
 
@@ -77,18 +77,22 @@ def vqa_figures(score_one: Callable[[str, Sequence[str]], float], metric: str) -
 
 
 def caption_figures(predictions: dict[Any, str], images: Sequence[Question]) -> dict[str, Any]:
-    """BLEU-4, METEOR, ROUGE-L, CIDEr (pycocoevalcap, times 100 as the papers print them); with
-    domains (NoCaps), CIDEr of each domain on its own, as NoCaps' evaluation computes it. SPICE is
-    not computed (it needs Stanford CoreNLP's models, which pycocoevalcap downloads)."""
-    from qformer.evaluate.captions import caption_metrics
+    """BLEU-4, METEOR, ROUGE-L, CIDEr and SPICE (pycocoevalcap, times 100 as the papers print
+    them); with domains (NoCaps), CIDEr of each domain on its own, as NoCaps' evaluation computes
+    it. SPICE runs where :func:`~qformer.evaluate.captions.spice_unavailable` finds Java and
+    Stanford CoreNLP's jars; otherwise the results say why it was skipped."""
+    from qformer.evaluate.captions import caption_metrics, spice_unavailable
 
     def figures(subset: Sequence[Question], metrics: Sequence[str]) -> dict[str, float]:
         scores = caption_metrics({q.question_id: predictions[q.question_id] for q in subset},
                                  {q.question_id: list(q.answers) for q in subset}, metrics)
         return {name: round(100 * value, 2) for name, value in scores.items()}
 
-    result: dict[str, Any] = {**figures(images, ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")), "count": len(images),
-                              "SPICE": "not computed (needs Stanford CoreNLP's models)"}
+    skipped = spice_unavailable()
+    metrics = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr") + (() if skipped else ("SPICE",))
+    result: dict[str, Any] = {**figures(images, metrics), "count": len(images)}
+    if skipped:
+        result["SPICE"] = f"skipped: {skipped}"
     domains = sorted({q.answer_type for q in images if q.answer_type})
     if domains:
         result["CIDEr_per_domain"] = {
@@ -97,9 +101,14 @@ def caption_figures(predictions: dict[Any, str], images: Sequence[Question]) -> 
     return result
 
 
+def missing_file(path: Path) -> str:
+    """The one line that names a benchmark's missing file or folder."""
+    return f"{path} not found: the benchmark's official file (see the README's evaluation table)"
+
+
 def _load(path: Path) -> Any:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the benchmark's official file (see the README's evaluation table)")
+        raise FileNotFoundError(missing_file(path))
     return read_json(path)
 
 
@@ -198,10 +207,15 @@ BENCHMARKS = {
 
 
 def check_task(task: str, split: str | None) -> tuple[Benchmark, str]:
-    """The benchmark named ``task`` and its ``split`` (default: its first), or a one-line error."""
-    if task not in BENCHMARKS:
-        raise ValueError(f"--task {task!r}: one of {', '.join(BENCHMARKS)}")
-    benchmark = BENCHMARKS[task]
+    """The benchmark named ``task`` (generating, or ranking candidates: a
+    :class:`~qformer.evaluate.ranking_tasks.RankingTask`) and its ``split`` (default: its
+    first), or a one-line error."""
+    from qformer.evaluate.ranking_tasks import RANKING_TASKS  # which imports this module
+
+    tasks = {**BENCHMARKS, **RANKING_TASKS}
+    if task not in tasks:
+        raise ValueError(f"--task {task!r}: one of {', '.join(tasks)}")
+    benchmark = tasks[task]
     split = split or benchmark.splits[0]
     if split not in benchmark.splits:
         raise ValueError(f"--split {split!r}: {task} has {', '.join(benchmark.splits)}")

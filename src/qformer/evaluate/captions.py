@@ -1,20 +1,43 @@
-"""COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr) through ``pycocoevalcap``, and exact match.
+"""COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) through ``pycocoevalcap``, and exact match.
 
 ``pycocoevalcap`` is the Python 3 port of the COCO caption evaluation code that BLIP-2 and most
 captioning papers report. Its scores come back unchanged, as fractions: a BLEU-4 of 0.42 and a
 CIDEr of 1.45 here are what papers print as 42.0 and 145.0.
 
 Captions are first tokenised by the Stanford PTB tokenizer (lowercased, punctuation removed), and
-METEOR runs as a jar: both start ``java``, so Java must be on ``PATH``.
+METEOR runs as a jar: both start ``java``, so Java must be on ``PATH``. SPICE is a jar too, which
+needs Stanford CoreNLP 3.6.0's two jars in pycocoevalcap's ``spice/lib`` folder; pycocoevalcap
+downloads them on first use, so :func:`spice_unavailable` checks for them first and nothing here
+ever triggers that download.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 DEFAULT_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-KNOWN_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+KNOWN_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+
+
+def spice_unavailable() -> str | None:
+    """Why SPICE cannot run here (no Java, no pycocoevalcap, a missing jar), or None when it can.
+    Looks for the files only: never starts pycocoevalcap's download of Stanford CoreNLP."""
+    if shutil.which("java") is None:
+        return "java is not on PATH"
+    try:
+        from pycocoevalcap.spice import get_stanford_models, spice
+    except ImportError:
+        return "pycocoevalcap is not installed"
+    folder = Path(get_stanford_models.SPICEDIR)
+    needed = [spice.SPICE_JAR] + [f"{get_stanford_models.SPICELIB}/{get_stanford_models.JAR}{end}"
+                                  for end in (".jar", "-models.jar")]
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if missing:
+        return (f"no {', '.join(missing)} in {folder} (Stanford CoreNLP 3.6.0's jars, which pycocoevalcap downloads "
+                "on first use: put them there by hand where there is no network)")
+    return None
 
 
 def _check_ids(predictions: Mapping[Hashable, object], references: Mapping[Hashable, object]) -> None:
@@ -49,9 +72,12 @@ def caption_metrics(
     given here, so it means something only on a corpus: with a single id every weight is 0, and so
     is the score.
 
-    Raises RuntimeError when ``java`` is not on PATH (the PTB tokenizer and METEOR need it),
-    ImportError when ``pycocoevalcap`` is not installed, ValueError for unknown metrics or
-    mismatched ids.
+    SPICE (the scene-graph F-score, averaged over ids) needs what :func:`spice_unavailable`
+    checks for.
+
+    Raises RuntimeError when ``java`` is not on PATH (the PTB tokenizer and METEOR need it) or
+    SPICE is asked for and cannot run, ImportError when ``pycocoevalcap`` is not installed,
+    ValueError for unknown metrics or mismatched ids.
     """
     unknown = [name for name in metrics if name not in KNOWN_METRICS]
     if unknown:
@@ -70,6 +96,9 @@ def caption_metrics(
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     except ImportError as error:
         raise ImportError("caption metrics need pycocoevalcap: `pip install pycocoevalcap`") from error
+    skipped = spice_unavailable() if "SPICE" in metrics else None
+    if skipped:
+        raise RuntimeError(f"SPICE cannot run: {skipped}")
 
     # The tokenizer pairs its output lines with the captions in order, so no caption may hold a
     # line break of any kind (pycocoevalcap replaces only "\n"): all whitespace becomes one space.
@@ -92,6 +121,10 @@ def caption_metrics(
         scores["ROUGE-L"] = float(Rouge().compute_score(truths, candidates)[0])
     if "CIDEr" in metrics:
         scores["CIDEr"] = float(Cider().compute_score(truths, candidates)[0])
+    if "SPICE" in metrics:
+        from pycocoevalcap.spice.spice import Spice
+
+        scores["SPICE"] = float(Spice().compute_score(truths, candidates)[0])
     return {name: scores[name] for name in metrics}
 
 

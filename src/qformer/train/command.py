@@ -91,20 +91,25 @@ def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.checkpoint is not None:
         raise ValueError("--checkpoint goes with a recipe, not with --model")
     from qformer.evaluate.benchmarks import BENCHMARKS
+    from qformer.evaluate.ranking_tasks import RANKING_TASKS, check_files, check_prompt
     from qformer.evaluate.retrieval_tasks import RETRIEVAL_TASKS
 
-    if args.task not in BENCHMARKS and args.task not in RETRIEVAL_TASKS:
-        raise ValueError(f"--task {args.task!r}: one of {', '.join([*BENCHMARKS, *RETRIEVAL_TASKS])}")
+    tasks = [*BENCHMARKS, *RANKING_TASKS, *RETRIEVAL_TASKS]
+    if args.task not in tasks:
+        raise ValueError(f"--task {args.task!r}: one of {', '.join(tasks)}")
     retrieval = args.task in RETRIEVAL_TASKS
-    if retrieval:
-        for flag in ("split", "prompt", "num_beams", "max_new_tokens"):
-            if getattr(args, flag) is not None:
-                raise ValueError(f"--{flag.replace('_', '-')} goes with a question-answering task, not {args.task}")
-    else:
-        for flag in ("features", "chunk_size"):
-            if getattr(args, flag) is not None:
-                raise ValueError(f"--{flag.replace('_', '-')} goes with a retrieval task, not {args.task}")
-        check_task(args.task, args.split)  # before the model loads
+    goes_with = {"a retrieval task": RETRIEVAL_TASKS, "a question-answering task": [*BENCHMARKS, *RANKING_TASKS],
+                 "a generating task": BENCHMARKS}
+    for flag, kind in (("split", "a question-answering task"), ("prompt", "a question-answering task"),
+                       ("num_beams", "a generating task"), ("max_new_tokens", "a generating task"),
+                       ("features", "a retrieval task"), ("chunk_size", "a retrieval task")):
+        if getattr(args, flag) is not None and args.task not in goes_with[kind]:
+            raise ValueError(f"--{flag.replace('_', '-')} goes with {kind}, not {args.task}")
+    if not retrieval:
+        benchmark, split = check_task(args.task, args.split)  # before the model loads
+        if args.task in RANKING_TASKS:
+            check_prompt(benchmark, args.prompt)
+            check_files(benchmark, Path(args.data), split)
     dtype = parse_dtype(args.dtype)
     runtime = setup_runtime(args.device or default_device())  # under torchrun: one process per device
     device = runtime.device
@@ -186,16 +191,19 @@ def add_train_commands(commands: Any) -> None:
     paper = evaluate.add_argument_group("a paper's benchmark on a model (see the README's evaluation table)")
     paper.add_argument("--model", default=None, help="a BLIP-2 or InstructBLIP directory or hub id")
     paper.add_argument("--task", default=None,
-                       help="vqav2, okvqa, gqa, coco_caption, nocaps, flickr_caption (a stage-2 model); coco_retrieval, "
-                            "flickr_retrieval (a stage-1 model)")
+                       help="vqav2, okvqa, gqa, coco_caption, nocaps, flickr_caption (a stage-2 model, answers "
+                            "generated); scienceqa, iconqa, vsr, hateful_memes (a stage-2 model, candidates ranked by "
+                            "log-likelihood, as InstructBLIP); coco_retrieval, flickr_retrieval (a stage-1 model)")
     paper.add_argument("--data", default=None, help="the benchmark's folder, in its official layout")
     paper.add_argument("--split", default=None,
-                       help="vqav2: val2014 or test-dev2015 (predictions only); the other tasks have one (default: "
+                       help="vqav2: val2014 or test-dev2015 (predictions only); scienceqa, iconqa: test or val; vsr: "
+                            "test or dev; hateful_memes: dev_seen or test_seen; the other tasks have one (default: "
                             "the first)")
     paper.add_argument("--prompt", default=None,
                        help='the question\'s template (default: BLIP-2\'s, "Question: {} Answer:" for a decoder-only '
-                            'LLM, "Question: {} Short answer:" for FlanT5), or the caption\'s prompt (default: "a photo '
-                            'of")')
+                            'LLM, "Question: {} Short answer:" for FlanT5), the caption\'s prompt (default: "a photo '
+                            'of"), or a ranking task\'s template with named fields: {question} {options} {context} '
+                            '(scienceqa), {question} {options} (iconqa), {caption} (vsr), {text} (hateful_memes)')
     paper.add_argument("--num-beams", type=int, default=None, help="beam width (default: 5, as BLIP-2)")
     paper.add_argument("--max-new-tokens", type=int, default=None,
                        help="longest answer (default: 10 for questions, 30 for captions, as BLIP-2)")
