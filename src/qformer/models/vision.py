@@ -18,8 +18,9 @@ from qformer.config import VisionConfig
 
 class VisionAttention(nn.Module):
     """Self-attention with a fused qkv projection; BLIP-2's key bias is zero
-    (bias = cat(q_bias, 0, v_bias)), stored fused as in transformers, and held at zero in
-    ``forward`` (EVA has no key bias: it stays zero, gradient included, when the encoder trains)."""
+    (bias = cat(q_bias, 0, v_bias)), stored fused as in transformers. EVA has no key bias: when
+    the encoder trains, the key's third of the fused bias gets no gradient, so it stays as
+    loaded (zero in the released models)."""
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
@@ -28,11 +29,12 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def qkv_bias(self) -> Tensor | None:
-        """cat(q_bias, 0, v_bias) of the fused bias: (3W,)."""
-        if self.qkv.bias is None:
-            return None
-        query, key, value = self.qkv.bias.chunk(3)
-        return torch.cat([query, torch.zeros_like(key), value])
+        """The fused bias (3W,), its key third cut from the graph while it trains."""
+        bias = self.qkv.bias
+        if bias is None or not bias.requires_grad:
+            return bias
+        query, key, value = bias.chunk(3)
+        return torch.cat([query, key.detach(), value])
 
     def forward(self, x: Tensor) -> Tensor:
         batch, length, width = x.shape

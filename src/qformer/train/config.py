@@ -42,7 +42,8 @@ class ModelSpec(ConfigBase):
     (``language_model``), or a transformers BLIP-2 / InstructBLIP directory (``blip2``) to
     fine-tune. ``instruct`` builds InstructBLIP from stage 1 (the Q-Former keeps its text path
     and reads the instruction, tokenised with ``tokenizer`` or ``bert``), or from a BLIP-2
-    directory (``blip2``) whose Q-Former gets the text path of the stage-1 model ``init_from``.
+    directory (``blip2``) whose Q-Former gets a text path: the stage-1 model ``init_from``'s,
+    else the BERT ``bert``'s (as LAVIS's InstructBLIP code leaves it).
     ``question_to_qformer`` (``data.source: vqa``) gives the Q-Former the prompted question
     with the queries, as BLIP-2 fine-tunes for VQA (its Section 4.3): the same architecture
     (InstructBLIP's, saved as one), built the same ways.
@@ -344,8 +345,8 @@ def dump_yaml(config: ConfigBase) -> str:
 # data.max_unreadable and optim.max_bad_steps, so that a run stopped by one can go on
 SAFE_ON_RESUME = frozenset({
     "steps", "log_every", "save_every", "eval_every", "keep_last", "tensorboard", "device", "parallel",
-    "activation_checkpointing", "model.vit_grad_checkpoint", "output_dir", "data.num_workers", "data.eval_batch_size", "data.max_unreadable",
-    "optim.max_bad_steps",
+    "activation_checkpointing", "model.vit_grad_checkpoint", "output_dir", "data.num_workers", "data.eval_batch_size",
+    "data.max_unreadable", "optim.max_bad_steps",
 })
 
 

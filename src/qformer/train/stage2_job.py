@@ -22,6 +22,7 @@ from qformer.data.datasets import VQADataset
 from qformer.data.text import decoder_only_batch, encoder_decoder_batch, prefix_lm_split
 from qformer.devices import DTYPES, dtype_name
 from qformer.models.blip2 import Blip2Stage1, freeze
+from qformer.models.qformer import QFormer
 from qformer.tokenizer import load_tokenizer
 from qformer.train.build import Job, check_sources, eval_pixels, evaluate_sets, fit_image_size, resolve_bert
 from qformer.train.config import ModelSpec, TrainConfig
@@ -83,18 +84,27 @@ def _qformer_tokenizer(spec: ModelSpec, stage1: Blip2Stage1) -> PreTrainedTokeni
 
 def _with_text_path(model: Blip2, spec: ModelSpec) -> InstructBlip:
     """A BLIP-2 directory's model whose Q-Former has no text path (the released stage-2 models
-    drop it) as InstructBLIP's architecture, the text path from the stage-1 model
-    ``model.init_from`` (see :meth:`~qformer.blip2.InstructBlip.from_blip2`)."""
+    drop it) as InstructBLIP's architecture (:meth:`~qformer.blip2.InstructBlip.from_blip2`),
+    the text path from the stage-1 model ``model.init_from``, or else from the BERT
+    ``model.bert`` (as LAVIS's InstructBLIP gets it: its Q-Former starts from bert-base-uncased
+    and the BLIP-2 checkpoint, which has no text path, loads over it)."""
     what = "model.question_to_qformer" if spec.question_to_qformer else "model.instruct"
-    if not spec.init_from:
+    if spec.init_from:
+        stage1 = Blip2Stage1.from_pretrained(spec.init_from, dtype="float32")
+        source, tokenizer, key = stage1.qformer, _qformer_tokenizer(spec, stage1), f"model.init_from {spec.init_from}"
+    elif spec.bert:
+        q = model.config.qformer
+        source = QFormer.from_bert(resolve_bert(spec.bert), encoder_hidden_size=q.encoder_hidden_size,
+                                   cross_attention_frequency=q.cross_attention_frequency)
+        tokenizer, key = load_tokenizer(resolve_bert(spec.tokenizer or spec.bert), truncation_side="left"), "model.bert"
+    else:
         raise ValueError(f"{what}: the Q-Former of {spec.blip2} has no text path (BLIP-2's stage-2 models drop it): "
                          "set model.init_from to a stage-1 model to take it from (the one it was trained from: "
-                         "`qformer convert` LAVIS's blip2_pretrained.pth)")
-    stage1 = Blip2Stage1.from_pretrained(spec.init_from, dtype="float32")
+                         "`qformer convert` LAVIS's blip2_pretrained.pth), or model.bert")
     try:
-        return InstructBlip.from_blip2(model, stage1.qformer, _qformer_tokenizer(spec, stage1))
+        return InstructBlip.from_blip2(model, source, tokenizer)
     except ValueError as err:
-        raise ValueError(f"{what}: model.init_from {spec.init_from} does not fit {spec.blip2}: {err}") from None
+        raise ValueError(f"{what}: {key} does not fit {spec.blip2}: {err}") from None
 
 
 class Stage2Collator:
