@@ -279,14 +279,18 @@ def test_instruction_sets_mix_in_the_trainer_or_fail_in_one_line(tmp_path):
 def test_a_blip2_gets_its_qformer_text_path_from_bert_as_lavis_instructblip(minilm_path, vqa_setup, tmp_path):
     """InstructBlip.from_blip2: everything from the BLIP-2 (its towers shared), the word and
     position embeddings and text FFNs from the source; the prompt then steers the queries."""
+    from qformer.config import Blip2Config
     from qformer.models.qformer import QFormer
     from qformer.tokenizer import load_tokenizer
     from stage1_helpers import tiny_stage1_config
     from stage2_helpers import tiny_transformers_blip2
 
     bert = QFormer.from_bert(minilm_path, encoder_hidden_size=24)
-    stage1 = Blip2Stage1(tiny_stage1_config().replace(qformer=bert.config.to_dict()))
-    blip2 = Blip2.from_stage1(stage1, tiny_transformers_blip2("opt").language_model, tiny_tokenizer(add_bos=True))
+    llm = tiny_transformers_blip2("opt").language_model
+    qformer = bert.config.replace(use_text_input=False, use_lm_head=False, bos_token_id=None)
+    config = Blip2Config(vision=tiny_stage1_config().vision, qformer=qformer, text_config=llm.config.to_dict(),
+                         num_query_tokens=4)
+    blip2 = Blip2(config, llm, tokenizer=tiny_tokenizer(add_bos=True))
     assert blip2.qformer.embeddings.word is None
     tokenizer = load_tokenizer(str(minilm_path), truncation_side="left")
     model = InstructBlip.from_blip2(blip2, bert, tokenizer)
