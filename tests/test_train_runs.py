@@ -79,6 +79,8 @@ def cli_error(capsys, command: str, *args: object) -> str:
     (["--model.stage1.num_query_tokens", "0"], "Blip2Stage1Config.num_query_tokens must be at least 1, got 0"),
     (["--optim.layer_decay", "0"], "optim.layer_decay must be in (0, 1], got 0.0"),
     (["--optim.epoch_steps", "0"], "optim.epoch_steps must be at least 1, got 0"),
+    (["--optim.epoch_steps", "1"], "optim.warmup_steps 2 is longer than optim.epoch_steps 1: LAVIS's schedule warms "
+                                   "up within the first epoch"),
     (["--model.vit_grad_checkpoint", "true"], "model.vit_grad_checkpoint recomputes the image encoder's blocks while "
                                               "it trains: it needs model.freeze_vit: false"),
     (["--model.question_to_qformer", "true"], "model.question_to_qformer gives the question to a stage-2 Q-Former: it "

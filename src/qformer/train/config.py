@@ -236,6 +236,9 @@ class OptimSpec(ConfigBase):
             raise ValueError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.epoch_steps is not None:
             _at_least("optim.epoch_steps", self.epoch_steps, 1)
+            if self.warmup_steps > self.epoch_steps:
+                raise ValueError(f"optim.warmup_steps {self.warmup_steps} is longer than optim.epoch_steps "
+                                 f"{self.epoch_steps}: LAVIS's schedule warms up within the first epoch")
         _at_least("optim.warmup_steps", self.warmup_steps, 0)
         _at_least("optim.grad_accum_steps", self.grad_accum_steps, 1)
         _at_least("optim.max_bad_steps", self.max_bad_steps, 0)
