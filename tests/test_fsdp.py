@@ -131,3 +131,18 @@ def test_fsdp_stage2_with_lora_in_the_sharded_llm(tmp_path):
             assert torch.equal(trained[key], tensor), key
     merged = [k for k in trained if k.startswith("language_model.") and not torch.equal(trained[k], start[k])]
     assert merged and all(k.endswith(".weight") for k in merged)
+
+
+@pytest.mark.slow
+def test_fsdp_trains_the_image_encoder_as_ddp(tmp_path):
+    """``model.freeze_vit: false``: the encoder's blocks are sharded units that train (recomputed
+    in backward, their lr scaled by layer); the weights DDP reaches, and final/ holds them."""
+    recipe = ["--model.freeze_vit", "false", "--optim.layer_decay", "0.9", "--steps", "3"]
+    ddp = run(tmp_path / "ddp", *recipe)
+    fsdp = run(tmp_path / "fsdp", *recipe, "--parallel", "fsdp")
+    a, b = weights(ddp, 3), weights(fsdp, 3)
+    assert sorted(a) == sorted(b) and "vision.layers.0.mlp.fc1.weight" in a
+    final = load_file(fsdp / "final" / "model.safetensors")
+    for key in a:
+        assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=key)
+        assert torch.equal(final[key], b[key]), key

@@ -141,3 +141,29 @@ def test_convert_instructblip_through_lavis_is_exact(llm, tmp_path):
     original = ref.state_dict()
     assert sorted(back) == sorted(original)
     assert all(torch.equal(back[k], original[k]) for k in original)
+
+
+def test_mixed_instruction_sets_feed_the_trainer(saved, tmp_path):
+    """`data.sets`: the job's batches draw from both sets as their SetMixture says."""
+    from qformer.train.batches import data_batches
+    from qformer.train.build import build_job
+    from qformer.train.config import load_train_config
+    from qformer.train.distributed import Runtime
+
+    directory, _ = saved
+    sets = []
+    for colour, count in (("red", 2), ("blue", 6)):
+        Image.new("RGB", (28, 28), colour).save(tmp_path / f"{colour}.png")
+        rows = [json.dumps({"image": f"{colour}.png", "instruction": "what colour is it", "answer": colour})] * count
+        (tmp_path / f"{colour}.jsonl").write_text("\n".join(rows) + "\n")
+        sets.append({"path": str(tmp_path / f"{colour}.jsonl")})
+    config = load_train_config(None, [
+        "--model.stage", "stage2", "--model.blip2", str(directory), "--data.source", "instructions",
+        "--data.sets", json.dumps(sets), "--data.image_root", str(tmp_path), "--data.image_size", "28",
+        "--data.batch_size", "8", "--data.num_workers", "0", "--output_dir", str(tmp_path / "run")])
+    job = build_job(config, Runtime(0, 1, 0, torch.device("cpu")))
+    batches = data_batches(job, config, Runtime(0, 1, 0, torch.device("cpu")))
+    assert batches.sampler.mixture is job.mixture and job.mixture.sizes == [2, 6]
+    order = batches.sampler.epoch_order(0)
+    batch = next(batches)
+    assert batch["texts"] == ["red" if index < 2 else "blue" for index in order]

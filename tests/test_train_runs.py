@@ -77,9 +77,17 @@ def cli_error(capsys, command: str, *args: object) -> str:
     (["--model.stage1.qformer.num_attention_heads", "0"], "QFormerConfig.num_attention_heads must be at least 1, got 0"),
     (["--model.stage1.vision.patch_size", "0"], "VisionConfig.patch_size must be at least 1, got 0"),
     (["--model.stage1.num_query_tokens", "0"], "Blip2Stage1Config.num_query_tokens must be at least 1, got 0"),
+    (["--optim.layer_decay", "0"], "optim.layer_decay must be in (0, 1], got 0.0"),
+    (["--optim.epoch_steps", "0"], "optim.epoch_steps must be at least 1, got 0"),
+    (["--optim.epoch_steps", "1"], "optim.warmup_steps 2 is longer than optim.epoch_steps 1: LAVIS's schedule warms "
+                                   "up within the first epoch"),
+    (["--model.vit_grad_checkpoint", "true"], "model.vit_grad_checkpoint recomputes the image encoder's blocks while "
+                                              "it trains: it needs model.freeze_vit: false"),
+    (["--model.question_to_qformer", "true"], "model.question_to_qformer gives the question to a stage-2 Q-Former: it "
+                                              "needs model.stage: stage2"),
 ])
 def test_recipe_values_are_checked(tmp_path, override, message):
-    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         tiny(tmp_path, *override)
 
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from qformer.checkpoint import load_state_dict_strict
 from qformer.config import Blip2Config
 from qformer.convert.transformers_blip2 import load_transformers_blip2, save_transformers_blip2
 from qformer.convert.transformers_instructblip import load_transformers_instructblip, save_transformers_instructblip
@@ -234,9 +235,45 @@ class InstructBlip(Blip2, InstructBlipStage2):
     qformer_tokenizer: PreTrainedTokenizerBase | None = None
     qformer_max_length: int = 256
 
+    # what a Q-Former's text path must share with the Q-Former it joins
+    TEXT_PATH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+                        "layer_norm_eps")
+
     @classmethod
     def load_weights(cls, directory: Path, **options: Any):
         return load_transformers_instructblip(directory, cls, **options)
+
+    @classmethod
+    def from_blip2(
+        cls, blip2: Blip2, text_source: QFormer, qformer_tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> InstructBlip:
+        """A BLIP-2 whose Q-Former reads the prompt with the queries: everything from ``blip2``
+        (its image encoder and LLM shared, not copied) and the Q-Former's text path (word and
+        position embeddings, the text FFNs) from ``text_source``, e.g. the stage-1 Q-Former
+        ``blip2`` was trained from (BLIP-2's released stage-2 models drop the text path). This
+        is how BLIP-2 fine-tunes for VQA (Section 4.3: the question tokens go to the Q-Former
+        too and meet the queries in self-attention), and InstructBLIP's architecture."""
+        ours, theirs = blip2.config.qformer, text_source.config
+        differ = [f"{name} {getattr(theirs, name)} vs {getattr(ours, name)}" for name in cls.TEXT_PATH_FIELDS
+                  if getattr(theirs, name) != getattr(ours, name)]
+        if differ:
+            raise ValueError(f"its Q-Former is not this one's shape: {', '.join(differ)}")
+        text_fields = ("vocab_size", "pad_token_id", "bos_token_id", "max_position_embeddings", "type_vocab_size")
+        qformer = ours.replace(use_text_input=True, use_lm_head=False,
+                               **{name: getattr(theirs, name) for name in text_fields})
+        model = cls(blip2.config.replace(qformer=qformer.to_dict()), blip2.language_model, vision=blip2.vision,
+                    tokenizer=blip2.tokenizer)
+        shared, given = blip2.qformer.state_dict(), text_source.state_dict()
+        wanted = model.qformer.state_dict().keys()
+        missing = sorted(k for k in wanted if k not in shared and k not in given)
+        if missing:
+            raise ValueError(f"it has no text path ({', '.join(missing[:3])}, ...)")
+        load_state_dict_strict(model.qformer, {k: shared[k] if k in shared else given[k] for k in wanted})
+        for name in ("ln_vision", "language_projection"):
+            getattr(model, name).load_state_dict(getattr(blip2, name).state_dict())
+        model.query_tokens.data.copy_(blip2.query_tokens.data)
+        model.qformer_tokenizer = qformer_tokenizer
+        return model
 
     def load_extra_tokenizers(self, directory: Path) -> None:
         folder = directory / "qformer_tokenizer"

@@ -113,20 +113,26 @@ class Blip2Base(nn.Module):
         self.config = self.config.replace(vision=self.vision.config.to_dict(),
                                           image=self.config.image.replace(size=image_size).to_dict())
 
+    @property
+    def vision_trains(self) -> bool:
+        """Whether the image encoder has trainable weights (BLIP-2's COCO fine-tuning)."""
+        return self.vision is not None and any(p.requires_grad for p in self.vision.parameters())
+
     def train(self, mode: bool = True) -> Blip2Base:
-        """Frozen parts stay in eval mode."""
+        """A frozen image encoder stays in eval mode."""
         super().train(mode)
-        if self.vision is not None:
+        if self.vision is not None and not self.vision_trains:
             self.vision.eval()
         return self
 
-    @torch.no_grad()
     def encode_image(self, pixel_values: Tensor) -> Tensor:
-        """Frozen encoder output (B, S, W), before ``ln_vision``: the features to precompute."""
+        """Encoder output (B, S, W), before ``ln_vision``: the features to precompute. No
+        autograd graph unless the encoder trains."""
         if self.vision is None:
             raise ValueError("this model has no image encoder (config.vision is None): pass image features")
         check_pixels(pixel_values, getattr(self.vision, "image_size", None), check_range=not self.training)
-        return self.vision(pixel_values)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trains):
+            return self.vision(pixel_values)
 
     def image_embeds(self, pixel_values: Tensor | None = None, image_features: Tensor | None = None) -> Tensor:
         """``ln_vision`` over encoder outputs (B, S, W); pixels or precomputed features."""

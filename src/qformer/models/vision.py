@@ -1,7 +1,8 @@
 """Image encoders: BLIP-2's EVA ViT-g, and any transformers vision tower behind one interface.
 
 Both map pixels (B, 3, H, W) to tokens (B, S, W) and expose ``width`` and ``image_size`` (the
-side of the images they take; None: any). BLIP-2 keeps them frozen.
+side of the images they take; None: any). BLIP-2 keeps them frozen, except in its COCO
+fine-tuning, where the EVA ViT trains (``gradient_checkpointing`` recomputes its blocks).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from qformer.config import VisionConfig
 
 class VisionAttention(nn.Module):
     """Self-attention with a fused qkv projection; BLIP-2's key bias is zero
-    (bias = cat(q_bias, 0, v_bias)), stored fused as in transformers."""
+    (bias = cat(q_bias, 0, v_bias)), stored fused as in transformers. EVA has no key bias: when
+    the encoder trains, the key's third of the fused bias gets no gradient, so it stays as
+    loaded (zero in the released models)."""
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
@@ -25,9 +28,18 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
+    def qkv_bias(self) -> Tensor | None:
+        """The fused bias (3W,), its key third cut from the graph while it trains."""
+        bias = self.qkv.bias
+        if bias is None or not bias.requires_grad:
+            return bias
+        query, key, value = bias.chunk(3)
+        return torch.cat([query, key.detach(), value])
+
     def forward(self, x: Tensor) -> Tensor:
         batch, length, width = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, width // self.num_heads)
+        qkv = F.linear(x, self.qkv.weight, self.qkv_bias())  # (B, S, 3W)
+        qkv = qkv.view(batch, length, 3, self.num_heads, width // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, S, hs)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, S, hs)
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))  # (B, S, W)
@@ -61,7 +73,8 @@ class VisionBlock(nn.Module):
 
 class EvaViT(nn.Module):
     """EVA ViT-g/14 as BLIP-2 uses it: class token + patches, absolute positions, no final norm
-    (BLIP-2's ``ln_vision`` follows, outside the frozen tower)."""
+    (BLIP-2's ``ln_vision`` follows, outside the tower). With ``gradient_checkpointing`` in
+    training mode, each block's activations are recomputed in backward (non-reentrant)."""
 
     _no_split_modules = ("VisionBlock",)  # transformers' convention: the blocks FSDP shards one by one
 

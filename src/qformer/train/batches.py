@@ -1,7 +1,8 @@
 """The trainer's endless batches, from a resumable position: (epoch, batches consumed in it).
 
 Map-style data (scenes, caption, instruction and VQA files) goes through
-:class:`~qformer.train.sampler.GlobalBatchSampler`. Tar shards stream: each rank reads its
+:class:`~qformer.train.sampler.GlobalBatchSampler` (several instruction sets: drawn as the
+job's :class:`~qformer.train.sampler.SetMixture` says). Tar shards stream: each rank reads its
 share of the shards with ``data.num_workers`` DataLoader workers (at least one reader), every
 reader batches its own samples, and an epoch ends for every rank when the first reader
 anywhere runs out, so that all ranks agree on the position and no sample is read twice in an
@@ -111,7 +112,7 @@ class Batches(_Position):
 
     def __init__(self, job: Job, config: TrainConfig, runtime: Runtime) -> None:
         self.sampler = GlobalBatchSampler(
-            len(job.dataset), config.data.batch_size, runtime.rank, runtime.world_size, config.seed
+            len(job.dataset), config.data.batch_size, runtime.rank, runtime.world_size, config.seed, job.mixture
         )
         self.loader = DataLoader(
             job.dataset,

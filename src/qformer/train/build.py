@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import glob
 import logging
 import random
@@ -21,6 +22,7 @@ from qformer.data.datasets import Skipped, TarShardDataset, skipped_count
 from qformer.data.transforms import DecodeReduction, crop_reduction, eval_image, train_transform
 from qformer.train.config import DataSpec, ModelSpec, TrainConfig
 from qformer.train.distributed import Runtime
+from qformer.train.sampler import SetMixture
 
 MINILM = "minilm"
 
@@ -57,6 +59,7 @@ class Job:
     evaluate: Callable[[nn.Module], dict[str, Any]] | None
     tokenizer: Any
     save_final: Callable[[nn.Module, Path], None]  # writes the run's final/
+    mixture: SetMixture | None = None  # how the batches draw from several data sets (data.sets)
 
     @staticmethod
     def batch_size(batch: dict) -> int:
@@ -188,7 +191,8 @@ def scene_sets(data: DataSpec, seed: int) -> tuple[Dataset, dict[str, Dataset]]:
 
 def file_sets(data: DataSpec) -> tuple[Dataset, dict[str, Dataset]]:
     """Captions, instruction data or VQA questions from files; ``eval_path`` in the same format.
-    VQA trains on (image, ``vqa_prompt`` with the question -> its most frequent answer)."""
+    VQA trains on (image, ``vqa_prompt`` with the question -> its most frequent answer). Several
+    instruction sets (``data.sets``) are one :class:`MixedSets`."""
     from qformer.data.datasets import (
         CaptionDataset,
         InstructionDataset,
@@ -202,17 +206,47 @@ def file_sets(data: DataSpec) -> tuple[Dataset, dict[str, Dataset]]:
              "vqa": (VQADataset, read_vqa)}
     dataset, read = kinds[data.source]
 
-    def load(path: str, key: str) -> Dataset:
+    def load(path: str, key: str, root: str = data.image_root, root_key: str = "data.image_root") -> Dataset:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{key}: {path} is not a file")
-        if not Path(data.image_root).is_dir():
-            raise FileNotFoundError(f"data.image_root: {data.image_root} is not a directory")
-        return dataset(read(path), data.image_root, strict=data.strict, max_image_pixels=data.max_image_pixels)
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"{root_key}: {root} is not a directory")
+        return dataset(read(path), root, strict=data.strict, max_image_pixels=data.max_image_pixels)
 
-    train = load(data.path, "data.path")
+    if data.sets:
+        parts = []
+        for index, entry in enumerate(data.sets):
+            key = f"data.sets[{index}]"
+            root = (entry.image_root, f"{key}.image_root") if entry.image_root else (data.image_root, "data.image_root")
+            parts.append(load(entry.path, f"{key}.path", *root))
+            if not len(parts[-1]):
+                raise ValueError(f"{key}.path: {entry.path} holds no sample")
+        train = MixedSets(parts, SetMixture([len(part) for part in parts], [entry.weight for entry in data.sets]))
+        logger.info("instruction sets, drawn in proportion to weight x sqrt(size): %s", ", ".join(
+            f"{entry.path} ({size:,} samples, p={p:.3g})"
+            for entry, size, p in zip(data.sets, train.mixture.sizes, train.mixture.probabilities)))
+    else:
+        train = load(data.path, "data.path")
     if data.source == "vqa":
         train = VQAPairs(train, data.vqa_prompt)
     return train, ({"eval": load(data.eval_path, "data.eval_path")} if data.eval_path else {})
+
+
+class MixedSets(ConcatDataset):
+    """Data sets one after the other, drawn from as ``mixture`` says (the trainer's
+    :class:`~qformer.train.sampler.GlobalBatchSampler` takes it); a sample's ``image_id`` is
+    offset by its set's start, so that ids stay apart across sets."""
+
+    def __init__(self, datasets: list[Dataset], mixture: SetMixture) -> None:
+        super().__init__(datasets)
+        self.mixture = mixture
+
+    def read(self, index: int, reduction: DecodeReduction | None = None) -> dict | Skipped | None:
+        """Sample ``index`` of the concatenation, its image decoded within ``reduction``."""
+        part = bisect.bisect_right(self.cumulative_sizes, index)
+        start = self.cumulative_sizes[part - 1] if part else 0
+        sample = _read(self.datasets[part], index - start, reduction)
+        return {**sample, "image_id": sample["image_id"] + start} if isinstance(sample, dict) else sample
 
 
 class VQAPairs(Dataset):
@@ -298,6 +332,7 @@ def build_job(config: TrainConfig, runtime: Runtime) -> Job:
     if source in ("instructions", "vqa") and config.model.stage != "stage2":
         raise ValueError(f"data.source {source} trains stage 2 (model.stage: stage2)")
     image = ImageConfig(size=config.data.image_size)
+    mixture = None
     if source == "shards":
         reader, evaluation = shard_sets(config.data, config.seed, runtime)
         dataset = TrainShards(reader, image, config.seed, config.data.augment, config.data.draft_decode)
@@ -306,9 +341,11 @@ def build_job(config: TrainConfig, runtime: Runtime) -> Job:
         # scenes: drawings of one colour/shape/count/position combination count as the same image
         same_image = "scene_id" if source == "scenes" else "image_id"
         dataset = TrainImages(train, image, config.seed, same_image, config.data.augment, config.data.draft_decode)
+        mixture = train.mixture if isinstance(train, MixedSets) else None
     build = stage1_job.build if config.model.stage == "stage1" else stage2_job.build
     job = build(config, runtime, dataset, evaluation, image)
     job.collate = RefillSkipped(job.collate)
+    job.mixture = mixture
     return job
 
 

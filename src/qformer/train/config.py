@@ -41,7 +41,19 @@ class ModelSpec(ConfigBase):
     Stage 2: a stage-1 checkpoint directory (``init_from``) and an LLM directory
     (``language_model``), or a transformers BLIP-2 / InstructBLIP directory (``blip2``) to
     fine-tune. ``instruct`` builds InstructBLIP from stage 1 (the Q-Former keeps its text path
-    and reads the instruction, tokenised with ``tokenizer`` or ``bert``)."""
+    and reads the instruction, tokenised with ``tokenizer`` or ``bert``), or from a BLIP-2
+    directory (``blip2``) whose Q-Former gets a text path: the stage-1 model ``init_from``'s,
+    else the BERT ``bert``'s (as LAVIS's InstructBLIP code leaves it).
+    ``question_to_qformer`` (``data.source: vqa``) gives the Q-Former the prompted question
+    with the queries, as BLIP-2 fine-tunes for VQA (its Section 4.3): the same architecture
+    (InstructBLIP's, saved as one), built the same ways.
+
+    ``freeze_vit: false`` trains the EVA image encoder too (BLIP-2's COCO fine-tuning, LAVIS's
+    ``freeze_vit: False``): its weights in fp32 (``precision`` autocasts them, as LAVIS's
+    ``vit_precision: fp32`` under amp), in the optimiser (with ``optim.layer_decay``), the
+    checkpoints and ``final/``; its blocks' activations are recomputed in backward
+    (``vit_grad_checkpoint``; unset: on whenever the encoder trains, LAVIS's
+    ``use_grad_checkpoint``)."""
 
     stage: str = "stage1"
     stage1: Blip2Stage1Config = field(default_factory=Blip2Stage1Config)
@@ -55,10 +67,41 @@ class ModelSpec(ConfigBase):
     lora_r: int = 0
     prompt: str = ""
     instruct: bool = False
+    question_to_qformer: bool = False
+    freeze_vit: bool = True
+    vit_grad_checkpoint: bool | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in ("stage1", "stage2"):
             raise ValueError(f"model.stage must be stage1 or stage2, got {self.stage!r}")
+        if self.vit_grad_checkpoint and self.freeze_vit:
+            raise ValueError("model.vit_grad_checkpoint recomputes the image encoder's blocks while it trains: "
+                             "it needs model.freeze_vit: false")
+        if self.question_to_qformer and self.stage != "stage2":
+            raise ValueError("model.question_to_qformer gives the question to a stage-2 Q-Former: it needs "
+                             "model.stage: stage2")
+
+    @property
+    def reads_prompt(self) -> bool:
+        """Whether the Q-Former reads the prompt (InstructBLIP's instruction, BLIP-2's VQA question)."""
+        return self.instruct or self.question_to_qformer
+
+    @property
+    def encoder_checkpointing(self) -> bool:
+        """``vit_grad_checkpoint`` as it applies: unset, on whenever the image encoder trains."""
+        return not self.freeze_vit if self.vit_grad_checkpoint is None else self.vit_grad_checkpoint
+
+
+@dataclass
+class InstructionSet(ConfigBase):
+    """One of several instruction data sets mixed in training (``data.sets``): a JSONL (or JSON
+    list) of image, instruction, answer; its images under ``image_root`` (unset:
+    ``data.image_root``); ``weight`` multiplies its square-root-of-size share (InstructBLIP's
+    manual adjustments)."""
+
+    path: str
+    image_root: str | None = None
+    weight: float = 1.0
 
 
 @dataclass
@@ -78,6 +121,10 @@ class DataSpec(ConfigBase):
       keep it small) or a caption file.
 
     ``eval_path`` is optional everywhere (scenes have held-out drawings of their own).
+    Instead of ``path``, "instructions" takes ``sets``: several instruction data sets
+    (:class:`InstructionSet`: ``{path, image_root, weight}``) mixed as InstructBLIP balances its
+    training sets (Section 2.4): a sample comes from set d with probability proportional to
+    ``weight_d * sqrt(size_d)`` (see :class:`~qformer.train.sampler.SetMixture`).
     ``augment`` turns BLIP-2's training augmentation (random resized crop, horizontal flip) on;
     captions or questions that name left and right need it off. With ``augment``,
     ``draft_decode`` (default on) decodes a training JPEG at the smallest of 1/1, 1/2, 1/4, 1/8
@@ -112,12 +159,15 @@ class DataSpec(ConfigBase):
     eval_scenes_per_combination: int = 1
     photographs: int = 0
     vqa_prompt: str = "Question: {} Answer:"
+    sets: list[InstructionSet] | None = None
 
     def __post_init__(self) -> None:
         sources = ("scenes", "captions", "instructions", "vqa", "shards")
         if self.source not in sources:
             raise ValueError(f"data.source must be one of {', '.join(sources)}, got {self.source!r}")
-        if self.source != "scenes" and not self.path:
+        if self.sets is not None:
+            self._check_sets()
+        elif self.source != "scenes" and not self.path:
             raise ValueError(f"data.source {self.source} needs data.path")
         if self.vqa_prompt.count("{}") != 1:
             raise ValueError(f"data.vqa_prompt must hold one {{}} where the question goes, got {self.vqa_prompt!r}")
@@ -129,11 +179,41 @@ class DataSpec(ConfigBase):
         if not 0 <= self.max_unreadable <= 1:
             raise ValueError(f"data.max_unreadable must be a fraction from 0 to 1, got {self.max_unreadable}")
 
+    def _check_sets(self) -> None:
+        """``sets`` as :class:`InstructionSet` values, each checked, or one line naming the key."""
+        if self.source != "instructions":
+            raise ValueError(f"data.sets mixes instruction data sets: it needs data.source instructions, "
+                             f"not {self.source}")
+        if self.path:
+            raise ValueError("data.path and data.sets both name the training data: set one of them")
+        if not isinstance(self.sets, list) or not self.sets:
+            raise ValueError(f"data.sets must be a list of {{path, image_root, weight}}, got {self.sets!r}")
+        sets = []
+        for index, entry in enumerate(self.sets):
+            key = f"data.sets[{index}]"
+            if not isinstance(entry, InstructionSet) and not (isinstance(entry, dict) and entry.get("path")):
+                raise ValueError(f"{key} must be {{path, image_root, weight}} with a path, got {entry!r}")
+            entry = InstructionSet.from_dict(entry, where=key) if isinstance(entry, dict) else entry
+            if not entry.weight > 0:
+                raise ValueError(f"{key}.weight must be greater than 0, got {entry.weight}")
+            sets.append(entry)
+        self.sets = sets
+
 
 @dataclass
 class OptimSpec(ConfigBase):
     """AdamW (weight decay on >= 2-D trainable weights only), linear warmup then cosine to
-    ``min_lr``; BLIP-2's stage-1 values by default. A step whose loss or gradient norm is not
+    ``min_lr``; BLIP-2's stage-1 values by default. With ``epoch_steps`` N, the cosine moves once
+    every N steps (its value at epoch e = step // N of ceil(steps / N) epochs), as LAVIS's
+    ``linear_warmup_cosine_lr`` moves it once an epoch: N = an epoch's steps.
+
+    ``layer_decay`` (LAVIS's ``lr_layer_decay``, for a trained image encoder) scales the lr of
+    the encoder's parameters by layer as LAVIS's ``get_optimizer_params`` computes it: with L
+    blocks, ``layer_decay ** (L + 1 - i)`` for layer i, where the patch, class and position
+    embeddings are layer 0 and block k is layer k + 1 (the rest of the model: 1). LAVIS puts
+    these scales in its parameter groups, but its schedulers then set one lr for every group, so
+    there they change nothing; here they multiply the group's lr (as in BEiT, where the rule
+    comes from). A step whose loss or gradient norm is not
     finite is skipped (the weights and optimiser state untouched); ``max_bad_steps`` such steps
     in a row are tolerated and one more stops the run (0: the first stops it)."""
 
@@ -145,11 +225,20 @@ class OptimSpec(ConfigBase):
     max_grad_norm: float | None = 1.0
     grad_accum_steps: int = 1
     max_bad_steps: int = 10
+    epoch_steps: int | None = None
+    layer_decay: float = 1.0
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be greater than 0, got {self.lr}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.epoch_steps is not None:
+            _at_least("optim.epoch_steps", self.epoch_steps, 1)
+            if self.warmup_steps > self.epoch_steps:
+                raise ValueError(f"optim.warmup_steps {self.warmup_steps} is longer than optim.epoch_steps "
+                                 f"{self.epoch_steps}: LAVIS's schedule warms up within the first epoch")
         _at_least("optim.warmup_steps", self.warmup_steps, 0)
         _at_least("optim.grad_accum_steps", self.grad_accum_steps, 1)
         _at_least("optim.max_bad_steps", self.max_bad_steps, 0)
@@ -187,6 +276,12 @@ class TrainConfig(ConfigBase):
             raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
         for key, low in (("steps", 1), ("log_every", 1), ("save_every", 1), ("eval_every", 0), ("keep_last", 0)):
             _at_least(key, getattr(self, key), low)
+        if self.optim.layer_decay != 1 and self.model.freeze_vit:
+            raise ValueError("optim.layer_decay scales the lr of the image encoder's layers: it needs "
+                             "model.freeze_vit: false")
+        if self.model.question_to_qformer and self.data.source != "vqa":
+            raise ValueError("model.question_to_qformer gives the VQA question to the Q-Former: it needs data.source "
+                             f"vqa, not {self.data.source} (for instruction data: model.instruct)")
         positions = self.model.stage1.qformer.max_position_embeddings
         if self.model.stage == "stage1" and self.data.max_text_length > positions:
             raise ValueError(f"data.max_text_length {self.data.max_text_length} is longer than the Q-Former's "
@@ -253,8 +348,8 @@ def dump_yaml(config: ConfigBase) -> str:
 # data.max_unreadable and optim.max_bad_steps, so that a run stopped by one can go on
 SAFE_ON_RESUME = frozenset({
     "steps", "log_every", "save_every", "eval_every", "keep_last", "tensorboard", "device", "parallel",
-    "activation_checkpointing", "output_dir", "data.num_workers", "data.eval_batch_size", "data.max_unreadable",
-    "optim.max_bad_steps",
+    "activation_checkpointing", "model.vit_grad_checkpoint", "output_dir", "data.num_workers", "data.eval_batch_size",
+    "data.max_unreadable", "optim.max_bad_steps",
 })
 
 

@@ -20,17 +20,24 @@ from qformer.tokenizer import load_tokenizer
 from qformer.train.build import Job, check_sources, eval_pixels, evaluate_sets, fit_image_size, resolve_bert
 from qformer.train.config import TrainConfig
 from qformer.train.distributed import Runtime
+from qformer.train.image_encoder import prepare_image_encoder
 
 logger = logging.getLogger(__name__)
 
 
 def build_model(config: TrainConfig) -> tuple[Blip2Stage1, Any]:
-    """The stage-1 model; the Q-Former from BERT when ``model.bert`` is set (as BLIP-2), the
-    image encoder from ``model.vision_weights`` when set."""
+    """The stage-1 model: from ``model.init_from``, or new, its Q-Former from BERT when
+    ``model.bert`` is set (as BLIP-2), the image encoder from ``model.vision_weights`` when set;
+    the image encoder trained with ``model.freeze_vit: false``."""
+    check_sources(config.model, ("init_from", "bert", "tokenizer", "vision_weights"))
+    model, tokenizer = _from_stage1(config) if config.model.init_from else _new_stage1(config)
+    prepare_image_encoder(model, config.model)
+    return model, tokenizer
+
+
+def _new_stage1(config: TrainConfig) -> tuple[Blip2Stage1, Any]:
+    """A new stage-1 model as ``model.stage1`` describes it."""
     spec = config.model
-    check_sources(spec, ("init_from", "bert", "tokenizer", "vision_weights"))
-    if spec.init_from:
-        return _from_stage1(config)
     stage1 = spec.stage1.replace(image=ImageConfig(size=config.data.image_size).to_dict())  # what it trains on
     tokenizer_path = spec.tokenizer or (resolve_bert(spec.bert) if spec.bert else None)
     if tokenizer_path is None:

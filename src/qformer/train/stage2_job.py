@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from qformer.blip2 import VQA_DEFAULTS, Blip2, InstructBlip
 from qformer.config import ImageConfig
@@ -16,14 +22,19 @@ from qformer.data.datasets import VQADataset
 from qformer.data.text import decoder_only_batch, encoder_decoder_batch, prefix_lm_split
 from qformer.devices import DTYPES, dtype_name
 from qformer.models.blip2 import Blip2Stage1, freeze
+from qformer.models.qformer import QFormer
 from qformer.tokenizer import load_tokenizer
 from qformer.train.build import Job, check_sources, eval_pixels, evaluate_sets, fit_image_size, resolve_bert
-from qformer.train.config import TrainConfig
+from qformer.train.config import ModelSpec, TrainConfig
 from qformer.train.distributed import Runtime
 from qformer.train.export import save_final
+from qformer.train.image_encoder import prepare_image_encoder
 
 
 def build_model(config: TrainConfig) -> Blip2:
+    """The stage-2 model: a BLIP-2 / InstructBLIP directory (``model.blip2``) or stage 1 and an
+    LLM; a Q-Former that reads the prompt (``model.instruct``, ``model.question_to_qformer``) is
+    InstructBLIP's; the image encoder trained with ``model.freeze_vit: false``."""
     spec = config.model
     check_sources(spec, ("blip2", "init_from", "language_model", "tokenizer", "bert"))
     if spec.blip2:
@@ -31,6 +42,14 @@ def build_model(config: TrainConfig) -> Blip2:
         model = Blip2.from_pretrained(spec.blip2, dtype="float32")
         freeze(model.language_model, DTYPES[dtype_name(spec.llm_dtype)])
         model.config.llm_dtype = dtype_name(spec.llm_dtype)
+        if spec.reads_prompt and not model.reads_instruction:
+            model = _with_text_path(model, spec)
+        elif spec.init_from and model.reads_instruction:
+            raise ValueError(f"model.init_from: {spec.blip2} is InstructBLIP, its Q-Former has a text path already: "
+                             "leave model.init_from unset")
+        elif spec.init_from:
+            raise ValueError("model.init_from: with model.blip2, a stage-1 model only gives the Q-Former a text path "
+                             "(model.question_to_qformer or model.instruct): set one of those or leave it unset")
     else:
         if not (spec.init_from and spec.language_model):
             raise ValueError("stage 2 needs model.blip2, or model.init_from (stage 1) and model.language_model")
@@ -39,16 +58,53 @@ def build_model(config: TrainConfig) -> Blip2:
         llm = auto.from_pretrained(spec.language_model)
         tokenizer = AutoTokenizer.from_pretrained(spec.language_model)
         stage1 = Blip2Stage1.from_pretrained(spec.init_from)
-        model = (InstructBlip if spec.instruct else Blip2).from_stage1(stage1, llm, tokenizer, llm_dtype=spec.llm_dtype)
-        if spec.instruct:
-            path = spec.tokenizer or spec.bert
-            if path is None:
-                raise ValueError("model.instruct needs the Q-Former's tokenizer: set model.tokenizer or model.bert")
-            model.qformer_tokenizer = load_tokenizer(resolve_bert(path), truncation_side="left")
+        kind = InstructBlip if spec.reads_prompt else Blip2
+        model = kind.from_stage1(stage1, llm, tokenizer, llm_dtype=spec.llm_dtype)
+        if spec.reads_prompt:
+            model.qformer_tokenizer = _qformer_tokenizer(spec, stage1)
     fit_image_size(model, config.data.image_size)
     if spec.lora_r:
         model.add_lora(r=spec.lora_r, alpha=2 * spec.lora_r)
+    prepare_image_encoder(model, spec)
     return model
+
+
+def _qformer_tokenizer(spec: ModelSpec, stage1: Blip2Stage1) -> PreTrainedTokenizerBase:
+    """The tokenizer of a Q-Former that reads the prompt: ``model.tokenizer`` or ``model.bert``,
+    else the stage-1 model's; truncating on the left, as InstructBLIP keeps a long prompt's end."""
+    path = spec.tokenizer or spec.bert
+    if path is not None:
+        return load_tokenizer(resolve_bert(path), truncation_side="left")
+    if stage1.tokenizer is None:
+        raise ValueError(f"the Q-Former reads the prompt and model.init_from {spec.init_from} has no tokenizer: set "
+                         "model.tokenizer or model.bert")
+    stage1.tokenizer.truncation_side = "left"
+    return stage1.tokenizer
+
+
+def _with_text_path(model: Blip2, spec: ModelSpec) -> InstructBlip:
+    """A BLIP-2 directory's model whose Q-Former has no text path (the released stage-2 models
+    drop it) as InstructBLIP's architecture (:meth:`~qformer.blip2.InstructBlip.from_blip2`),
+    the text path from the stage-1 model ``model.init_from``, or else from the BERT
+    ``model.bert`` (as LAVIS's InstructBLIP gets it: its Q-Former starts from bert-base-uncased
+    and the BLIP-2 checkpoint, which has no text path, loads over it)."""
+    what = "model.question_to_qformer" if spec.question_to_qformer else "model.instruct"
+    if spec.init_from:
+        stage1 = Blip2Stage1.from_pretrained(spec.init_from, dtype="float32")
+        source, tokenizer, key = stage1.qformer, _qformer_tokenizer(spec, stage1), f"model.init_from {spec.init_from}"
+    elif spec.bert:
+        q = model.config.qformer
+        source = QFormer.from_bert(resolve_bert(spec.bert), encoder_hidden_size=q.encoder_hidden_size,
+                                   cross_attention_frequency=q.cross_attention_frequency)
+        tokenizer, key = load_tokenizer(resolve_bert(spec.tokenizer or spec.bert), truncation_side="left"), "model.bert"
+    else:
+        raise ValueError(f"{what}: the Q-Former of {spec.blip2} has no text path (BLIP-2's stage-2 models drop it): "
+                         "set model.init_from to a stage-1 model to take it from (the one it was trained from: "
+                         "`qformer convert` LAVIS's blip2_pretrained.pth), or model.bert")
+    try:
+        return InstructBlip.from_blip2(model, source, tokenizer)
+    except ValueError as err:
+        raise ValueError(f"{what}: {key} does not fit {spec.blip2}: {err}") from None
 
 
 class Stage2Collator:
