@@ -112,10 +112,14 @@ def test_gqa_is_exact_match_of_the_cleaned_prediction(blip2, blip2_dir, tmp_path
     for i in range(5):
         picture(root / "images" / f"n{i}.jpg", i)
     out = tmp_path / "out"
-    run(blip2_dir, "--task", "gqa", "--data", str(root), "--out", str(out))
+    run(blip2_dir, "--task", "gqa", "--data", str(root), "--out", str(out), "--generate", "length_penalty=0",
+        "--generate", "repetition_penalty=1.5")
     predictions = {p["question_id"]: p["answer"] for p in json.loads((out / "predictions.json").read_text())}
     expected = sum(normalize_answer(predictions[qid]) == e["answer"] for qid, e in entries.items()) / 5
-    assert json.loads((out / "results.json").read_text())["accuracy"] == round(100 * expected, 2)
+    results = json.loads((out / "results.json").read_text())
+    assert results["accuracy"] == round(100 * expected, 2)
+    assert results["settings"]["generation"] == {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1,
+                                                 "length_penalty": 0, "repetition_penalty": 1.5}
 
 
 def test_test_dev_writes_predictions_for_the_server(blip2_dir, tmp_path):
@@ -133,6 +137,9 @@ def test_test_dev_writes_predictions_for_the_server(blip2_dir, tmp_path):
                                             "flickr_retrieval"),
     (["--task", "gqa", "--data", "nowhere"], "testdev_balanced_questions.json not found"),
     (["--task", "okvqa", "--data", ".", "--split", "test"], "--split 'test': okvqa has val2014"),
+    (["--task", "okvqa", "--data", ".", "--generate", "beams"], "--generate 'beams': write KEY=VALUE"),
+    (["--task", "okvqa", "--data", ".", "--generate", "beam_width=3"], "--generate beam_width: not an option"),
+    (["--task", "iconqa", "--data", ".", "--generate", "top_k=3"], "--generate goes with a generating task"),
 ])
 def test_mistakes_are_one_line(blip2_dir, arguments, words, capsys):
     with pytest.raises(SystemExit) as exit_:

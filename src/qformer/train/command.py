@@ -53,6 +53,27 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def generation_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``--generate KEY=VALUE`` options, each a field of transformers' ``GenerationConfig``,
+    checked before the model loads."""
+    from transformers import GenerationConfig
+
+    from qformer.train.config import _parse_value
+
+    known = set(GenerationConfig().to_dict())
+    options: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise ValueError(f"--generate {pair!r}: write KEY=VALUE, e.g. --generate length_penalty=0")
+        if key not in known:
+            raise ValueError(f"--generate {key}: not an option of transformers' generate (GenerationConfig)")
+        if key in ("num_beams", "max_new_tokens"):
+            raise ValueError(f"--generate {key}: use --{key.replace('_', '-')}")
+        options[key] = _parse_value(value)
+    return options
+
+
 def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from qformer.train.config import load_train_config
     from qformer.train.evaluation import evaluate_checkpoint, evaluate_run
@@ -61,7 +82,8 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ValueError("pass a run folder or recipe (RUN_OR_RECIPE), or --model with --task and --data; not both")
     if args.model is not None:
         return _eval_benchmark(args, overrides)
-    for flag in ("task", "data", "split", "prompt", "num_beams", "max_new_tokens", "limit", "features", "chunk_size"):
+    for flag in ("task", "data", "split", "prompt", "num_beams", "max_new_tokens", "generate", "limit", "features",
+                 "chunk_size"):
         if getattr(args, flag) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} goes with --model (a benchmark), not with a run")
     if args.checkpoint is not None:
@@ -102,11 +124,13 @@ def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
                  "a generating task": BENCHMARKS}
     for flag, kind in (("split", "a question-answering task"), ("prompt", "a question-answering task"),
                        ("num_beams", "a generating task"), ("max_new_tokens", "a generating task"),
+                       ("generate", "a generating task"),
                        ("features", "a retrieval task"), ("chunk_size", "a retrieval task")):
         if getattr(args, flag) is not None and args.task not in goes_with[kind]:
             raise ValueError(f"--{flag.replace('_', '-')} goes with {kind}, not {args.task}")
+    generation = generation_options(args.generate)  # before the model loads
     if not retrieval:
-        benchmark, split = check_task(args.task, args.split)  # before the model loads
+        benchmark, split = check_task(args.task, args.split)
         if args.task in RANKING_TASKS:
             check_prompt(benchmark, args.prompt)
             check_files(benchmark, Path(args.data), split)
@@ -127,7 +151,7 @@ def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
         model = Blip2.from_pretrained(directory, dtype=dtype, device=device)
         results = evaluate_benchmark(model, args.task, args.data, out, split=args.split, prompt=args.prompt,
                                      batch_size=args.batch_size, limit=args.limit, fingerprint=fingerprint,
-                                     num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+                                     **generation, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     teardown_runtime(runtime)
     if runtime.is_main:
         print(summary_line(results, out))
@@ -207,6 +231,9 @@ def add_train_commands(commands: Any) -> None:
     paper.add_argument("--num-beams", type=int, default=None, help="beam width (default: 5, as BLIP-2)")
     paper.add_argument("--max-new-tokens", type=int, default=None,
                        help="longest answer (default: 10 for questions, 30 for captions, as BLIP-2)")
+    paper.add_argument("--generate", action="append", default=None, metavar="KEY=VALUE",
+                       help="any other option of transformers' generate for a generating task, the value read as "
+                            "YAML (e.g. --generate length_penalty=0 --generate min_new_tokens=2); repeatable")
     paper.add_argument("--batch-size", type=int, default=16, help="questions or images per batch (default: 16)")
     paper.add_argument("--k", type=int, default=128,
                        help="retrieval: the ITC candidates re-ranked by ITM each way (default: 128, as BLIP-2)")
