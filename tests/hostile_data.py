@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from qformer.data.datasets import write_tar_shard
+from qformer.data.shards import write_tar_shard
 
 SAMPLES = 60  # per format, of which UNREADABLE are unreadable
 WHITESPACE_IN_SHARDS = 20  # the sample whose caption is blank in the shards

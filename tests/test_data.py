@@ -18,21 +18,20 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from qformer.config import ImageConfig
-from qformer.data import datasets
+from qformer.data import shards as shards_module
 from qformer.data.collate import CaptionCollator, VQACollator
 from qformer.data.datasets import (
     CaptionDataset,
     CaptionRecord,
     Skipped,
-    TarShardDataset,
     VQADataset,
     read_captions,
     read_coco_captions,
     read_csv_captions,
     read_jsonl_captions,
     read_vqa,
-    write_tar_shard,
 )
+from qformer.data.shards import TarShardDataset, _stable_id, write_tar_shard
 from qformer.data.transforms import (
     TrainTransform,
     clean_caption,
@@ -360,7 +359,7 @@ def test_tar_shards_stream_samples(tmp_path: Path) -> None:
     samples = list(TarShardDataset(shards, EVAL))
     assert [s["text"] for s in samples] == all_texts()
     assert samples[0]["image_id"] == 1000 and samples[3]["image_id"] == 1001
-    assert samples[1]["image_id"] == datasets._stable_id("00001") != samples[2]["image_id"]
+    assert samples[1]["image_id"] == _stable_id("00001") != samples[2]["image_id"]
     with tarfile.open(shards[0]) as tar:
         decoded = Image.open(io.BytesIO(tar.extractfile("00001.jpg").read()))
         assert torch.equal(samples[1]["image"], eval_image(decoded, CONFIG))
@@ -380,7 +379,7 @@ def test_tar_shards_split_across_ranks_and_workers(tmp_path: Path, monkeypatch: 
         ["shard 0, item 0", "shard 2, item 0", "shard 4, item 0"],
         ["shard 1, item 0", "shard 3, item 0"],
     ]
-    monkeypatch.setattr(datasets, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2))
+    monkeypatch.setattr(shards_module, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2))
     assert TarShardDataset(shards, EVAL, rank=1, world_size=2).local_shards() == [shards[3]]
     assert TarShardDataset(shards, EVAL, rank=0, world_size=2).local_shards() == [shards[1]]
     with pytest.raises(ValueError, match="rank 2"):

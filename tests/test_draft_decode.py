@@ -13,7 +13,8 @@ from hostile_data import image_bytes
 from PIL import Image
 
 from qformer.config import ImageConfig
-from qformer.data.datasets import CaptionDataset, CaptionRecord, TarShardDataset, write_tar_shard
+from qformer.data.datasets import CaptionDataset, CaptionRecord
+from qformer.data.shards import TarShardDataset, write_tar_shard
 from qformer.data.transforms import (
     DRAFTED,
     crop_reduction,
@@ -118,7 +119,7 @@ def test_draft_off_or_a_crop_too_small_gives_the_full_decode_pixels(tmp_path: Pa
 def test_shard_samples_draft_like_file_samples(tmp_path: Path) -> None:
     shard = write_tar_shard(tmp_path / "s.tar", [{"__key__": "k", "jpg": jpeg(1200, 900), "txt": "a"}])
     reader = TarShardDataset([shard])
-    on, off = (next(TrainShards(reader, CONFIG, seed=1, draft=draft).samples(0, 1))["image"] for draft in (True, False))
+    on, off = (next(TrainShards(reader, CONFIG, seed=1, draft=draft).samples(0, 1))[1]["image"] for draft in (True, False))
     assert not torch.equal(on, off) and (on - off).abs().mean() < 0.02
 
 

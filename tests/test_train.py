@@ -243,7 +243,7 @@ def test_stage1_can_start_from_a_stage1_model(tmp_path):
 def caption_shards(root: Path, shards: int = 4, per_shard: int = 5, broken: tuple[int, ...] = ()) -> str:
     """Tar shards of coloured pictures with numbered captions (sample n of shard n // per_shard);
     the samples in ``broken`` alternate between a non-image and a missing caption. Returns the glob."""
-    from qformer.data.datasets import write_tar_shard
+    from qformer.data.shards import write_tar_shard
 
     root.mkdir(parents=True)
     for s in range(shards):
@@ -311,37 +311,40 @@ def test_resumed_shard_run_reaches_the_same_weights(tmp_path, workers):
 
 def test_shard_stream_reads_each_sample_once_and_restarts_midway(tmp_path):
     """Two ranks x two readers share 8 shards: every sample once an epoch, another shard order
-    the next epoch; a stream started at batch 3 gives the epoch's batches from 3 on, the same
-    augmented pixels included."""
+    the next epoch, batches that mix shards (the shuffle buffer); a stream started at batch 3
+    gives the epoch's batches from 3 on, the same augmented pixels included."""
     from torch.utils.data import DataLoader
 
     from qformer.config import ImageConfig
-    from qformer.data.datasets import TarShardDataset
+    from qformer.data.shards import TarShardDataset, expand_shards
     from qformer.train.batches import ShardStream
-    from qformer.train.build import TrainShards, shard_paths
+    from qformer.train.build import TrainShards
 
-    paths = shard_paths(caption_shards(tmp_path / "shards", shards=8, per_shard=3))
+    paths = expand_shards(caption_shards(tmp_path / "shards", shards=8, per_shard=3))
 
     def epoch(rank: int, number: int, start: int = 0) -> list:
-        shards = TrainShards(TarShardDataset(paths, rank=rank, world_size=2, shuffle_seed=5), ImageConfig(size=16), 0)
+        reader = TarShardDataset(paths, rank=rank, world_size=2, shuffle_seed=5, shuffle_buffer=4)
+        shards = TrainShards(reader, ImageConfig(size=16), 0)
         shards.set_epoch(number)
-        stream = ShardStream(shards, list, batch_size=2, readers=2)
+        stream = ShardStream(shards, lambda samples: {"samples": samples}, batch_size=2, readers=2, quota=None)
         stream.start = start
         return list(DataLoader(stream, batch_size=None, num_workers=2, collate_fn=lambda batch: batch))
 
     def texts(batches: list) -> list[str]:
-        return [s["text"] for batch in batches if batch is not None for s in batch]
+        return [s["text"] for batch in batches if batch is not None for s in batch["samples"]]
 
     first = [epoch(rank, 0) for rank in (0, 1)]
     seen = texts(first[0]) + texts(first[1])
     assert sorted(seen) == sorted(f"a picture number {n}" for n in range(24))
     assert sorted(texts(epoch(0, 1))) != sorted(texts(first[0]))
+    mixed = [b for b in first[0] + first[1] if b is not None and len({p.partition(":")[0] for p in b["places"]}) > 1]
+    assert mixed, "no batch mixes two shards"
     full = first[0]
     end = full.index(None)
     resumed = epoch(0, 0, start=3)
     assert resumed.index(None) == end - 3 and texts(resumed[: end - 3]) == texts(full[3:end])
     for later, earlier in zip(resumed[: end - 3], full[3:end]):
-        assert all(torch.equal(x["image"], y["image"]) for x, y in zip(later, earlier))
+        assert all(torch.equal(x["image"], y["image"]) for x, y in zip(later["samples"], earlier["samples"]))
 
 
 def test_shards_that_cannot_feed_every_reader_are_refused(tmp_path):

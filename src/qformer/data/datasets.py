@@ -1,11 +1,11 @@
-"""Training data for BLIP-2: captions (COCO JSON, JSONL, CSV), VQA, and webdataset-style tar
-shards read without the webdataset package.
+"""Training data for BLIP-2: captions (COCO JSON, JSONL, CSV), VQA and instructions, as map-style
+data sets (tar shards stream: :mod:`qformer.data.shards`).
 
 Images are decoded when a sample is read, so in DataLoader worker processes, then passed to
 the dataset's ``transform`` (None keeps the RGB PIL image, to augment later). A sample that
 cannot be read (missing file, corrupt or truncated image, not an image) is skipped: map-style
 datasets return None (their ``read`` returns the ``Skipped`` sentinel instead, naming the sample
-and why) and the tar dataset yields a ``Skipped``, which the collate counts (a worker's own
+and why) and the shard dataset yields a ``Skipped``, which the collate counts (a worker's own
 ``skipped`` counter never reaches the main process). With ``strict=True`` such a sample raises a
 ValueError naming it instead.
 """
@@ -13,14 +13,11 @@ ValueError naming it instead.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
-import random
-import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,7 +25,7 @@ from typing import Any
 
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +35,6 @@ from qformer.data.transforms import DecodeReduction, clean_caption, clean_questi
 ImageTransform = Callable[[Image.Image], Tensor]  # an RGB image -> (3, S, S); None keeps the image
 Sample = dict[str, Any]
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-_TAIL = 64 * 1024  # bytes at a shard's end searched for the end-of-archive zeros
 
 
 @dataclass(frozen=True)
@@ -360,243 +356,3 @@ class InstructionDataset(_ImageFolderDataset):
         if isinstance(image, Skipped):
             return image
         return {"image": image, "instruction": record.instruction, "text": record.answer, "image_id": index}
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """``dir/000001.seg.jpg`` -> (``dir/000001``, ``seg.jpg``): the key ends at the basename's first dot."""
-    folder, _, base = name.rpartition("/")
-    stem, _, extension = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), extension.lower()
-
-
-@dataclass
-class _ShardProgress:
-    """How far the reading of one tar shard got: the samples read whole, and the stream offset
-    where they end (where the unread rest begins)."""
-
-    samples: int = 0
-    end: int = 0
-
-    def read(self, end: int) -> None:
-        self.samples, self.end = self.samples + 1, end
-
-
-def _tar_groups(shard: Path, progress: _ShardProgress) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """The files of a tar, streamed and grouped by key: consecutive members sharing a key;
-    ``progress`` follows the groups read."""
-    key, group = "", {}
-    with tarfile.open(shard, mode="r|*") as tar:
-        for member in tar:
-            file = tar.extractfile(member) if member.isfile() else None
-            if file is None:
-                continue
-            member_key, extension = _split_name(member.name)
-            if member_key != key and group:
-                progress.read(member.offset)  # the group ends where this member's header starts
-                yield key, group
-                group = {}
-            key = member_key
-            group[extension] = file.read()
-        end = tar.offset  # where the archive ended
-    if group:
-        progress.read(end)
-        yield key, group
-
-
-def _stats_file(shard: Path) -> Path:
-    """Where img2dataset writes a shard's stats: ``NNNNN_stats.json`` beside ``NNNNN.tar``."""
-    return shard.parent / f"{shard.name.partition('.')[0]}_stats.json"
-
-
-def _expected_samples(shard: Path) -> int | None:
-    """The sample count (``successes``) of the shard's stats file, if it is there and readable."""
-    try:
-        stats = json.loads(_stats_file(shard).read_text())
-    except (OSError, ValueError):
-        return None
-    successes = stats.get("successes") if isinstance(stats, dict) else None
-    return successes if isinstance(successes, int) and not isinstance(successes, bool) else None
-
-
-def _unread_bytes(shard: Path, end: int) -> int | None:
-    """The bytes of an uncompressed tar (a "ustar" header first) past stream offset ``end``,
-    less the trailing zeros (the end-of-archive blocks and padding); None for a compressed
-    shard, whose file bytes do not measure the stream, or a missing one."""
-    try:
-        with shard.open("rb") as file:
-            plain = file.read(tarfile.BLOCKSIZE)[257:262] == b"ustar"
-            size = file.seek(0, io.SEEK_END)
-            file.seek(max(0, size - _TAIL))
-            tail = file.read()
-    except OSError:
-        return None
-    return size - (len(tail) - len(tail.rstrip(b"\0"))) - end if plain else None
-
-
-class _SampleSizes:
-    """Bytes per sample over the shards read so far, to estimate what a cut shard lost."""
-
-    def __init__(self) -> None:
-        self.samples, self.bytes = 0, 0
-
-    def lost(self, shard: Path, progress: _ShardProgress, error: Exception | None) -> tuple[int, str]:
-        """How many samples ``shard`` lost (0 when it was read whole) and why: exactly from its
-        stats file, else estimated from the bytes left unread (at least the sample being read
-        when the file ends inside it). Then counts its samples read."""
-        if progress.samples:
-            self.samples, self.bytes = self.samples + progress.samples, self.bytes + progress.end
-        expected = _expected_samples(shard)
-        unread = _unread_bytes(shard, progress.end)  # past the last whole sample
-        cut = error is not None or (unread or 0) > 0
-        why = f"cut short after {progress.samples} sample(s) ({error or 'the archive ends early'})"
-        if expected is not None and (cut or progress.samples < expected):
-            lost = max(1, expected - progress.samples)
-            return lost, f"{why}: {lost} of its {expected} samples lost (as its stats file says)"
-        if not cut:
-            return 0, ""
-        per_sample = self.bytes / self.samples if self.samples else 0
-        lost = round(unread / per_sample) if per_sample and unread else 0
-        if lost < 1:
-            return 1, f"{why}: at least 1 sample lost ({_stats_file(shard).name} beside it would give the count)"
-        return lost, f"{why}: about {lost} sample(s) lost ({unread:,} unread bytes at {per_sample:,.0f} a sample)"
-
-
-def _stable_id(image_id: Any) -> int:
-    """An int id: ints as they are, anything else hashed to 63 bits (the same in every process)."""
-    if isinstance(image_id, int) and not isinstance(image_id, bool):
-        return image_id
-    digest = hashlib.blake2b(str(image_id).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
-
-
-class TarShardDataset(_Skipping, IterableDataset):
-    """Image-caption pairs streamed from webdataset-style tar shards (``000001.jpg``,
-    ``000001.txt``, optional ``000001.json`` with an ``image_id``), as ``CaptionDataset``'s
-    samples. Shards are split across distributed ranks and then DataLoader workers: worker ``w``
-    of rank ``r`` reads every ``world_size * num_workers``-th shard from ``r * num_workers + w``.
-    ``image_id`` is the json's int id, or a stable hash of its string id or of the sample key.
-    An unreadable sample, or an unreadable rest of a shard (``Skipped`` counting the samples
-    lost: exactly from img2dataset's ``NNNNN_stats.json`` beside ``NNNNN.tar``, else estimated
-    from the bytes left unread; at least one for a compressed shard), yields ``Skipped``. With
-    ``shuffle_seed`` the shards are dealt out in a seeded order per ``epoch`` (set it before
-    iterating), so that readers see other shards each epoch and still no sample twice."""
-
-    def __init__(
-        self,
-        shards: Sequence[str | Path],
-        transform: ImageTransform | None = None,
-        caption_key: str = "txt",
-        image_keys: Sequence[str] = IMAGE_KEYS,
-        rank: int = 0,
-        world_size: int = 1,
-        strict: bool = False,
-        max_words: int = 50,
-        shuffle_seed: int | None = None,
-        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
-    ) -> None:
-        super().__init__(strict, max_image_pixels)
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.shards = [Path(shard) for shard in shards]
-        self.transform = transform
-        self.caption_key = caption_key
-        self.image_keys = tuple(image_keys)
-        self.rank = rank
-        self.world_size = world_size
-        self.max_words = max_words
-        self.shuffle_seed = shuffle_seed
-        self.epoch = 0
-
-    def local_shards(self, worker: int | None = None, num_workers: int = 1) -> list[Path]:
-        """The shards that reader ``worker`` of ``num_workers`` of this rank reads (by default
-        the current DataLoader worker), in this epoch's order."""
-        if worker is None:
-            info = get_worker_info()
-            worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        shards = list(self.shards)
-        if self.shuffle_seed is not None:
-            random.Random(self.shuffle_seed * 1_000_003 + self.epoch).shuffle(shards)
-        return shards[self.rank * num_workers + worker :: self.world_size * num_workers]
-
-    def keyed(
-        self, shards: Sequence[Path], skip: int = 0, reductions: Callable[[str], DecodeReduction] | None = None
-    ) -> Iterator[tuple[str, Sample | Skipped]]:
-        """``("shard file name:sample key", sample)`` for the samples of ``shards`` in order; the
-        unreadable rest of a shard (cut mid-member, a corrupt header) takes one place, as one
-        ``Skipped`` counting the samples it lost; the first ``skip`` places are passed over
-        undecoded. ``reductions`` gives each sample's ``reduction`` from that key."""
-        sizes = _SampleSizes()
-        for shard in shards:
-            progress, error = _ShardProgress(), None
-            try:
-                for key, group in _tar_groups(shard, progress):
-                    if skip:
-                        skip -= 1
-                        continue
-                    place = f"{shard.name}:{key}"
-                    reduction = None if reductions is None or self.transform is not None else reductions(place)
-                    yield place, self._sample(f"{shard}:{key}", key, group, reduction)
-            except (tarfile.TarError, OSError) as err:
-                error = err
-            lost, reason = sizes.lost(shard, progress, error)
-            if not lost:
-                continue
-            if skip:
-                skip -= 1
-                continue
-            yield shard.name, self._skip(str(shard), reason, lost)
-
-    def __iter__(self) -> Iterator[Sample | Skipped]:
-        for _, sample in self.keyed(self.local_shards()):
-            yield sample
-
-    def _sample(self, name: str, key: str, group: dict[str, bytes], reduction: DecodeReduction | None = None
-                ) -> Sample | Skipped:
-        image_key = next((k for k in self.image_keys if k in group), None)
-        if image_key is None or self.caption_key not in group:
-            return self._skip(name, f"needs one of {self.image_keys} and {self.caption_key!r}, has {sorted(group)}")
-        try:
-            caption = group[self.caption_key].decode("utf-8")
-            if not caption.strip():
-                raise ValueError("caption of whitespace only")
-            meta = json.loads(group["json"]) if "json" in group else {}
-            image = load_image(io.BytesIO(group[image_key]), self.max_image_pixels, reduction)
-        except ValueError as err:  # also UnicodeDecodeError and JSONDecodeError
-            return self._skip(name, err)
-        image_id = meta.get("image_id", key) if isinstance(meta, dict) else key
-        text = clean_caption(caption, self.max_words)
-        if self.transform is not None:
-            image = self.transform(image)
-        return {"image": image, "text": text, "image_id": _stable_id(image_id)}
-
-
-def _encode(extension: str, value: Any) -> bytes:
-    """A member's bytes: bytes as they are, str as UTF-8, a PIL image in the extension's format,
-    anything else as JSON."""
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    if isinstance(value, Image.Image):
-        buffer = io.BytesIO()
-        value.save(buffer, format=Image.registered_extensions()[f".{extension}"])
-        return buffer.getvalue()
-    return json.dumps(value).encode("utf-8")
-
-
-def write_tar_shard(path: str | Path, samples: Iterable[dict[str, Any]]) -> Path:
-    """Write samples like ``{"__key__": "000001", "jpg": PIL image or bytes, "txt": str,
-    "json": dict}`` to a tar shard, one member per ``key.extension``."""
-    path = Path(path)
-    with tarfile.open(path, "w") as tar:
-        for sample in samples:
-            if "__key__" not in sample:
-                raise ValueError(f"sample without '__key__': has {sorted(sample)}")
-            for extension, value in sample.items():
-                if extension == "__key__":
-                    continue
-                data = _encode(extension, value)
-                info = tarfile.TarInfo(f"{sample['__key__']}.{extension}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path

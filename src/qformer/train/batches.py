@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from qformer.train.build import Job, TrainShards
+from qformer.data.shards import ShardEnd
+from qformer.train.build import Consumed, Job, TrainShards
 from qformer.train.config import TrainConfig
 from qformer.train.distributed import Runtime
 from qformer.train.sampler import GlobalBatchSampler
@@ -98,8 +99,13 @@ class _Position:
     batch_in_epoch: int
     _iterator: Iterator | None
 
-    def seek(self, epoch: int, batch_in_epoch: int) -> None:
+    def seek(self, epoch: int, batch_in_epoch: int, data: dict | None = None) -> None:
+        """Start at batch ``batch_in_epoch`` of epoch ``epoch``; ``data``: what :meth:`state` saved."""
         self.epoch, self.batch_in_epoch, self._iterator = epoch, batch_in_epoch, None
+
+    def state(self) -> dict:
+        """What a resume needs besides the position (every rank calls it together)."""
+        return {}
 
     def close(self) -> None:
         """End the DataLoader's workers now: they ignore the stop signals and are never
@@ -146,26 +152,37 @@ class Batches(_Position):
 
 class ShardStream(IterableDataset):
     """One rank's batches of an epoch of shards. Each reader (DataLoader worker) collates full
-    batches of its own samples and ends with None. The DataLoader takes batches from its
-    workers in turn, so batch ``k`` of the epoch is reader ``k % readers``'s; a stream that
-    starts at batch ``start`` gives worker ``w`` the role of reader ``(w + start) % readers``,
-    which passes over its samples of the batches before ``start`` undecoded: the same batches
-    as the epoch read from its beginning."""
+    batches of its own samples, each with the places it took (``places``) and the sizes of the
+    shards it finished reading (``shard_ends``), and ends with None. The DataLoader takes
+    batches from its workers in turn, so batch ``k`` of the epoch is reader ``k % readers``'s;
+    a stream that starts at batch ``start`` gives worker ``w`` the role of reader
+    ``(w + start) % readers``, which passes over its samples of the batches before ``start``
+    undecoded: the same batches as the epoch read from its beginning. With ``consumed`` (a
+    resume with another number of readers) the readers leave out what it names instead.
+    Resampled, each reader stops after ``quota`` batches."""
 
-    def __init__(self, shards: TrainShards, collate: Callable[[list], dict], batch_size: int, readers: int) -> None:
-        self.shards, self.collate, self.batch_size, self.readers = shards, collate, batch_size, readers
-        self.start = 0
+    def __init__(self, shards: TrainShards, collate: Callable[[list], dict], batch_size: int, readers: int,
+                 quota: int | None) -> None:
+        self.shards, self.collate, self.batch_size, self.readers, self.quota = shards, collate, batch_size, readers, quota
+        self.start, self.consumed = 0, None
 
     def __iter__(self) -> Iterator[dict | None]:
         info = get_worker_info()
         reader = ((0 if info is None else info.id) + self.start) % self.readers
         done = len(range(reader, self.start, self.readers))  # this reader's batches before start
-        batch: list = []
-        for sample in self.shards.samples(reader, self.readers, skip=done * self.batch_size):
+        batch, places, ends, made = [], [], {}, done
+        samples = self.shards.samples(reader, self.readers, skip=done * self.batch_size, consumed=self.consumed)
+        for place, sample in samples:
+            if isinstance(sample, ShardEnd):
+                ends[sample.name] = sample.places
+                continue
+            if self.quota is not None and made >= self.quota:
+                break
             batch.append(sample)
+            places.append(place)
             if len(batch) == self.batch_size:
-                yield self.collate(batch)
-                batch = []
+                yield {**self.collate(batch), "places": places, "shard_ends": ends}
+                batch, places, ends, made = [], [], {}, made + 1
         yield None  # this reader is out of samples: the epoch ends here
 
 
@@ -174,43 +191,105 @@ def _as_is(batch: dict | None) -> dict | None:
     return batch
 
 
+class _Taken:
+    """The places an epoch's batches took on this rank, and the shards taken whole."""
+
+    def __init__(self) -> None:
+        self.places: dict[str, set[str]] = {}  # shard name -> its places taken
+        self.sizes: dict[str, int] = {}  # shard name -> its places, once read whole
+        self.done: set[str] = set()
+
+    def add(self, batch: dict, record: bool = True) -> None:
+        """Take ``batch``'s places and shard sizes off it, and note them where ``record``."""
+        ends, places = batch.pop("shard_ends"), batch.pop("places")
+        if not record:
+            return
+        self.sizes.update(ends)
+        for place in places:
+            self.places.setdefault(place.partition(":")[0], set()).add(place)
+        for name in [n for n, taken in self.places.items() if len(taken) == self.sizes.get(n, -1)]:
+            self.done.add(name)
+            del self.places[name]
+
+    def state(self) -> dict:
+        return {"done": sorted(self.done), "places": sorted(p for taken in self.places.values() for p in taken)}
+
+
 class ShardBatches(_Position):
-    """Endless batches of tar shards over epochs, from a resumable position: ``seek(epoch, b)``
-    starts epoch ``epoch`` (its shard order) at its batch ``b``, every rank at the same place,
-    passing over the first ``b`` batches without decoding them; with the same shards, world
-    size and ``data.num_workers``, a resumed run sees exactly the batches of one never stopped."""
+    """Endless batches of tar shards over epochs, from a resumable position: ``seek(epoch, b,
+    data)`` starts epoch ``epoch`` at its batch ``b``, every rank at the same place. With the
+    shards, world size and ``data.num_workers`` of the run that saved it, the first ``b``
+    batches are passed over undecoded and the resumed run sees exactly the batches of one never
+    stopped. With another ``data.num_workers``, the epoch goes on without what ``data`` says it
+    took (the shards read whole, the places of the others, over every rank): no sample is taken
+    twice or left out of the epoch, in another order. Resampled, a resume draws anew."""
 
     def __init__(self, job: Job, config: TrainConfig, runtime: Runtime) -> None:
         shards: TrainShards = job.dataset
         readers = max(1, config.data.num_workers)
         count = len(shards.reader.shards)
-        if count < runtime.world_size * readers:
+        if count < runtime.world_size * readers and not config.data.resampled:
             raise ValueError(
                 f"{count} tar shards for {runtime.world_size} ranks x {readers} readers (data.num_workers, at least 1): "
                 "each reader needs a shard of its own; use more shards or fewer workers"
             )
-        self.shards, self.runtime, self.batch_size = shards, runtime, config.data.batch_size
-        self.stream = ShardStream(shards, job.collate, config.data.batch_size, readers)
+        quota = None
+        if config.data.resampled:
+            quota = config.data.epoch_samples // (runtime.world_size * readers * config.data.batch_size)
+            if quota < 1:
+                raise ValueError(f"data.epoch_samples {config.data.epoch_samples} is less than a batch for each of the "
+                                 f"{runtime.world_size * readers} readers")
+        self.shards, self.runtime, self.batch_size, self.readers = shards, runtime, config.data.batch_size, readers
+        self.stream = ShardStream(shards, job.collate, config.data.batch_size, readers, quota)
+        workers = config.data.num_workers
         self.loader = DataLoader(
             self.stream,
             batch_size=None,
             collate_fn=_as_is,
-            num_workers=config.data.num_workers,
-            persistent_workers=False,
+            num_workers=workers,
+            persistent_workers=False,  # each epoch's readers start with that epoch's shard order
+            prefetch_factor=config.data.prefetch_factor if workers else None,
+            pin_memory=runtime.device.type == "cuda",
             generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
             worker_init_fn=ignore_stop_signals,
         )
         self.epoch, self.batch_in_epoch = 0, 0
         self._iterator: Iterator | None = None
+        self.taken = _Taken()
         self.unreadable = _Unreadable(config.data.max_unreadable, runtime)
+
+    def seek(self, epoch: int, batch_in_epoch: int, data: dict | None = None) -> None:
+        super().seek(epoch, batch_in_epoch)
+        self.stream.consumed = None
+        replay = not data or (data["exact"] and data["readers"] == self.readers)
+        if not replay and not self.shards.reader.resampled:
+            self.stream.consumed = Consumed(frozenset(data["done"]), frozenset(data["places"]))
+        self.taken = _Taken()
+        if self.stream.consumed is not None:  # what the earlier run took stays taken
+            self.taken.done.update(data["done"])
+            for place in data["places"]:
+                self.taken.places.setdefault(place.partition(":")[0], set()).add(place)
+
+    def state(self) -> dict:
+        """What this epoch took so far over every rank (a collective), and the readers."""
+        mine = self.taken.state()
+        parts = [mine]
+        if self.runtime.world_size > 1:
+            parts = [None] * self.runtime.world_size
+            dist.all_gather_object(parts, mine)
+        return {"readers": self.readers, "exact": self.stream.consumed is None,
+                "done": sorted({n for p in parts for n in p["done"]}),
+                "places": sorted({x for p in parts for x in p["places"]})}
 
     def __next__(self) -> dict:
         while True:
             if self._iterator is None:
                 self.shards.set_epoch(self.epoch)
-                self.stream.start = self.batch_in_epoch
+                self.stream.start = 0 if self.stream.consumed is not None else self.batch_in_epoch
                 self._iterator = iter(self.loader)
             batch = next(self._iterator)
+            if batch is not None:
+                self.taken.add(batch, record=not self.shards.reader.resampled)
             # every rank asks at every batch whether some rank's reader ran out
             done, empty = self.unreadable.agree(batch, collective=self.runtime.world_size > 1)
             if not done:
@@ -225,6 +304,7 @@ class ShardBatches(_Position):
                     f"{self.batch_size} samples; use more samples per shard or fewer data.num_workers"
                 )
             self.epoch, self.batch_in_epoch, self._iterator = self.epoch + 1, 0, None
+            self.stream.consumed, self.taken = None, _Taken()
 
 
 def data_batches(job: Job, config: TrainConfig, runtime: Runtime) -> Batches | ShardBatches:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import glob
 import logging
 import random
 import re
@@ -18,7 +17,8 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from qformer.config import ImageConfig
-from qformer.data.datasets import Skipped, TarShardDataset, skipped_count
+from qformer.data.datasets import Skipped, skipped_count
+from qformer.data.shards import ShardEnd, TarShardDataset, expand_shards
 from qformer.data.transforms import DecodeReduction, crop_reduction, eval_image, train_transform
 from qformer.train.config import DataSpec, ModelSpec, TrainConfig
 from qformer.train.distributed import Runtime
@@ -114,10 +114,10 @@ def _read(data: Dataset, index: int, reduction: DecodeReduction | None = None) -
 
 
 class TrainShards:
-    """Tar-shard samples (:class:`~qformer.data.datasets.TarShardDataset`) augmented as
-    :class:`TrainImages`, seeded by the epoch and the sample's shard file name and key: the same
-    augmentation whichever reader decodes it, and after a resume. ``set_epoch`` also deals the
-    shards out in that epoch's order. ``draft`` as :class:`TrainImages`'s."""
+    """Tar-shard samples (:class:`~qformer.data.shards.TarShardDataset`) augmented as
+    :class:`TrainImages`, seeded by the epoch and the sample's place (shard file name and key):
+    the same augmentation whichever reader decodes it, and after a resume. ``set_epoch`` also
+    deals the shards out in that epoch's order. ``draft`` as :class:`TrainImages`'s."""
 
     def __init__(
         self, reader: TarShardDataset, image: ImageConfig, seed: int, augment: bool = True, draft: bool = True
@@ -128,20 +128,34 @@ class TrainShards:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = self.reader.epoch = epoch
 
-    def samples(self, worker: int, num_workers: int, skip: int = 0) -> Iterator[dict | Skipped]:
-        """This rank's reader ``worker`` of ``num_workers``: its samples of the epoch, the first
-        ``skip`` passed over undecoded."""
+    def samples(self, worker: int, num_workers: int, skip: int = 0, consumed: Consumed | None = None
+                ) -> Iterator[tuple[str, dict | Skipped | ShardEnd]]:
+        """This rank's reader ``worker`` of ``num_workers``: (place, sample) for its samples of
+        the epoch, the first ``skip`` passed over undecoded, and what ``consumed`` names (the
+        shards and places an earlier run took this epoch) left out; a ShardEnd after each shard."""
         def rng(key: str) -> random.Random:
             return random.Random(f"{self.seed}:{self.epoch}:{key}")
 
         def reduction(key: str) -> DecodeReduction | None:
             return draft_reduction(self.image, rng(key), self.augment, self.draft)
 
-        for key, sample in self.reader.keyed(self.reader.local_shards(worker, num_workers), skip, reduction):
-            if isinstance(sample, Skipped):
-                yield sample  # counted by the collate
+        done, exclude = (frozenset(), frozenset()) if consumed is None else (consumed.done, consumed.places)
+        reader = self.reader.rank * num_workers + worker
+        shards = self.reader.local_shards(worker, num_workers, done)
+        for place, sample in self.reader.keyed(shards, skip, reduction, reader, exclude):
+            if isinstance(sample, dict):
+                yield place, train_sample(sample, self.image, rng(place), self.augment, "image_id")
             else:
-                yield train_sample(sample, self.image, rng(key), self.augment, "image_id")
+                yield place, sample  # Skipped (counted by the collate) or ShardEnd
+
+
+@dataclass(frozen=True)
+class Consumed:
+    """What an epoch took so far, over every rank: the shards taken whole (``done``, by file
+    name) and the places taken of the others."""
+
+    done: frozenset[str] = frozenset()
+    places: frozenset[str] = frozenset()
 
 
 class RefillSkipped:
@@ -274,26 +288,20 @@ class VQAPairs(Dataset):
                 "image_id": index}
 
 
-def shard_paths(pattern: str) -> list[Path]:
-    """The tar shards matching a glob, sorted; none is an error."""
-    paths = sorted(Path(p) for p in glob.glob(pattern))
-    if not paths:
-        raise ValueError(f"no tar shard matches {pattern!r}")
-    return paths
-
-
 def shard_sets(data: DataSpec, seed: int, runtime: Runtime) -> tuple[TarShardDataset, dict[str, Any]]:
-    """This rank's share of the training shards (a seeded shard order per epoch); held out,
-    shards (``.tar``, read whole into memory) or a caption file."""
+    """This rank's share of the training shards (a seeded shard order per epoch, or resampled);
+    held out, shards (``.tar``, read whole into memory) or a caption file."""
     from qformer.data.datasets import CaptionDataset, read_captions
 
     limit = data.max_image_pixels
-    train = TarShardDataset(shard_paths(data.path), rank=runtime.rank, world_size=runtime.world_size,
-                            strict=data.strict, shuffle_seed=seed, max_image_pixels=limit)
+    train = TarShardDataset(expand_shards(data.path), rank=runtime.rank, world_size=runtime.world_size,
+                            caption_key=data.caption_key, strict=data.strict, shuffle_seed=seed,
+                            max_image_pixels=limit, shuffle_buffer=data.shuffle_buffer, resampled=data.resampled)
     if not data.eval_path:
         return train, {}
     if data.eval_path.endswith(".tar"):
-        held_out = TarShardDataset(shard_paths(data.eval_path), strict=data.strict, max_image_pixels=limit)
+        held_out = TarShardDataset(expand_shards(data.eval_path), caption_key=data.caption_key, strict=data.strict,
+                                   max_image_pixels=limit)
         return train, {"eval": [s for s in held_out if not isinstance(s, Skipped)]}
     return train, {"eval": CaptionDataset(read_captions(data.eval_path), data.image_root, strict=data.strict,
                                           max_image_pixels=limit)}

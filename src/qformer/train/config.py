@@ -115,10 +115,15 @@ class DataSpec(ConfigBase):
       LLM reads ``vqa_prompt`` with the question in place of ``{}`` and learns the most frequent
       of the question's answers (the first seen on a tie), the loss on the answer only;
       ``eval_path`` (the same format) reports VQAv2 accuracy of generated answers;
-    - "shards": webdataset-style tar shards of captioned images matching ``path`` (a glob,
-      e.g. ``data/train-*.tar``), streamed; there must be at least as many shards as ranks x
-      ``num_workers`` (each reads its own). ``eval_path`` is a glob of shards (read into memory:
-      keep it small) or a caption file.
+    - "shards": tar shards in the webdataset layout (img2dataset's), streamed
+      (:mod:`qformer.data.shards`): ``path`` is a brace pattern (``data/{00000..00999}.tar``),
+      a glob, ``::``-joined parts, ``pipe:COMMAND`` or URLs (``https://``, ``s3://``, ...).
+      Each epoch deals the shards out to ranks x ``num_workers`` readers in a seeded order
+      (at least as many shards as readers); ``shuffle_buffer`` samples are shuffled across the
+      shards a reader has open; ``resampled`` draws shards with replacement instead, an epoch
+      being ``epoch_samples`` samples over all ranks. ``caption_key``: the caption's member
+      (``txt``) or ``json:FIELD`` (a list there, as CapFilt writes: one drawn per epoch).
+      ``eval_path`` is shards (read into memory: keep it small) or a caption file.
 
     ``eval_path`` is optional everywhere (scenes have held-out drawings of their own).
     Instead of ``path``, "instructions" takes ``sets``: several instruction data sets
@@ -160,6 +165,11 @@ class DataSpec(ConfigBase):
     photographs: int = 0
     vqa_prompt: str = "Question: {} Answer:"
     sets: list[InstructionSet] | None = None
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+    epoch_samples: int | None = None
+    caption_key: str = "txt"
+    prefetch_factor: int = 4
 
     def __post_init__(self) -> None:
         sources = ("scenes", "captions", "instructions", "vqa", "shards")
@@ -178,6 +188,15 @@ class DataSpec(ConfigBase):
             _at_least("data.max_image_pixels", self.max_image_pixels, 1)
         if not 0 <= self.max_unreadable <= 1:
             raise ValueError(f"data.max_unreadable must be a fraction from 0 to 1, got {self.max_unreadable}")
+        _at_least("data.shuffle_buffer", self.shuffle_buffer, 0)
+        _at_least("data.prefetch_factor", self.prefetch_factor, 1)
+        if self.resampled and (self.source != "shards" or not self.epoch_samples):
+            raise ValueError("data.resampled draws tar shards with replacement: it needs data.source shards and "
+                             "data.epoch_samples (the samples of an epoch, over all ranks)")
+        if self.epoch_samples is not None and not self.resampled:
+            raise ValueError("data.epoch_samples sets a resampled epoch's length: it needs data.resampled: true")
+        if self.epoch_samples is not None:
+            _at_least("data.epoch_samples", self.epoch_samples, 1)
 
     def _check_sets(self) -> None:
         """``sets`` as :class:`InstructionSet` values, each checked, or one line naming the key."""
@@ -349,7 +368,7 @@ def dump_yaml(config: ConfigBase) -> str:
 SAFE_ON_RESUME = frozenset({
     "steps", "log_every", "save_every", "eval_every", "keep_last", "tensorboard", "device", "parallel",
     "activation_checkpointing", "model.vit_grad_checkpoint", "output_dir", "data.num_workers", "data.eval_batch_size",
-    "data.max_unreadable", "optim.max_bad_steps",
+    "data.max_unreadable", "data.prefetch_factor", "optim.max_bad_steps",
 })
 
 
@@ -371,8 +390,7 @@ def resume_changes(run: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, A
     old, now = _flat(dataclasses.asdict(run)), _flat(dataclasses.asdict(new))
     changes = {key: (old.get(key), now.get(key)) for key in sorted(old.keys() | now.keys())
                if old.get(key) != now.get(key) and key != "output_dir"}
-    safe = SAFE_ON_RESUME - ({"data.num_workers"} if run.data.source == "shards" else set())
-    refused = [f"{key} {a!r} -> {b!r}" for key, (a, b) in changes.items() if key not in safe]
+    refused = [f"{key} {a!r} -> {b!r}" for key, (a, b) in changes.items() if key not in SAFE_ON_RESUME]
     if refused:
         raise ValueError(
             f"cannot resume with {', '.join(refused)}: that changes the run's model, data or optimisation "

@@ -219,7 +219,7 @@ def _train(
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step, skipped, bad_steps = state["step"], state.get("skipped", 0), state.get("bad_steps", 0)
-        batches.seek(state["epoch"], state["batch_in_epoch"])
+        batches.seek(state["epoch"], state["batch_in_epoch"], state.get("data"))
         if runtime.is_main:
             logger.info("resumed from %s at step %d", checkpoint, step)
             _truncate_metrics(metrics_file, step)
@@ -284,6 +284,7 @@ def _train(
                 "step": step,
                 "epoch": batches.epoch,
                 "batch_in_epoch": batches.batch_in_epoch,
+                "data": batches.state(),
                 "skipped": skipped,
                 "bad_steps": guard.bad_steps,
             }
