@@ -13,7 +13,7 @@ from test_train import caption_shards, tiny
 
 from qformer.config import ImageConfig
 from qformer.data.datasets import Skipped
-from qformer.data.shards import ShardEnd, TarShardDataset, expand_shards, write_tar_shard
+from qformer.data.shards import ShardEnd, TarShardDataset, expand_shards, shard_name, write_tar_shard
 from qformer.train.batches import ShardBatches
 from qformer.train.build import RefillSkipped, TrainShards
 from qformer.train.distributed import Runtime
@@ -124,3 +124,16 @@ def test_a_run_resumes_with_other_readers(tmp_path: Path) -> None:
         shutil.rmtree(run / name)
     result = train(tiny(run, *args, "--data.num_workers", "0"), resume=True)
     assert result["step"] == 4 and not load_plain(run / "step_0000004" / "trainer.pt")["data"]["exact"]
+
+
+def test_shard_names_from_patterns(tmp_path: Path) -> None:
+    for i in range(3):
+        write_tar_shard(tmp_path / f"{i:05d}.tar", [{"__key__": "k", "png": picture(i), "txt": "x"}])
+    assert expand_shards(f"{tmp_path}/{{00000..00001}}.tar::{tmp_path}/0000[2].tar") == [
+        f"{tmp_path}/00000.tar", f"{tmp_path}/00001.tar", f"{tmp_path}/00002.tar"]
+    urls = expand_shards("pipe:aws s3 cp s3://bucket/cc12m/{0000..0002}.tar -::https://host/a/b.tar?sig=1")
+    assert [shard_name(u) for u in urls] == ["0000.tar", "0001.tar", "0002.tar", "b.tar"]
+    with pytest.raises(ValueError, match=r"shard file names must be unique.*00000.tar"):
+        expand_shards(f"{tmp_path}/00000.tar::{tmp_path}/../{tmp_path.name}/00000.tar")
+    with pytest.raises(ValueError, match="no tar shard matches"):
+        expand_shards(f"{tmp_path}/nothing-*.tar")

@@ -71,10 +71,13 @@ def expand_shards(pattern: str | Sequence[str | Path]) -> list[str]:
 
 
 def shard_name(shard: str | Path) -> str:
-    """The shard's file name (``00012.tar``), which keys its samples."""
+    """The shard's file name (``00012.tar``), which keys its samples; of a ``pipe:`` command,
+    that of its last word naming a tar (else its last word)."""
     text = str(shard)
-    return text.rstrip("/").rsplit("/", 1)[-1].split(" ")[-1] if text.startswith("pipe:") else Path(
-        text.split("?", 1)[0]).name
+    if text.startswith("pipe:"):
+        words = text.removeprefix("pipe:").split()
+        text = next((w for w in reversed(words) if ".tar" in w), words[-1] if words else text)
+    return Path(text.split("?", 1)[0]).name
 
 
 def open_shard(shard: str | Path) -> IO[bytes]:
