@@ -195,11 +195,15 @@ def test_a_rerun_is_refused_unless_overwrite_which_replaces_the_old_shards(data_
     (["{data}/images/dog.jpg", "{out}"], "unknown caption file type '.jpg'"),
     (["{data}/captions.json", "{out}", "--image-root", "{data}/nowhere"], "nowhere is not a folder"),
     (["{data}/captions.json", "{data}/images/dog.jpg"], "dog.jpg is a file, not a folder"),
+    (["{data}/captions.json", "{out}", "--image-root", "{data}"], "none of the first 9 image(s) is under"),
+    (["{tmp}/empty.jsonl", "{out}"], "empty.jsonl: no captions in it"),
 ])
 def test_mistakes_are_one_line(data_set, arguments, message, tmp_path, capsys):
-    arguments = [a.format(data=data_set, out=tmp_path / "out") for a in arguments]
+    (tmp_path / "empty.jsonl").write_text("\n")
+    arguments = [a.format(data=data_set, out=tmp_path / "out", tmp=tmp_path) for a in arguments]
     with pytest.raises(SystemExit) as stop:
         main(["shards", *arguments])
     error = capsys.readouterr().err
     assert stop.value.code == 1 and error.count("\n") == 1 and error.startswith("qformer shards: ")
     assert message in error, error
+    assert not (tmp_path / "out").exists()  # nothing made

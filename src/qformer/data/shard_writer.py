@@ -23,9 +23,9 @@ import json
 import logging
 import os
 import re
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -239,15 +239,21 @@ def parquet_available() -> bool:
     return importlib.util.find_spec("pyarrow") is not None
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """Make ``out``; one that holds files already is refused unless ``overwrite``, which then
-    removes what an earlier run wrote there (shards, stats, parquet, manifest; other files stay)."""
+def check_out(out: Path, overwrite: bool) -> list[Path]:
+    """``out``'s entries; one that holds files already is refused unless ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} is a file, not a folder for the shards")
     entries = sorted(out.iterdir()) if out.is_dir() else []
     if entries and not overwrite:
         raise FileExistsError(f"{out} holds files already ({len(entries)}, e.g. {entries[0].name}): "
                               "choose an empty folder or pass --overwrite")
+    return entries
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Make ``out`` (see :func:`check_out`); with ``overwrite``, remove what an earlier run
+    wrote there (shards, stats, parquet, manifest first; other files stay)."""
+    entries = check_out(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / MANIFEST_NAME
     if manifest.exists():
@@ -266,6 +272,15 @@ def _check_options(samples_per_shard: int, workers: int, jpeg_quality: int, max_
         raise ValueError(f"--jpeg-quality must be within 1-100, got {jpeg_quality}")
     if max_image_pixels is not None and max_image_pixels < 1:
         raise ValueError(f"--max-image-pixels must be at least 1 (or none), got {max_image_pixels}")
+
+
+def _check_root(images: Sequence[ImageEntry], root: Path, first: int = 100) -> None:
+    """Fail at once when none of the first images is a file under ``root`` (a wrong
+    ``--image-root`` would otherwise give shards of nothing, every image skipped)."""
+    looked = images[:first]
+    if not any((root / entry.path).is_file() for entry in looked):
+        raise FileNotFoundError(f"none of the first {len(looked)} image(s) is under --image-root {root} "
+                                f"(e.g. {root / looked[0].path}): is it the folder the file's paths start from?")
 
 
 def write_shards(
@@ -290,10 +305,12 @@ def write_shards(
     root = source.parent if image_root is None else Path(image_root)
     if not root.is_dir():
         raise NotADirectoryError(f"--image-root {root} is not a folder")
-    prepare_out(out, overwrite)  # before the file is read: a refusal comes at once
+    check_out(out, overwrite)  # before the file is read: a refusal comes at once
     images = group_by_image(read_captions(source))
     if not images:
         raise ValueError(f"{source}: no captions in it")
+    _check_root(images, root)
+    prepare_out(out, overwrite)  # nothing is made or removed before every check has passed
     chunks = [images[start:start + samples_per_shard] for start in range(0, len(images), samples_per_shard)]
     options = ShardOptions(out, root, keep_bytes, jpeg_quality, max_image_pixels,
                            max(SHARD_DIGITS, len(str(len(chunks) - 1))), len(str(samples_per_shard - 1)),
@@ -306,6 +323,19 @@ def write_shards(
     return summary
 
 
+def _in_order(pool: ProcessPoolExecutor, chunks: list[list[ImageEntry]], options: ShardOptions,
+              window: int) -> Iterator[ShardResult]:
+    """The shards' results in shard order, at most ``window`` shards handed to the pool at a
+    time (``pool.map`` would pickle every shard's share of the file at once)."""
+    pending: deque[Future[ShardResult]] = deque()
+    for index, chunk in enumerate(chunks):
+        pending.append(pool.submit(write_shard, index, chunk, options))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def _run(chunks: list[list[ImageEntry]], options: ShardOptions, workers: int) -> list[ShardResult]:
     """Every shard written, in shard order, by ``workers`` processes (in this one for one)."""
     from tqdm import tqdm
@@ -313,7 +343,9 @@ def _run(chunks: list[list[ImageEntry]], options: ShardOptions, workers: int) ->
     results = []
     with tqdm(total=len(chunks), unit="shard", disable=None) as progress, \
             (ProcessPoolExecutor(max_workers=workers) if workers > 1 else nullcontext()) as pool:
-        for result in (map if pool is None else pool.map)(write_shard, range(len(chunks)), chunks, repeat(options)):
+        done = (map(write_shard, range(len(chunks)), chunks, repeat(options)) if pool is None
+                else _in_order(pool, chunks, options, 2 * workers))
+        for result in done:
             results.append(result)
             progress.update()
     return results
