@@ -178,13 +178,14 @@ def test_a_rerun_is_refused_unless_overwrite_which_replaces_the_old_shards(data_
     out = tmp_path / "out"
     shards(data_set / "captions.jsonl", out, "--samples-per-shard", "1", "--workers", "1")
     (out / "notes.txt").write_text("mine")
+    (out / ".00003.tar.x1y2.tmp").write_bytes(b"left by a crash")
     with pytest.raises(SystemExit) as stop:
         shards(data_set / "captions.jsonl", out, "--workers", "1")
     error = capsys.readouterr().err
     assert stop.value.code == 1 and error.count("\n") == 1 and "holds files already" in error and "--overwrite" in error
     shards(data_set / "captions.jsonl", out, "--workers", "1", "--overwrite")
     assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar"]  # the nine of the first run are gone
-    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "notes.txt").read_text() == "mine" and not (out / ".00003.tar.x1y2.tmp").exists()
     assert json.loads((out / "manifest.json").read_text())["shards"][0]["count"] == 9
 
 

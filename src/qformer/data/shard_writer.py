@@ -48,7 +48,7 @@ KEPT_FORMATS = {"PNG": "png", "WEBP": "webp"}  # kept as they are with keep_byte
 JPEG_QUALITY = 95
 SUCCESS, FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE = "success", "failed_to_download", "failed_to_resize"
 # what a rerun with overwrite removes: the files this module writes, and temporary files left by a crash
-_WRITTEN = re.compile(r"^(\d+(\.tar|_stats\.json|\.parquet)|manifest\.json|\.(\d+(\.tar|_stats\.json|\.parquet)"
+_WRITTEN = re.compile(r"^(\d{5,}(\.tar|_stats\.json|\.parquet)|manifest\.json|\.(\d{5,}(\.tar|_stats\.json|\.parquet)"
                       r"|manifest\.json)\..*\.tmp)$")
 
 
