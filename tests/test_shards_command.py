@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hostile_data import image_bytes, rotated_jpeg, truncated_jpeg
 from PIL import Image
 
+from hostile_data import image_bytes, rotated_jpeg, truncated_jpeg
 from qformer.cli import main
-from qformer.data.datasets import Skipped, TarShardDataset
-from qformer.data.shard_writer import parquet_available
+from qformer.data import shard_writer
+from qformer.data.datasets import Skipped
+from qformer.data.shards import TarShardDataset
 from qformer.data.transforms import clean_caption
 
 # image file -> its captions, in the order the files give them; None: bytes of no image / no file
@@ -75,7 +76,8 @@ def data_set(tmp_path_factory) -> Path:
     with (root / "captions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "caption", "image_id"])
-        writer.writerows([name, caption, IMAGE_IDS[name]] for name, captions in CAPTIONS.items() for caption in captions)
+        writer.writerows([name, caption, IMAGE_IDS[name]]
+                         for name, captions in CAPTIONS.items() for caption in captions)
     return root
 
 
@@ -131,8 +133,8 @@ def test_every_readable_image_once_with_all_its_captions(data_set, file, tmp_pat
         assert stats["successes"] + stats["failed_to_download"] + stats["failed_to_resize"] == stats["count"]
         assert sum(stats["status_dict"].values()) == stats["count"]
     assert "\n" not in line and "6 sample(s)" in line and "3 skipped (1 failed_to_download, 2 failed_to_resize)" in line
-    assert ("parquet tables skipped" in line) == (not parquet_available())
-    assert (out / "00000.parquet").exists() == parquet_available()
+    assert ("parquet tables skipped" in line) == (not shard_writer.parquet_available())
+    assert (out / "00000.parquet").exists() == shard_writer.parquet_available()
 
 
 def test_the_shards_read_back_with_the_training_reader(data_set, tmp_path):
@@ -144,6 +146,19 @@ def test_the_shards_read_back_with_the_training_reader(data_set, tmp_path):
     assert sorted(sample["image_id"] for sample in samples) == sorted(IMAGE_IDS[name] for name in READABLE)
     sideways = next(s for s in samples if s["image_id"] == IMAGE_IDS["sideways.jpg"])
     assert sideways["image"].size == (20, 40)  # the kept JPEG's EXIF orientation still applies
+
+
+def test_the_training_reader_draws_one_of_all_the_captions_an_epoch(data_set, tmp_path):
+    shards(data_set / "captions.jsonl", tmp_path / "out", "--workers", "1")
+    dataset = TarShardDataset(sorted((tmp_path / "out").glob("*.tar")), caption_key="json:captions", shuffle_seed=0)
+    drawn: dict[int, set[str]] = {}
+    for epoch in range(8):
+        dataset.epoch = epoch
+        for sample in dataset:
+            drawn.setdefault(sample["image_id"], set()).add(sample["text"])
+    for name in READABLE:
+        assert drawn[IMAGE_IDS[name]] <= {clean_caption(caption) for caption in CAPTIONS[name]}
+    assert len(drawn[IMAGE_IDS["dog.jpg"]]) > 1  # not always the first
 
 
 def test_two_workers_write_the_same_bytes_as_one(data_set, tmp_path):
@@ -162,7 +177,7 @@ def test_keep_bytes_keeps_a_png_as_it_is(data_set, tmp_path):
     assert sorted(car) == ["json", "png", "txt"] and car["png"] == (data_set / "images" / "car.png").read_bytes()
 
 
-@pytest.mark.skipif(not parquet_available(), reason="pyarrow is not installed (the parquet tables are optional)")
+@pytest.mark.skipif(not shard_writer.parquet_available(), reason="pyarrow is not installed (parquet is optional)")
 def test_parquet_tables_name_every_image_and_why(data_set, tmp_path):
     import pyarrow.parquet as pq
 
@@ -172,6 +187,15 @@ def test_parquet_tables_name_every_image_and_why(data_set, tmp_path):
     assert {row["path"]: row["status"] for row in rows if row["status"] != "success"} == UNREADABLE
     assert all((row["error_message"] is None) == (row["status"] == "success") for row in rows)
     assert [row["caption"] for row in rows] == [captions[0] for captions in CAPTIONS.values()]
+
+
+def test_without_pyarrow_the_parquet_tables_are_skipped_and_said_so(data_set, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(shard_writer, "parquet_available", lambda: False)
+    shards(data_set / "captions.jsonl", tmp_path / "out", "--workers", "1")
+    line = capsys.readouterr().out
+    assert "parquet tables skipped: pyarrow is not installed" in line
+    assert not list((tmp_path / "out").glob("*.parquet")) and (tmp_path / "out" / "00000_stats.json").is_file()
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["parquet"] is False
 
 
 def test_a_rerun_is_refused_unless_overwrite_which_replaces_the_old_shards(data_set, tmp_path, capsys):

@@ -35,8 +35,9 @@ from typing import Any
 from PIL import Image
 
 from qformer.checkpoint import atomic_write
-from qformer.data.datasets import CaptionRecord, read_captions, write_tar_shard
+from qformer.data.datasets import CaptionRecord, read_captions
 from qformer.data.image_files import MAX_IMAGE_PIXELS
+from qformer.data.shards import write_tar_shard
 from qformer.data.transforms import load_image
 
 logger = logging.getLogger(__name__)
