@@ -14,7 +14,7 @@ from qformer import __version__
 from qformer.cli import _one_line, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("demo", "caption", "vqa", "train", "eval", "export", "convert")
+COMMANDS = ("demo", "caption", "vqa", "train", "eval", "export", "convert", "shards")
 
 
 def qformer(*arguments: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -26,7 +26,8 @@ def test_help_imports_neither_torch_nor_transformers():
     """What makes ``qformer --help`` answer at once (and HF_HUB_OFFLINE count): nothing heavy
     is imported before a command runs."""
     code = ("import sys\nfrom qformer.cli import main\nfor argv in (['--help'], ['train', '--help'], "
-            "['convert', '--help']):\n    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "['convert', '--help'], ['shards', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "heavy = [m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules]\n"
             "print('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -16,6 +16,7 @@ from qformer.convert.parser import add_convert_command
 from qformer.infer_command import add_inference_arguments, caption_command, vqa_command
 from qformer.retrieve_command import add_retrieve_command
 from qformer.serve.command import add_serve_command
+from qformer.shards_command import add_shards_command
 from qformer.train.command import add_train_commands
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace OUT when it holds files already")
     export.set_defaults(run=_export)
     add_convert_command(commands)
+    add_shards_command(commands)
     for sub in commands.choices.values():
         sub.formatter_class = HelpFormatter
     return parser
