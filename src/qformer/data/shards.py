@@ -332,7 +332,9 @@ class TarShardDataset(_Skipping, IterableDataset):
             random.Random(self.shuffle_seed * 1_000_003 + self.epoch).shuffle(shards)
         return shards
 
-    def _reader(self, worker: int | None, num_workers: int) -> tuple[int, int]:
+    def reader_index(self, worker: int | None, num_workers: int) -> tuple[int, int]:
+        """(this reader's index over every rank, the readers): worker ``worker`` of ``num_workers``
+        of this rank, by default the current DataLoader worker."""
         if worker is None:
             info = get_worker_info()
             worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
@@ -343,7 +345,7 @@ class TarShardDataset(_Skipping, IterableDataset):
         """The shards that reader ``worker`` of ``num_workers`` of this rank reads (by default
         the current DataLoader worker) in this epoch: its share of the epoch's order, less the
         shards named in ``done``; resampled, an endless seeded draw from all of them."""
-        reader, readers = self._reader(worker, num_workers)
+        reader, readers = self.reader_index(worker, num_workers)
         if self.resampled:
             return self._draws(reader)
         remaining = [shard for shard in self.epoch_order() if shard_name(shard) not in done]
@@ -407,7 +409,7 @@ class TarShardDataset(_Skipping, IterableDataset):
             yield name, ShardEnd(name, places)
 
     def __iter__(self) -> Iterator[Sample | Skipped]:
-        reader, _ = self._reader(None, 1)
+        reader, _ = self.reader_index(None, 1)
         for _, sample in self.keyed(self.local_shards(), reader=reader):
             if not isinstance(sample, ShardEnd):
                 yield sample

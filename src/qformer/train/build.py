@@ -140,7 +140,7 @@ class TrainShards:
             return draft_reduction(self.image, rng(key), self.augment, self.draft)
 
         done, exclude = (frozenset(), frozenset()) if consumed is None else (consumed.done, consumed.places)
-        reader = self.reader.rank * num_workers + worker
+        reader, _ = self.reader.reader_index(worker, num_workers)
         shards = self.reader.local_shards(worker, num_workers, done)
         for place, sample in self.reader.keyed(shards, skip, reduction, reader, exclude):
             if isinstance(sample, dict):
