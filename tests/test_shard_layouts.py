@@ -137,3 +137,7 @@ def test_shard_names_from_patterns(tmp_path: Path) -> None:
         expand_shards(f"{tmp_path}/00000.tar::{tmp_path}/../{tmp_path.name}/00000.tar")
     with pytest.raises(ValueError, match="no tar shard matches"):
         expand_shards(f"{tmp_path}/nothing-*.tar")
+    with pytest.raises(ValueError, match=r"00003.tar: no such tar shard"):
+        expand_shards(f"{tmp_path}/{{00000..00009}}.tar")
+    with pytest.raises(ValueError, match=r"is a folder: name its shards, e.g. '.*\*.tar'"):
+        expand_shards(f"{tmp_path}/")

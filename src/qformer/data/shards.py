@@ -62,6 +62,11 @@ def expand_shards(pattern: str | Sequence[str | Path]) -> list[str]:
                 names.append(part)
     if not names:
         raise ValueError(f"no tar shard in {pattern!r}")
+    for name in names:
+        if not is_url(name) and Path(name).is_dir():
+            raise ValueError(f"{name} is a folder: name its shards, e.g. '{Path(name) / '*.tar'}' or a brace pattern")
+        if not is_url(name) and not Path(name).is_file():
+            raise ValueError(f"{name}: no such tar shard")
     bases = [shard_name(name) for name in names]
     twice = sorted({b for b in bases if bases.count(b) > 1})
     if twice:
