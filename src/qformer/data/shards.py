@@ -140,12 +140,12 @@ def _expected_samples(shard: str | Path) -> int | None:
 def failed_downloads(shard: str | Path) -> set[str]:
     """The keys img2dataset's parquet manifest (``NNNNN.parquet``) lists with a status other
     than "success" (failed downloads: never samples); empty without a manifest or pyarrow."""
-    data = _read_beside(shard, ".parquet")
-    if data is None:
-        return set()
     try:
         import pyarrow.parquet as pq
     except ImportError:
+        return set()
+    data = _read_beside(shard, ".parquet")
+    if data is None:
         return set()
     table = pq.read_table(io.BytesIO(data), columns=["key", "status"]).to_pydict()
     return {str(key) for key, status in zip(table["key"], table["status"]) if status != "success"}
