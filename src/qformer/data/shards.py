@@ -224,7 +224,10 @@ class _SampleSizes:
         expected = _expected_samples(shard)
         unread = _unread_bytes(shard, progress.end)  # past the last whole sample
         cut = error is not None or (unread or 0) > 0
-        why = f"cut short after {progress.samples} sample(s) ({error or 'the archive ends early'})"
+        if error is not None and not progress.samples:
+            why = f"could not be read ({error})"
+        else:
+            why = f"cut short after {progress.samples} sample(s) ({error or 'the archive ends early'})"
         if expected is not None and (cut or progress.samples < expected):
             lost = max(1, expected - progress.samples)
             return lost, f"{why}: {lost} of its {expected} samples lost (as its stats file says)"
