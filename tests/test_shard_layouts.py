@@ -141,3 +141,47 @@ def test_shard_names_from_patterns(tmp_path: Path) -> None:
         expand_shards(f"{tmp_path}/{{00000..00009}}.tar")
     with pytest.raises(ValueError, match=r"is a folder: name its shards, e.g. '.*\*.tar'"):
         expand_shards(f"{tmp_path}/")
+
+
+def test_the_rest_of_an_epoch_dealt_to_another_number_of_ranks(tmp_path: Path) -> None:
+    """What one rank took, left out; the rest dealt to two ranks: each sample once."""
+    from qformer.train.build import Consumed
+
+    pattern = caption_shards(tmp_path / "shards", shards=6, per_shard=5)
+    one = shard_batches(pattern, 0, tmp_path / "a")
+    taken = [text for _ in range(7) for text in next(one)["texts"]]
+    state = one.state()
+    one.close()
+    consumed = Consumed(frozenset(state["done"]), frozenset(state["places"]))
+    rest = []
+    for rank in (0, 1):
+        reader = TarShardDataset(expand_shards(pattern), rank=rank, world_size=2, shuffle_seed=0, shuffle_buffer=3)
+        rest += [s["text"] for _, s in TrainShards(reader, ImageConfig(size=16), 0).samples(0, 1, consumed=consumed)
+                 if isinstance(s, dict)]
+    assert sorted(taken + rest) == sorted(f"a picture number {n}" for n in range(30))
+
+
+def test_a_shard_run_resumes_on_two_processes(tmp_path: Path) -> None:
+    """Saved by one process, resumed by torchrun with two: the run goes on, the epoch without what it took."""
+    import shutil
+
+    from test_train import free_port, torchrun
+
+    from qformer.train.loop import train
+    from qformer.train.state import load_plain
+
+    pattern = caption_shards(tmp_path / "shards", shards=8, per_shard=4)
+    run = tmp_path / "run"
+    args = ["--data.source", "shards", "--data.path", pattern, "--data.num_workers", "0", "--data.batch_size", "2",
+            "--steps", "4", "--save_every", "2"]
+    train(tiny(run, *args))
+    for name in ("step_0000004", "final"):
+        shutil.rmtree(run / name)
+    two = torchrun("--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                   overrides=[*args, "--output_dir", str(run), "--resume"])
+    output = two.communicate(timeout=300)[0]
+    assert two.returncode == 0, output[-3000:]
+    assert "resuming 2 process(es) from a checkpoint of 1: the global batch is now 4 samples (was 2)" in output
+    data = load_plain(run / "step_0000004" / "trainer.pt")["data"]
+    assert data["world"] == 2 and not data["exact"]
+    assert len(data["places"]) + 4 * len(data["done"]) == 2 * 2 + 2 * 4  # 2 steps of 2, then 2 of 2 x 2

@@ -220,9 +220,9 @@ class ShardBatches(_Position):
     data)`` starts epoch ``epoch`` at its batch ``b``, every rank at the same place. With the
     shards, world size and ``data.num_workers`` of the run that saved it, the first ``b``
     batches are passed over undecoded and the resumed run sees exactly the batches of one never
-    stopped. With another ``data.num_workers``, the epoch goes on without what ``data`` says it
-    took (the shards read whole, the places of the others, over every rank): no sample is taken
-    twice or left out of the epoch, in another order. Resampled, a resume draws anew."""
+    stopped. With another ``data.num_workers`` or world size, the epoch goes on without what
+    ``data`` says it took (the shards read whole, the places of the others, over every rank): no
+    sample is taken twice or left out of the epoch, in another order. Resampled, a resume draws anew."""
 
     def __init__(self, job: Job, config: TrainConfig, runtime: Runtime) -> None:
         shards: TrainShards = job.dataset
@@ -261,7 +261,8 @@ class ShardBatches(_Position):
     def seek(self, epoch: int, batch_in_epoch: int, data: dict | None = None) -> None:
         super().seek(epoch, batch_in_epoch)
         self.stream.consumed = None
-        replay = not data or (data["exact"] and data["readers"] == self.readers)
+        replay = not data or (data["exact"] and data["readers"] == self.readers
+                              and data.get("world", self.runtime.world_size) == self.runtime.world_size)
         if not replay and not self.shards.reader.resampled:
             self.stream.consumed = Consumed(frozenset(data["done"]), frozenset(data["places"]))
         self.taken = _Taken()
@@ -277,7 +278,7 @@ class ShardBatches(_Position):
         if self.runtime.world_size > 1:
             parts = [None] * self.runtime.world_size
             dist.all_gather_object(parts, mine)
-        return {"readers": self.readers, "exact": self.stream.consumed is None,
+        return {"readers": self.readers, "world": self.runtime.world_size, "exact": self.stream.consumed is None,
                 "done": sorted({n for p in parts for n in p["done"]}),
                 "places": sorted({x for p in parts for x in p["places"]})}
 

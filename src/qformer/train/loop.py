@@ -140,11 +140,16 @@ def _open_run(config: TrainConfig, resume: bool, overwrite: bool, runtime: Runti
         if checkpoint is None:
             raise FileNotFoundError(f"{run_dir} holds no checkpoint (step_XXXXXXX/) to resume from")
         saved = len(list(checkpoint.glob("rng_rank*.pt")))
-        if saved != runtime.world_size:
+        if saved != runtime.world_size and config.data.source != "shards":
             raise ValueError(
                 f"{checkpoint} was saved by {saved} process(es) and this run has {runtime.world_size}: the global "
-                f"batch and the data order would change; resume with {saved} process(es)"
+                f"batch and the data order would change; resume with {saved} process(es) (tar shards may resume "
+                "on another number)"
             )
+        if saved != runtime.world_size and runtime.is_main:
+            logger.warning("resuming %d process(es) from a checkpoint of %d: the global batch is now %d samples "
+                           "(was %d); the epoch goes on without the samples it took", runtime.world_size, saved,
+                           config.data.batch_size * runtime.world_size, config.data.batch_size * saved)
         changes = resume_changes(load_train_config(run_dir / "config.yaml"), config)
         if config.steps < checkpoint_step(checkpoint):
             raise ValueError(f"steps {config.steps} is before the checkpoint {checkpoint} to resume from")
@@ -214,7 +219,7 @@ def _train(
 
     step, skipped, bad_steps = 0, 0, 0
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, runtime.rank)
+        state = load_checkpoint(checkpoint, model, runtime.rank, other_world=config.data.source == "shards")
         load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])

@@ -209,15 +209,23 @@ def load_trainable(path: Path, model: nn.Module) -> None:
             trainable[name].copy_(shard_like(tensor, trainable[name]))
 
 
-def load_checkpoint(path: Path, model: nn.Module, rank: int) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: nn.Module, rank: int, other_world: bool = False) -> dict[str, Any]:
     """Restore trainable weights (this rank's shards when the model is sharded) and this rank's
     RNG; returns the trainer state (optimiser, for :func:`load_optimizer_state`, scheduler, step,
-    data position)."""
+    data position). With ``other_world`` (the checkpoint saved by another number of processes),
+    a rank the checkpoint has no RNG state for starts from rank ``rank % saved``'s, reseeded
+    with its rank so that no two ranks draw alike."""
     load_trainable(path, model)
     rng_file = path / f"rng_rank{rank}.pt"
-    if not rng_file.is_file():
+    saved = len(list(path.glob("rng_rank*.pt")))
+    if not rng_file.is_file() and not (other_world and saved):
         raise ValueError(f"{path} has no RNG state for rank {rank}: resume with the world size it was saved with")
-    set_rng_state(load_plain(rng_file))
+    set_rng_state(load_plain(rng_file if rng_file.is_file() else path / f"rng_rank{rank % saved}.pt"))
+    if not rng_file.is_file():
+        seed = (torch.initial_seed() + 1_000_003 * rank) % 2**63
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
     return load_plain(path / STATE_NAME)
 
 
