@@ -22,7 +22,7 @@ from torch.testing import assert_close
 from qformer.blip2 import Blip2
 from qformer.cli import main
 from qformer.data.transforms import clean_caption, clean_question
-from qformer.evaluate.ranking_tasks import _mann_whitney_auc, roc_auc
+from qformer.evaluate.ranking_tasks import roc_auc
 from qformer.evaluate.runner import evaluate_benchmark
 
 
@@ -228,12 +228,13 @@ def test_hateful_memes_scores_the_auc_of_yes(blip2, tmp_path):
 def test_auc_counts_a_tie_as_half(monkeypatch):
     labels = [1, 0, 1, 0, 1, 0]
     scores = [0.9, 0.9, 0.5, 0.3, 0.3, 0.1]  # by hand: 2.5 + 2 + 1.5 of 9 pairs rightly ordered
-    assert _mann_whitney_auc(labels, scores) == pytest.approx(6 / 9)
-    assert roc_auc(labels, scores) == pytest.approx(6 / 9)  # scikit-learn's where it is installed
-    monkeypatch.setitem(sys.modules, "sklearn.metrics", None)  # as without scikit-learn
     assert roc_auc(labels, scores) == pytest.approx(6 / 9)
+    assert roc_auc(labels, scores) == pytest.approx(pairs_auc(labels, scores))
     with pytest.raises(ValueError, match="needs both labels"):
         roc_auc([1, 1], [0.2, 0.4])
+    monkeypatch.setitem(sys.modules, "sklearn.metrics", None)  # as without scikit-learn
+    with pytest.raises(ValueError, match=r"needs scikit-learn: pip install 'qformer\[eval\]'"):
+        roc_auc(labels, scores)
 
 
 def test_an_interrupted_run_asks_only_the_unanswered(blip2, tmp_path, monkeypatch):

@@ -215,30 +215,15 @@ def rank_items(model: Any, images: Sequence[Any], items: Sequence[RankingItem], 
             for item, s in zip(items, scores, strict=True)]
 
 
-def _mann_whitney_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
-    """ROC AUC as the Mann-Whitney statistic: the share of (positive, negative) pairs that the
-    scores order rightly, a tie counting half."""
-    import numpy as np
-
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    order = np.argsort(scores, kind="mergesort")
-    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(scores))
-    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)  # 1-based, ties get their mean rank
-    positives = int((labels == 1).sum())
-    negatives = len(labels) - positives
-    return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
-    """ROC AUC of ``scores`` for the 0/1 ``labels`` (scikit-learn's ``roc_auc_score`` where it is
-    installed, else the same statistic computed here). ValueError unless both labels occur."""
+    """ROC AUC of ``scores`` for the 0/1 ``labels``: scikit-learn's ``roc_auc_score`` (a tie
+    counts half). ValueError unless both labels occur."""
     if len(set(labels)) != 2 or not set(labels) <= {0, 1}:
         raise ValueError("ROC AUC needs both labels, 0 and 1, among the items")
     try:
         from sklearn.metrics import roc_auc_score
     except ImportError:
-        return _mann_whitney_auc(labels, scores)
+        raise ValueError("ROC AUC needs scikit-learn: pip install 'qformer[eval]'") from None
     return float(roc_auc_score(list(labels), list(scores)))
 
 
