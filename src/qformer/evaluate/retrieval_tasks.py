@@ -48,7 +48,7 @@ from torch import Tensor
 
 from qformer.checkpoint import safetensors_errors, write_safetensors
 from qformer.evaluate.benchmarks import karpathy_test
-from qformer.evaluate.runner import _barrier, _check_settings, _rank_and_world, _write_json, library_versions
+from qformer.evaluate.runner import barrier, check_settings, rank_and_world, write_json, library_versions
 from qformer.retrieval import (
     RERANK_DEPTH,
     TEXT_MAX_LENGTH,
@@ -168,29 +168,29 @@ def evaluate_retrieval_task(model: Any, task: str, data: str | Path, out: str | 
                 "captions": len(test.captions), "k": k, "caption_cleaning": CAPTION_CLEANING,
                 "max_text_tokens": TEXT_MAX_LENGTH, "model_fingerprint": fingerprint,
                 "features": str(folder.resolve()), "versions": library_versions()}
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     if rank == 0:  # the features first: a refused folder leaves OUT untouched
-        _check_settings(folder / "settings.json", feature_settings, holds="features computed",
+        check_settings(folder / "settings.json", feature_settings, holds="features computed",
                         remedy="pass another --features (or --out), or delete it to compute them again")
-        _check_settings(out / "settings.json", settings)
-    _barrier(world)
+        check_settings(out / "settings.json", settings)
+    barrier(world)
     images = Chunks(folder, "images", len(test.names), chunk_size)
     texts = Chunks(folder, "texts", len(test.captions), chunk_size)
     input_ids, attention_mask = tokenize(model, [clean_caption(caption) for caption in test.captions])
     _feature_phase(model, test, images, texts, input_ids, attention_mask, batch_size, task)
-    _barrier(world)  # every chunk is on disk
+    barrier(world)  # every chunk is on disk
 
     text_feats = torch.cat([texts.read(index, "itc", device) for index in range(texts.count)])  # (Nt, E)
     image_feats = (images.read(index, "itc", device) for index in range(images.count))  # (B, Q, E) each
     candidates = rerank_candidates(similarity_rows(model, image_feats, text_feats), k)  # the same on every rank
     rerank = Chunks(out / "rerank", "itm", len(test.names), chunk_size)
     _rerank_phase(model, candidates, images, rerank, input_ids, attention_mask, batch_size, task)
-    _barrier(world)  # every re-rank file is on disk
+    barrier(world)  # every re-rank file is on disk
     if rank != 0:
-        _barrier(world)  # rank 0 writes the results
+        barrier(world)  # rank 0 writes the results
         return json.loads((out / "results.json").read_text())
     results = _write_results(candidates, rerank, torch.tensor(test.owner), k, out, settings)
-    _barrier(world)
+    barrier(world)
     return results
 
 
@@ -201,9 +201,9 @@ def _feature_phase(model: Any, test: RetrievalTest, images: Chunks, texts: Chunk
 
     from qformer.data.transforms import eval_image
 
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     todo = [(images, index) for index in images.missing()] + [(texts, index) for index in texts.missing()]
-    _barrier(world)  # every rank has listed the same chunks before any rank writes one
+    barrier(world)  # every rank has listed the same chunks before any rank writes one
     device = model.ln_vision.weight.device
     for chunks, index in tqdm(todo[rank::world], desc=f"{task} features", unit="chunk", disable=rank != 0):
         rows = chunks.rows(index)
@@ -234,10 +234,10 @@ def _rerank_phase(model: Any, candidates: Candidates, images: Chunks, rerank: Ch
     """ITM over the candidate pairs, one file per image chunk; this rank's share of the missing ones."""
     from tqdm import tqdm
 
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     tag = {"candidates": _candidates_digest(candidates)}
     todo = rerank.missing(tag)
-    _barrier(world)  # every rank has listed the same files before any rank writes one
+    barrier(world)  # every rank has listed the same files before any rank writes one
     device = model.ln_vision.weight.device
     for index in tqdm(todo[rank::world], desc=f"{task} re-rank", unit="chunk", disable=rank != 0):
         embeds = images.read(index, "embeds", device)  # (B, S, W)
@@ -261,5 +261,5 @@ def _write_results(candidates: Candidates, rerank: Chunks, owner: Tensor, k: int
     recall = retrieval_recall(i2t, t2i, owner, k=k)
     results = {**{key: round(value, 2) for key, value in recall.items()}, "count": settings["images"],
                "settings": settings}
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     return results

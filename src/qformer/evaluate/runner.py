@@ -28,7 +28,8 @@ from qformer.evaluate.ranking_tasks import RankingTask, check_prompt, rank_items
 logger = logging.getLogger(__name__)
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as indented JSON at ``path``, written atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1, ensure_ascii=False)))
 
 
@@ -80,14 +81,14 @@ def evaluate_benchmark(
     settings = {"task": task, "split": split, "data": str(Path(data).resolve()), "questions": len(questions),
                 **method, "model_fingerprint": fingerprint, "versions": library_versions()}
     out = Path(out)
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _check_settings(out / "settings.json", settings)
+        check_settings(out / "settings.json", settings)
         _answered(out, keys)  # a line cut off by an interruption is dropped here, once
-    _barrier(world)
+    barrier(world)
     done = _answered(out, keys)
-    _barrier(world)  # every rank has read the same answers before any rank adds to them
+    barrier(world)  # every rank has read the same answers before any rank adds to them
     todo = [q for q in questions if q.question_id not in done][rank::world]  # this rank's share of what is left
     if done and rank == 0:
         logger.info("%s: %d of %d answered already; continuing", out, len(done), len(questions))
@@ -102,16 +103,16 @@ def evaluate_benchmark(
             lines.flush()
             os.fsync(lines.fileno())
             progress.update(len(batch))
-    _barrier(world)
+    barrier(world)
     if rank != 0:
-        _barrier(world)  # rank 0 writes the results
+        barrier(world)  # rank 0 writes the results
         return json.loads((out / "results.json").read_text())
     done = _answered(out, keys)
     predictions = {q.question_id: done[q.question_id] for q in questions}
-    _write_json(out / "predictions.json", [{keys[0]: k, keys[1]: v} for k, v in predictions.items()])
+    write_json(out / "predictions.json", [{keys[0]: k, keys[1]: v} for k, v in predictions.items()])
     results = {**benchmark.score(predictions, questions), "settings": settings}
-    _write_json(out / "results.json", results)
-    _barrier(world)
+    write_json(out / "results.json", results)
+    barrier(world)
     return results
 
 
@@ -163,12 +164,12 @@ def library_versions() -> dict[str, str]:
     return {"qformer": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _check_settings(path: Path, settings: dict[str, Any], holds: str = "predictions made",
+def check_settings(path: Path, settings: dict[str, Any], holds: str = "predictions made",
                     remedy: str = "pass another --out, or delete it to start over") -> None:
     """Write the run's settings, or refuse a rerun whose settings differ from those written
     (``holds``: what the folder holds; ``remedy``: what to do instead)."""
     if not path.is_file():
-        _write_json(path, settings)
+        write_json(path, settings)
         return
     before = json.loads(path.read_text())
     changed = [key for key in settings if key != "versions" and before.get(key) != settings[key]]
@@ -184,13 +185,15 @@ def _answered(out: Path, keys: tuple[str, str]) -> dict[Any, str]:
     return done
 
 
-def _rank_and_world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
     import torch.distributed as dist
 
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
-def _barrier(world: int) -> None:
+def barrier(world: int) -> None:
+    """Wait for every rank, where there are several."""
     if world > 1:
         import torch.distributed as dist
 
