@@ -21,6 +21,7 @@ from qformer.cli import main
 from qformer.train.config import DataSpec, load_train_config
 from qformer.train.loop import train
 from qformer.train.plots import panels
+from qformer.train.signals import STOP_SIGNALS
 from test_train import TINY, tiny, weights
 
 QFORMER = [sys.executable, "-m", "qformer"]
@@ -208,17 +209,19 @@ def test_a_signal_saves_a_checkpoint_and_resume_reaches_the_same_weights(tmp_pat
     assert logged == list(range(1, steps + 1))
 
 
+@pytest.mark.numerics
 def test_signal_handlers_are_restored_after_training(tmp_path):
-    def mine(signum, frame):
-        pass
-
-    previous = signal.signal(signal.SIGTERM, mine)
+    """Whatever handled the stop signals before a run handles them after it. The test installs its
+    own handler for each first: a process started in the background by a non-interactive shell
+    inherits SIGINT ignored, so Python's default handler is not what was there before."""
+    before = {signum: signal.signal(signum, lambda *_: None) for signum in STOP_SIGNALS}
     try:
+        mine = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
         train(tiny(tmp_path, "--steps", "1"))
-        assert signal.getsignal(signal.SIGTERM) is mine
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert {signum: signal.getsignal(signum) for signum in STOP_SIGNALS} == mine
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def test_eval_from_the_run_folder_a_checkpoint_or_final(tmp_path, capsys):
