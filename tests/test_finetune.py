@@ -52,6 +52,7 @@ def test_gradients_reach_the_image_encoder_only_when_it_trains():
     assert not qkv.bias.grad[width : 2 * width].any()  # EVA has no key bias: it stays zero
 
 
+@pytest.mark.numerics
 def test_checkpointed_blocks_give_the_same_loss_and_gradients():
     plain = tiny_stage1()
     prepare_image_encoder(plain, ModelSpec(freeze_vit=False, vit_grad_checkpoint=False))
@@ -158,6 +159,7 @@ def vqa_config(setup: tuple[Path, Path, Path], run: Path, *overrides: str):
         "--optim.warmup_steps", "1", "--optim.lr", "1e-3", "--log_every", "1", "--output_dir", str(run), *overrides])
 
 
+@pytest.mark.numerics
 def test_the_question_reaches_the_qformer_only_when_asked(vqa_setup, tmp_path):
     from qformer.train.build import build_job
     from qformer.train.distributed import Runtime
@@ -174,7 +176,12 @@ def test_the_question_reaches_the_qformer_only_when_asked(vqa_setup, tmp_path):
         with torch.no_grad():
             embeds = job.model.eval().image_embeds(batch["pixel_values"])
             queries = job.model.language_model_inputs(embeds, **instruction)
-        assert torch.allclose(queries[0], queries[1]) != on
+        # One image in both rows: without the question the rows agree to rounding (a batch's rows
+        # may round differently on some CPUs); with it, two questions move the queries by far more.
+        if on:
+            assert (queries[0] - queries[1]).abs().max() > 0.1
+        else:
+            assert_close(queries[0], queries[1])
     with pytest.raises(ValueError, match=r"model.question_to_qformer: the Q-Former of .* has no text path .*set "
                                          r"model.init_from"):
         build_job(vqa_config(vqa_setup, tmp_path, "--model.question_to_qformer", "true"), runtime)
@@ -276,6 +283,7 @@ def test_instruction_sets_mix_in_the_trainer_or_fail_in_one_line(tmp_path):
         load_train_config(None, ["--data.source", "captions", "--data.sets", json.dumps([{"path": large}])])
 
 
+@pytest.mark.numerics
 def test_a_blip2_gets_its_qformer_text_path_from_bert_as_lavis_instructblip(minilm_path, vqa_setup, tmp_path):
     """InstructBlip.from_blip2: everything from the BLIP-2 (its towers shared), the word and
     position embeddings and text FFNs from the source; the prompt then steers the queries."""
