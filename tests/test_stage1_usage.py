@@ -26,6 +26,8 @@ from qformer.train.stage1_job import evaluate_retrieval
 from stage1_helpers import IMAGE, IMAGE_CONFIG, tiny_retrieval_model, usable_stage1
 from stage2_helpers import save_tiny_blip2
 
+pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
+
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["a red square on grass", "two cats on a pink blanket", "green"]
 
@@ -136,7 +138,8 @@ def test_extract_features_equals_the_tensor_level_one(tokenizer, photos):
     mixed = [Path(paths[0]), Image.open(paths[1]), pixels[2]]  # a path, a PIL image, pixels
     assert torch.equal(model.extract_features(mixed).image, expected.image)
     assert torch.equal(model.extract_features(pixels).image, expected.image)
-    assert torch.equal(model.extract_features(paths[0]).image, expected.image[:1])
+    # Alone, an image goes through kernels of another batch size, which may round differently.
+    assert_close(model.extract_features(paths[0]).image, expected.image[:1])
     only_text = model.extract_features(texts=TEXTS)
     assert only_text.image is None and only_text.multimodal is None and torch.equal(only_text.text, expected.text)
 
