@@ -1,7 +1,9 @@
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The tests run offline whatever the shell exported (HF_HUB_OFFLINE=0 made a missing model path a
+# hub download, and a one-line error a connection error), set before transformers reads them.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 from pathlib import Path  # noqa: E402
 
