@@ -5,6 +5,14 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+# torchrun's variables, from which the library takes its rank and process group: a suite started
+# inside a launched job (RANK=1 exported) trained as a rank that writes nothing. Tests that need
+# them set them themselves (monkeypatch, or a torchrun child).
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+for name in [n for n in os.environ if n in TORCHRUN_VARIABLES or n.startswith("TORCHELASTIC_")]:
+    del os.environ[name]
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
