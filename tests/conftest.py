@@ -1,7 +1,17 @@
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The tests run offline whatever the shell exported (HF_HUB_OFFLINE=0 made a missing model path a
+# hub download, and a one-line error a connection error), set before transformers reads them.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+# torchrun's variables, from which the library takes its rank and process group: a suite started
+# inside a launched job (RANK=1 exported) trained as a rank that writes nothing. Tests that need
+# them set them themselves (monkeypatch, or a torchrun child).
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+for name in [n for n in os.environ if n in TORCHRUN_VARIABLES or n.startswith("TORCHELASTIC_")]:
+    del os.environ[name]
 
 from pathlib import Path  # noqa: E402
 

@@ -14,7 +14,8 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
 def snippets() -> list[tuple[int, str]]:
-    text = (ROOT / "README.md").read_text()
+    """``(line, code)`` of each Python block; README.md is UTF-8 (it holds non-ASCII), whatever the locale."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
     return [(text[: m.start()].count("\n") + 1, m.group(1)) for m in BLOCK.finditer(text)]
 
 

@@ -90,7 +90,7 @@ class Blip2(Blip2Stage2):
         ``quantization_config`` (transformers', e.g. ``BitsAndBytesConfig(load_in_8bit=True)``)
         quantises the LLM as transformers loads it."""
         directory = resolve_checkpoint(path_or_hub_id)
-        values = json.loads((directory / "config.json").read_text())
+        values = json.loads((directory / "config.json").read_text(encoding="utf-8"))
         model_type = values.get("model_type")
         if stage1_layout_of(values) is not None:
             raise ValueError(f"{path_or_hub_id} holds a stage-1 model (image-text matching, no LLM): load it with "

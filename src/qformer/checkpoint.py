@@ -61,7 +61,7 @@ def write_checksums(folder: Path) -> None:
     files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS_NAME}
     text = json.dumps({"algorithm": "sha256", "files": files}, indent=1)
-    atomic_write(folder / CHECKSUMS_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(folder / CHECKSUMS_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def checksum_problem(folder: Path) -> str | None:
@@ -69,7 +69,7 @@ def checksum_problem(folder: Path) -> str | None:
     with another SHA-256; an unreadable manifest), or None when every file listed matches.
     Sizes are compared first: a truncated file is found without reading it."""
     try:
-        files = json.loads((folder / CHECKSUMS_NAME).read_text())["files"]
+        files = json.loads((folder / CHECKSUMS_NAME).read_text(encoding="utf-8"))["files"]
         listed = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return f"{CHECKSUMS_NAME} is unreadable ({type(err).__name__})"
@@ -210,7 +210,7 @@ def read_weights(directory: str | Path) -> dict[str, Tensor]:
     if single.is_file():
         return read_safetensors(single)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         tensors: dict[str, Tensor] = {}
         for shard in shards:
             tensors.update(read_safetensors(directory / shard))

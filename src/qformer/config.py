@@ -45,11 +45,11 @@ class ConfigBase:
         return type(self).from_dict({**self.to_dict(), **changes})
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls: type[T], path: str | Path) -> T:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:

@@ -281,7 +281,7 @@ def write_report(out: Path, demo: DemoConfig, encoder: dict, stage1: dict, stage
         f"![held-out captions]({sheet.name})",
     ]
     report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return report
 
 
@@ -314,7 +314,7 @@ def run_demo(demo: DemoConfig | None = None, log=print) -> dict[str, Any]:
         "seconds": seconds,
         "report": str(report),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     for name in ("new_images", "new_combinations", "photographs"):
         chance = 100 / (len(PHOTOS) if name == "photographs" else len(all_scenes()))
         log(f"  {name}: caption exact match {stage2[f'{name}/exact_match']:.1f}% "

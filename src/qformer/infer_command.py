@@ -69,7 +69,7 @@ def load_model(args: argparse.Namespace):
     options = device_options(args)
     directory = resolve_checkpoint(args.model)
     config = directory / "config.json"
-    layout = stage1_layout_of(json.loads(config.read_text())) if config.is_file() else None
+    layout = stage1_layout_of(json.loads(config.read_text(encoding="utf-8"))) if config.is_file() else None
     if layout is None or args.command != "caption":
         return Blip2.from_pretrained(directory, **options)
     if layout == "transformers":

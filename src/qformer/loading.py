@@ -80,7 +80,7 @@ def weight_files(directory: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         missing = [s for s in shards if not (directory / s).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} names shard(s) that are not there: {', '.join(missing)}")

@@ -41,7 +41,7 @@ def stage1_layout(directory: Path) -> Layout:
             f"{file} not found: expected a stage-1 model directory (Blip2Stage1.save_pretrained's, a training "
             f"run's final/, or transformers' {RETRIEVAL_ARCHITECTURE})"
         )
-    values = json.loads(file.read_text())
+    values = json.loads(file.read_text(encoding="utf-8"))
     model_type, architectures = values.get("model_type"), values.get("architectures") or []
     layout = stage1_layout_of(values)
     if layout is not None:
@@ -87,7 +87,7 @@ def load_transformers_stage1(
     statistics). That layout has no Q-Former LM head and no temperature: they start fresh and
     a log line says so. ``dtype`` None or "auto" keeps the checkpoint's; float16 as LAVIS (the
     image encoder alone); ``device``, or ``device_map`` naming one device."""
-    values = json.loads((directory / CONFIG_NAME).read_text())
+    values = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
     requested = parse_dtype(dtype)
     main = auto_dtype(values, index_checkpoint(directory)) if requested == "auto" else requested
     config = stage1_config_from_transformers(values)

@@ -42,7 +42,7 @@ def qformer_from_bert(path: str | Path, keep_token_types: bool = False, **config
     BERT's token-type table. ``config_overrides`` set other fields (e.g. ``encoder_hidden_size``).
     """
     path = Path(path)
-    bert_config = json.loads((path / "config.json").read_text())
+    bert_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     if bert_config.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{path}: only absolute position embeddings are supported")
     bert_vocab = int(bert_config["vocab_size"])

@@ -65,7 +65,7 @@ def _config_json(directory: Path) -> dict[str, Any]:
     file = directory / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: expected a checkpoint directory with a config.json")
-    return json.loads(file.read_text())
+    return json.loads(file.read_text(encoding="utf-8"))
 
 
 def detect_format(path: Path) -> Format:
@@ -100,7 +100,7 @@ def _lavis_config(
     """Our config for a LAVIS checkpoint: from ``path`` (qformer's JSON, whose missing fields
     take BLIP-2's official values, or a transformers BLIP-2 config.json), the LLM's from
     ``text_config``; without ``path``, BLIP-2's official shapes."""
-    values = json.loads(path.read_text()) if path is not None else {}
+    values = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
     from_transformers = values.get("model_type") == "blip-2"
     if layout is None:
         return stage1_config_from_transformers(values) if from_transformers else Blip2Stage1Config.from_dict(values)
@@ -174,7 +174,7 @@ def _read_lavis(
 ) -> tuple[Model, ConversionReport]:
     """A LAVIS checkpoint; the frozen parts it lacks come from ``vision`` and ``llm``."""
     state = read_lavis_pth(path)
-    values = json.loads(config.read_text()) if config is not None else {}
+    values = json.loads(config.read_text(encoding="utf-8")) if config is not None else {}
     instruct = values.get("model_type") == "instructblip" or bool(values.get("qformer", {}).get("use_text_input"))
     try:
         layout = lavis_layout(state, instruct)
@@ -291,9 +291,9 @@ def save_transformers_stage1(model: Blip2Stage1, directory: str | Path) -> Conve
     text = json.dumps(stage1_config_to_transformers(model.config), indent=2) + "\n"
     tensors = {key: value.detach().contiguous().cpu() for key, value in theirs.items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     preprocessor = json.dumps(preprocessor_dict(model.config.image), indent=2) + "\n"
-    atomic_write(directory / PREPROCESSOR_NAME, lambda tmp: Path(tmp).write_text(preprocessor))
+    atomic_write(directory / PREPROCESSOR_NAME, lambda tmp: Path(tmp).write_text(preprocessor, encoding="utf-8"))
     save_tokenizer(model.tokenizer, directory)
     return report
 

@@ -134,9 +134,9 @@ def image_config_from_directory(path: Path) -> ImageConfig | None:
     ``preprocessor_config.json``."""
     values = None
     if (path / PROCESSOR_NAME).is_file():
-        values = json.loads((path / PROCESSOR_NAME).read_text()).get("image_processor")
+        values = json.loads((path / PROCESSOR_NAME).read_text(encoding="utf-8")).get("image_processor")
     if values is None and (path / PREPROCESSOR_NAME).is_file():
-        values = json.loads((path / PREPROCESSOR_NAME).read_text())
+        values = json.loads((path / PREPROCESSOR_NAME).read_text(encoding="utf-8"))
     if values is None:
         return None
     size = values.get("size", {})
@@ -179,7 +179,7 @@ def load_transformers_layout(
     ``device_map``. A ``quantization_config`` (transformers', e.g. ``BitsAndBytesConfig``)
     quantises the LLM as transformers loads it. Returns the model and the report."""
     directory = Path(directory)
-    values = json.loads((directory / CONFIG_NAME).read_text())
+    values = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
     stored = index_checkpoint(directory)
     ours, report = table.to_ours(stored)
     report.raise_if_unmatched(f"transformers {values.get('model_type')} ({directory})")
@@ -223,8 +223,8 @@ def save_transformers_layout(
     config_text = json.dumps(transformers_config, indent=2) + "\n"
     preprocessor = json.dumps(preprocessor_dict(image), indent=2) + "\n"
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
-    atomic_write(directory / PREPROCESSOR_NAME, lambda tmp: Path(tmp).write_text(preprocessor))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text, encoding="utf-8"))
+    atomic_write(directory / PREPROCESSOR_NAME, lambda tmp: Path(tmp).write_text(preprocessor, encoding="utf-8"))
     return report
 
 

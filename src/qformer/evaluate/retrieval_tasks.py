@@ -188,7 +188,7 @@ def evaluate_retrieval_task(model: Any, task: str, data: str | Path, out: str | 
     barrier(world)  # every re-rank file is on disk
     if rank != 0:
         barrier(world)  # rank 0 writes the results
-        return json.loads((out / "results.json").read_text())
+        return json.loads((out / "results.json").read_text(encoding="utf-8"))
     results = _write_results(candidates, rerank, torch.tensor(test.owner), k, out, settings)
     barrier(world)
     return results

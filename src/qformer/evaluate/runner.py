@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 def write_json(path: Path, value: Any) -> None:
     """``value`` as indented JSON at ``path``, written atomically."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1, ensure_ascii=False)))
+    text = json.dumps(value, indent=1, ensure_ascii=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def read_predictions(path: Path, keys: tuple[str, str] = ("question_id", "answer")) -> dict[Any, Any]:
@@ -106,7 +107,7 @@ def evaluate_benchmark(
     barrier(world)
     if rank != 0:
         barrier(world)  # rank 0 writes the results
-        return json.loads((out / "results.json").read_text())
+        return json.loads((out / "results.json").read_text(encoding="utf-8"))
     done = _answered(out, keys)
     predictions = {q.question_id: done[q.question_id] for q in questions}
     write_json(out / "predictions.json", [{keys[0]: k, keys[1]: v} for k, v in predictions.items()])
@@ -171,7 +172,7 @@ def check_settings(path: Path, settings: dict[str, Any], holds: str = "predictio
     if not path.is_file():
         write_json(path, settings)
         return
-    before = json.loads(path.read_text())
+    before = json.loads(path.read_text(encoding="utf-8"))
     changed = [key for key in settings if key != "versions" and before.get(key) != settings[key]]
     if changed:
         raise ValueError(f"{path.parent} holds {holds} with other settings ({', '.join(changed)} differ): {remedy}")

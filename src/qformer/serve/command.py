@@ -63,7 +63,7 @@ def load_served(name: str, device: str | None, dtype: str, gallery: str | None, 
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{name} holds no config.json: expected a model directory (a training run's final/, "
                                 "transformers' BLIP-2, InstructBLIP or Blip2ForImageTextRetrieval, qformer export's)")
-    if stage1_layout_of(json.loads((directory / "config.json").read_text())) is None:
+    if stage1_layout_of(json.loads((directory / "config.json").read_text(encoding="utf-8"))) is None:
         if gallery is not None:  # the stage-2 loader names what it is if not stage 2 either
             raise ValueError(f"--gallery is searched by a stage-1 model; {name} is not one")
         return ServedModel(Blip2.from_pretrained(directory, **options), name)

@@ -167,7 +167,8 @@ class Gallery:
 
     def _refresh_texts(self) -> None:
         file = self.folder / TEXTS_FILE
-        texts = [line.strip() for line in file.read_text().splitlines() if line.strip()] if file.is_file() else []
+        lines = file.read_text(encoding="utf-8").splitlines() if file.is_file() else []
+        texts = [line.strip() for line in lines if line.strip()]
         if texts == self.texts and len(self.text_features) == len(texts):
             return
         features = []
@@ -182,7 +183,7 @@ class Gallery:
         if not manifest_file.is_file():
             return
         try:
-            manifest = json.loads(manifest_file.read_text())
+            manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
             if manifest.get("format") != FORMAT or manifest.get("model") != self.fingerprint:
                 logger.info("gallery index %s is for another model or format: rebuilding it", self.index)
                 return
@@ -202,7 +203,8 @@ class Gallery:
         write_safetensors(self.index / "features.safetensors", tensors)
         manifest = {"format": FORMAT, "model": self.fingerprint, "names": self.names, "texts": self.texts,
                     "entries": self._entries}
-        atomic_write(self.index / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+        text = json.dumps(manifest, indent=1)
+        atomic_write(self.index / "manifest.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _ranked(items: list[str], scores: Tensor, itc: Tensor, top: int) -> list[Hit]:

@@ -347,7 +347,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """A recipe (YAML) plus overrides -> a checked :class:`TrainConfig`."""
-    values = {} if path is None else yaml.safe_load(Path(path).read_text()) or {}
+    values = {} if path is None else yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     return TrainConfig.from_dict(apply_overrides(values, list(overrides)), where="")
 
 

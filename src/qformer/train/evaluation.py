@@ -101,7 +101,7 @@ def _evaluate(config: TrainConfig, checkpoint: Path, out: str | Path | None) -> 
     results = job.evaluate(model)
     target = Path(out) if out else checkpoint / "eval.json"
     text = json.dumps(results, indent=2)
-    atomic_write(target, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     logger.info("%s: %s (written to %s)", checkpoint, ", ".join(
         f"{k} {v}" for k, v in results.items() if isinstance(v, (int, float))), target)
     return results

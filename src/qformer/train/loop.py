@@ -64,13 +64,13 @@ def _logged_step(line: str) -> int | None:
 def _truncate_metrics(path: Path, step: int) -> None:
     """Forget what was logged after the checkpoint a run resumes from (and any line cut short)."""
     if path.is_file():
-        steps = [(line, _logged_step(line)) for line in path.read_text().splitlines()]
+        steps = [(line, _logged_step(line)) for line in path.read_text(encoding="utf-8").splitlines()]
         kept = [line for line, logged in steps if logged is not None and logged <= step]
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept), encoding="utf-8"))
 
 
 def _log_line(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
+    with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -115,7 +115,7 @@ def _opened_by_this_launch(run_dir: Path, runtime: Runtime) -> bool:
     """Whether this torchrun launch opened the run in ``run_dir``: a restart takes over only its
     own run, never one its first start was refused."""
     marker = run_dir / LAUNCH_NAME
-    return marker.is_file() and marker.read_text() == runtime.launch
+    return marker.is_file() and marker.read_text(encoding="utf-8") == runtime.launch
 
 
 def _open_run(config: TrainConfig, resume: bool, overwrite: bool, runtime: Runtime) -> Path | None:
@@ -164,9 +164,9 @@ def _open_run(config: TrainConfig, resume: bool, overwrite: bool, runtime: Runti
             clear_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         text = dump_yaml(config)
-        atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+        atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         if runtime.launch is not None:
-            atomic_write(run_dir / LAUNCH_NAME, lambda tmp: Path(tmp).write_text(runtime.launch))
+            atomic_write(run_dir / LAUNCH_NAME, lambda tmp: Path(tmp).write_text(runtime.launch, encoding="utf-8"))
         if changes:
             logger.info("resuming with %s (recorded in config.yaml)",
                         ", ".join(f"{key} {a!r} -> {b!r}" for key, (a, b) in changes.items()))
@@ -343,7 +343,8 @@ def _evaluate(
         model.train()
     if runtime.is_main:
         record = {"step": step, **results}
-        atomic_write(run_dir / f"eval_step_{step:07d}.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+        text = json.dumps(record, indent=2)
+        atomic_write(run_dir / f"eval_step_{step:07d}.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         # a set named eval gives eval/txt_r1; a named set eval/new_images/txt_r1
         curves = {k if k.startswith("eval/") else f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}
         _log_line(metrics_file, {"step": step, **curves})

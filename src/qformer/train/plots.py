@@ -18,7 +18,7 @@ Panel = tuple[str, list[str]]  # title, the series drawn in it
 def read_series(metrics_file: Path) -> Series:
     """Every logged number by name: (steps, values)."""
     series: Series = {}
-    for line in metrics_file.read_text().splitlines():
+    for line in metrics_file.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         for key, value in record.items():
             if key not in NOT_PLOTTED and isinstance(value, (int, float)) and not isinstance(value, bool):
