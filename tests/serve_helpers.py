@@ -22,6 +22,9 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
+from qformer.blip2 import Blip2
+from qformer.serve.service import ServedModel
+
 
 @contextmanager
 def running(app: FastAPI) -> Iterator[str]:
@@ -120,3 +123,29 @@ async def burst(url: str, images: list[bytes], new_tokens: int) -> list[str]:
 def metric(text: str, name: str) -> float:
     """One sample's value in Prometheus text."""
     return float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[-1])
+
+
+class GatedModel(ServedModel):
+    """The tiny model behind a model call that holds until ``release`` is set, after setting
+    ``entered`` (``sizes``: each call's batch size): the test, not the clock, decides what is
+    queued while the model is busy (a loaded machine may take any time to send a request)."""
+
+    def __init__(self, model: Blip2) -> None:
+        super().__init__(model, "gated")
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.sizes: list[int] = []
+
+    def run_batch(self, key, payloads):
+        self.sizes.append(len(payloads))
+        self.entered.set()
+        self.release.wait()
+        return super().run_batch(key, payloads)
+
+
+def wait_for_queue(url: str, length: int) -> None:
+    """Until the server's queue holds ``length`` requests (its gauge is read at each scrape); 300 s
+    only guards against a hang."""
+    deadline = time.monotonic() + 300
+    while metric(httpx.get(f"{url}/metrics").text, "qformer_queue_length") != length:
+        assert time.monotonic() < deadline, f"the queue never held {length}"
+        time.sleep(0.02)

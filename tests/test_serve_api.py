@@ -20,7 +20,7 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from serve_helpers import burst, gallery_folder, metric, png_bytes, running, serve_process
+from serve_helpers import GatedModel, burst, gallery_folder, metric, png_bytes, running, serve_process, wait_for_queue
 from stage1_helpers import usable_stage1
 
 from qformer import load_tokenizer
@@ -175,37 +175,59 @@ def test_upload_and_pixel_limits(stage2):
 
 
 def test_requests_that_arrive_together_share_a_batch_and_answer_as_alone(blip2):
+    """While the model answers one request, the seven that arrive wait together and then share
+    one model call; every caption is the one its image gets alone."""
     limits = Limits(max_batch=8, max_wait_ms=300, max_new_tokens=8)
     images = [png_bytes(seed) for seed in range(8)]
     alone = [blip2.caption([picture(data)], max_new_tokens=4)[0] for data in images]
-    with running(create_app(ServedModel(blip2, "tiny"), limits)) as url, httpx.Client(base_url=url, timeout=60) as c:
+    model = GatedModel(blip2)
+    with running(create_app(model, limits)) as url, httpx.Client(base_url=url, timeout=300) as c, \
+            ThreadPoolExecutor(8) as pool:
         def ask(data: bytes) -> str:
             response = c.post("/caption", files=image_file(data), data={"max_new_tokens": "4"})
             assert response.status_code == 200, response.text
             return response.json()["caption"]
 
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(ask, images))
+        try:
+            answers = [pool.submit(ask, images[0])]
+            assert model.entered.wait(300)
+            answers += [pool.submit(ask, data) for data in images[1:]]
+            wait_for_queue(url, 7)
+        finally:
+            model.release.set()
+        answers = [answer.result() for answer in answers]
         metrics = c.get("/metrics").text
     assert answers == alone
-    count = metric(metrics, 'qformer_batch_size_count{route="caption"}')
-    total = metric(metrics, 'qformer_batch_size_sum{route="caption"}')
-    assert total == 8 and count < 8, metrics  # fewer model calls than requests
+    assert metric(metrics, 'qformer_batch_size_count{route="caption"}') == 2, metrics  # the first, then the seven
+    assert metric(metrics, 'qformer_batch_size_sum{route="caption"}') == 8
     assert metric(metrics, 'qformer_requests_total{route="caption",status="200"}') == 8
     assert "qformer_queue_length 0.0" in metrics and 'qformer_request_seconds_count{route="caption"} 8.0' in metrics
 
 
 def test_200_concurrent_captions_are_all_answered_in_batches(blip2):
-    """The bounded load test (its speed is bench/bench_serve.py's): 200 requests at once."""
+    """The bounded load test (its speed is bench/bench_serve.py's): 200 requests at once. The
+    first batch holds the model until all the others are queued, which then go in full batches
+    of 16 (the last one less)."""
     images = [png_bytes(seed) for seed in range(200)]
     limits = Limits(max_batch=16, max_wait_ms=10, max_queue=256)
-    with running(create_app(ServedModel(blip2, "tiny"), limits)) as url:
-        answers = asyncio.run(burst(url, images, new_tokens=3))
+    model = GatedModel(blip2)
+    with running(create_app(model, limits)) as url:
+        answers: list[list[str]] = []
+        client = threading.Thread(target=lambda: answers.append(asyncio.run(burst(url, images, new_tokens=3))))
+        client.start()
+        try:
+            assert model.entered.wait(300)
+            first = model.sizes[0]  # those that came within max_wait_ms of the first
+            wait_for_queue(url, 200 - first)
+        finally:
+            model.release.set()
+        client.join(300)
         metrics = httpx.get(f"{url}/metrics").text
-    assert len(answers) == 200 and all(isinstance(answer, str) for answer in answers)
+    assert len(answers[0]) == 200 and all(isinstance(answer, str) for answer in answers[0])
     assert metric(metrics, 'qformer_requests_total{route="caption",status="200"}') == 200
-    calls = metric(metrics, 'qformer_batch_size_count{route="caption"}')
-    assert metric(metrics, 'qformer_batch_size_sum{route="caption"}') == 200 and calls < 200 / 2  # mean batch > 2
+    assert metric(metrics, 'qformer_batch_size_sum{route="caption"}') == 200
+    assert model.sizes == [first] + [16] * ((200 - first) // 16) + ([(200 - first) % 16] if (200 - first) % 16 else [])
+    assert metric(metrics, 'qformer_batch_size_count{route="caption"}') == len(model.sizes)
 
 
 class SlowModel(ServedModel):
@@ -218,29 +240,6 @@ class SlowModel(ServedModel):
     def run_batch(self, key, payloads):
         time.sleep(self.seconds)
         return super().run_batch(key, payloads)
-
-
-class GatedModel(ServedModel):
-    """The tiny model behind a model call that holds until ``release`` is set, after setting
-    ``entered``: the test, not the clock, decides what is queued while the model is busy."""
-
-    def __init__(self, model: Blip2) -> None:
-        super().__init__(model, "gated")
-        self.entered, self.release = threading.Event(), threading.Event()
-
-    def run_batch(self, key, payloads):
-        self.entered.set()
-        self.release.wait()
-        return super().run_batch(key, payloads)
-
-
-def wait_for_queue(url: str, length: int) -> None:
-    """Until the server's queue holds ``length`` requests (its gauge is read at each scrape); 300 s
-    only guards against a hang."""
-    deadline = time.monotonic() + 300
-    while metric(httpx.get(f"{url}/metrics").text, "qformer_queue_length") != length:
-        assert time.monotonic() < deadline, f"the queue never held {length}"
-        time.sleep(0.02)
 
 
 def test_a_full_queue_answers_503_with_retry_after_never_a_hang(blip2):
