@@ -24,6 +24,8 @@ from qformer.convert.transformers_instructblip import TRANSFORMERS_INSTRUCTBLIP
 from qformer.devices import dtype_name, parse_device, parse_dtype
 from qformer.loading import tied_parameters
 
+pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
+
 LLMS = ["opt", "llama", "t5"]
 
 
@@ -82,7 +84,9 @@ def test_meta_build_then_load_equals_eager_build_then_load(saved):
     pixels = torch.randn(2, 3, IMAGE, IMAGE)
     ids = torch.tensor([[1, 5, 6], [1, 7, 8]])
     kwargs = {"labels": ids} if lazy.is_encoder_decoder else {}
-    assert torch.equal(lazy(pixels, ids, **kwargs).logits, eager(pixels, ids, **kwargs).logits)
+    # The tensors are bit-equal (above); the logits equal to rounding: a BLAS may round by a
+    # tensor's alignment in memory (MKL outside its reproducible mode), which loading may change.
+    assert_close(lazy(pixels, ids, **kwargs).logits, eager(pixels, ids, **kwargs).logits)
 
 
 def test_stage1_and_qformer_load_lazily_and_exactly(tmp_path):
