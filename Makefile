@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test test-fast demo bench bench-quick bench-gpu clean
+.PHONY: install test test-fast test-numerics demo bench bench-quick bench-gpu clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The tests marked numerics once per setting of another CPU (threads, vector kernels): tests/numerics_sweep.py
+test-numerics: install
+	$(BIN)/python tests/numerics_sweep.py
 
 demo: install
 	$(BIN)/qformer demo

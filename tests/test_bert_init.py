@@ -7,6 +7,8 @@ from transformers import BertModel
 
 from qformer import QFormer, load_tokenizer
 
+pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
+
 TEXTS = ["The cat sat on the mat.", "two dogs play with a red ball in the park"]
 
 

@@ -17,6 +17,8 @@ from qformer.convert.transformers_blip2 import blip2_config_from_transformers
 from stage1_helpers import tiny_stage1
 from stage2_helpers import IMAGE_TOKEN, save_tiny_blip2
 
+pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
+
 LM_HEAD = {"qformer.lm_head.bias", "qformer.lm_head.dense.bias", "qformer.lm_head.dense.weight",
            "qformer.lm_head.norm.bias", "qformer.lm_head.norm.weight"}
 LAVIS_LLM = {"opt": ("opt_proj", "opt_model"), "t5": ("t5_proj", "t5_model")}

@@ -43,6 +43,8 @@ from qformer.data.transforms import (
 )
 from qformer.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
+
 CONFIG = ImageConfig(size=16)
 EVAL = partial(eval_image, config=CONFIG)
 

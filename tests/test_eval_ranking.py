@@ -25,6 +25,8 @@ from qformer.data.transforms import clean_caption, clean_question
 from qformer.evaluate.ranking_tasks import roc_auc
 from qformer.evaluate.runner import evaluate_benchmark
 
+pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
+
 
 def picture(path: Path, seed: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,7 @@ def photo(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.numerics
 def test_final_loads_in_transformers_and_generates_the_same_tokens(stage2_run, tmp_path):
     variant, run = stage2_run
     final = run / "final"
@@ -92,6 +93,7 @@ def test_final_loads_in_transformers_and_generates_the_same_tokens(stage2_run, t
         assert not any("lora" in key for key in load_file(final / "model.safetensors"))
 
 
+@pytest.mark.numerics
 def test_export_of_the_last_checkpoint_equals_final(stage2_run, tmp_path):
     variant, run = stage2_run
     main(["export", str(run / "step_0000002"), str(tmp_path / "out")])
@@ -168,6 +170,7 @@ def test_image_token_is_reserved_where_the_vocabulary_has_room():
     assert torch.equal(*built)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("stage2_run", ["blip2"], indirect=True)
 def test_eval_of_final_equals_eval_of_the_last_checkpoint(stage2_run, tmp_path):
     _, run = stage2_run

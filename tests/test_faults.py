@@ -58,6 +58,7 @@ def optimizer_steps(run: Path, step: int) -> float:
     return float(state["optimizer"]["state"][0]["step"])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("where, found", [("loss", "loss nan, the gradient norm nan"),
                                           ("gradient", "the gradient norm nan")])
 def test_a_non_finite_step_is_skipped_and_never_applied(tmp_path, monkeypatch, caplog, where, found):
@@ -172,6 +173,7 @@ def finished(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kind", ["truncated weights", "empty trainer.pt", "flipped byte"])
 def test_resume_falls_back_from_a_damaged_checkpoint(finished, tmp_path, caplog, kind):
     """The newest checkpoint damaged: resume warns naming it and why and the one it falls back

@@ -11,6 +11,8 @@ from torch.testing import assert_close
 from qformer.generate import DecodingOptions, qformer_generate
 from qformer.retrieval import caption_images, extract_features, retrieval_recall, retrieval_scores
 
+pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
+
 EOS = 3
 
 

@@ -16,6 +16,8 @@ from qformer.convert.transformers_instructblip import (
 )
 from qformer.models.instructblip import InstructBlipStage2
 
+pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
+
 PROMPTS = ["what colour is the ball", "two", "question : is it a photo of a cat on the mat answer :"]
 TARGETS = ["red ball", "blue", "two cats on a mat"]
 

@@ -8,6 +8,8 @@ from torch.testing import assert_close
 
 from qformer import QFormer, QFormerCache, StateDictMismatchError
 
+pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
+
 B, Q, T, S = 2, 4, 6, 5
 
 

@@ -13,6 +13,8 @@ from stage1_helpers import tiny_stage1_config
 from qformer.generate import DecodingOptions, qformer_generate
 from qformer.models.blip2 import Blip2Stage1
 
+pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
+
 FIXTURE = Path(__file__).parent / "data" / "lavis_qformer_captions"
 CASES = json.loads((FIXTURE / "cases.json").read_text())
 

@@ -9,6 +9,8 @@ from torch.testing import assert_close
 from qformer.losses import HardNegatives, positives_mask, sample_hard_negatives
 from qformer.stage1 import Stage1Objective
 
+pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
+
 B = 4
 
 

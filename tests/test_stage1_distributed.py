@@ -67,6 +67,7 @@ def single_process(with_ids: bool):
     return torch.stack([out.itc, out.itm, out.itg]).detach(), grads
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("with_ids", [False, True])
 def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path, with_ids):
     results = run_two_processes(tmp_path, fixed=True, with_ids=with_ids)

@@ -11,6 +11,8 @@ from transformers import Blip2ForConditionalGeneration
 from qformer.blip2 import Blip2
 from qformer.data.text import decoder_only_batch, encoder_decoder_batch, prefix_lm_split
 
+pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
+
 PROMPTS = ["a photo of", "what colour is the ball", "two"]
 
 

@@ -84,6 +84,7 @@ def test_run_writes_checkpoints_metrics_and_plots(tmp_path):
     assert torch.equal(final.state_dict()["query_tokens"], trained["query_tokens"])
 
 
+@pytest.mark.numerics
 def test_resumed_run_reaches_the_same_weights(tmp_path):
     whole, part = tmp_path / "whole", tmp_path / "part"
     train(tiny(whole))
@@ -287,6 +288,7 @@ def test_shards_train_count_skipped_and_evaluate(tmp_path):
     assert evaluation["eval/pairs"] == 5 and 0 <= evaluation["eval/txt_r1"] <= 100
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resumed_shard_run_reaches_the_same_weights(tmp_path, workers):
     """Stopped after step 3 and resumed, a shard run skips to its place in the epoch and ends

@@ -14,6 +14,8 @@ from qformer.convert.qformer_layouts import (
     qformer_to_transformers,
 )
 
+pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
+
 CONFIGS = {
     # name: (hidden, heads, layers, cross frequency, image width, queries)
     "freq2": (32, 4, 4, 2, 24, 8),
