@@ -1,5 +1,8 @@
 """The Q-Former's own behaviour: masks, cache, gradients, outputs, errors, checkpoints."""
 
+import os
+import stat
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -396,6 +399,19 @@ def test_save_and_load_round_trip(tmp_path):
     kwargs = dict(input_ids=ids, query_embeds=queries, encoder_hidden_states=image, is_decoder=True)
     assert_close(loaded(**kwargs).logits, model(**kwargs).logits, rtol=0, atol=0)
 
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077, 0o000])
+def test_a_checkpoint_has_the_modes_of_files_written_in_place(tmp_path, umask):
+    """Each file saved gets 0666 less the umask, as ``open`` would give it, not mkstemp's 0600:
+    a checkpoint trained by one user is read by a server or a colleague of the group."""
+    old = os.umask(umask)
+    try:
+        tiny_qformer().save_pretrained(tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt").iterdir()}
+    assert modes == {"config.json": 0o666 & ~umask, "model.safetensors": 0o666 & ~umask}
 
 def test_strict_loading_names_every_bad_key():
     model = tiny_qformer()

@@ -1,7 +1,9 @@
 """The page of ``qformer serve`` in a real headless Chromium (selenium + chromedriver), against a real
 server on loopback with tiny models: a caption (whole and streamed), questions and their history,
 a gallery search, a match, a broken file, a file over the limit, no answer from the server, and a
-phone-sized screen. Screenshots go to $QFORMER_SCREENSHOTS (default test-screenshots/ at the repo root)."""
+phone-sized screen. Screenshots go to $QFORMER_SCREENSHOTS (relative to the repo root, e.g.
+test-screenshots/, which git ignores) when set, else to a pytest temporary folder: a test does not
+write into the source tree unless asked to."""
 
 from __future__ import annotations
 
@@ -108,9 +110,13 @@ def no_script_errors(browser: webdriver.Chrome) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def shots() -> Path:
-    """The folder the screenshots are left in for people to look at."""
-    folder = Path(os.environ.get("QFORMER_SCREENSHOTS", "test-screenshots"))
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder the screenshots are left in for people to look at: $QFORMER_SCREENSHOTS when
+    set, else a temporary one (the source tree may be read-only, or shared by other checkouts)."""
+    chosen = os.environ.get("QFORMER_SCREENSHOTS")
+    if not chosen:
+        return tmp_path_factory.mktemp("screenshots")
+    folder = Path(chosen)
     folder = folder if folder.is_absolute() else ROOT / folder
     folder.mkdir(parents=True, exist_ok=True)
     return folder

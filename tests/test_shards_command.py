@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import stat
 import tarfile
 from pathlib import Path
 
@@ -170,6 +172,19 @@ def test_two_workers_write_the_same_bytes_as_one(data_set, tmp_path):
     for name in names:
         assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
 
+
+
+@pytest.mark.parametrize("umask", [0o027, 0o000])
+def test_every_file_has_the_mode_the_umask_gives(data_set, tmp_path, umask):
+    """The tars, tables and manifest written by the worker processes and the parent get 0666
+    less the umask of the command, as files written in place would (not mkstemp's 0600)."""
+    old = os.umask(umask)
+    try:
+        shards(data_set / "captions.jsonl", tmp_path / "out", "--samples-per-shard", "4", "--workers", "2")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert len(modes) > 3 and set(modes.values()) == {0o666 & ~umask}, modes
 
 def test_keep_bytes_keeps_a_png_as_it_is(data_set, tmp_path):
     shards(data_set / "captions.jsonl", tmp_path / "out", "--keep-bytes", "--workers", "1")

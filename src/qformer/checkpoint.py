@@ -30,14 +30,28 @@ class StateDictMismatchError(ValueError):
     """A state dict does not fit a model: lists every missing, unexpected and mis-shaped key."""
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a reader never sees half a file."""
+def new_file_mode() -> int:
+    """The permissions a file newly created here gets (0666 less the umask), read by setting the
+    umask and putting it back (Python cannot read it otherwise)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], mode: int | None = None) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: a reader never sees half a file.
+
+    The file gets ``mode``, by default :func:`new_file_mode`, as if written in place: mkstemp's
+    0600, whatever the umask, kept a checkpoint from the group that was meant to read it (a server
+    run by another user, a shared disk) while the tokenizer files beside it were readable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = new_file_mode() if mode is None else mode
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

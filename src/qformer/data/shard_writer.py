@@ -21,10 +21,9 @@ import importlib.util
 import io
 import json
 import logging
-import os
 import re
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from typing import Any
 
 from PIL import Image
 
-from qformer.checkpoint import atomic_write
+from qformer.checkpoint import atomic_write, new_file_mode
 from qformer.data.datasets import CaptionRecord, read_captions
 from qformer.data.image_files import MAX_IMAGE_PIXELS
 from qformer.data.shards import write_tar_shard
@@ -163,25 +162,9 @@ def shard_name(index: int, options: ShardOptions) -> str:
     return f"{index:0{options.shard_digits}d}"
 
 
-def file_mode() -> int:
-    """The permissions a new file gets here (0666 less the umask)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _write(path: Path, write: Callable[[str], object], mode: int) -> None:
-    """``atomic_write`` with the file's permissions set to ``mode`` before it is renamed."""
-    def write_and_chmod(tmp: str) -> None:
-        write(tmp)
-        os.chmod(tmp, mode)
-
-    atomic_write(path, write_and_chmod)
-
-
 def _write_json(path: Path, value: Any, mode: int) -> None:
     text = json.dumps(value, indent=1, ensure_ascii=False) + "\n"
-    _write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), mode)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), mode)
 
 
 def _write_parquet(path: Path, rows: list[dict[str, str]], mode: int) -> None:
@@ -192,7 +175,7 @@ def _write_parquet(path: Path, rows: list[dict[str, str]], mode: int) -> None:
     columns = ("key", "status", "error_message", "caption", "path", "image_id")
     schema = pa.schema([(name, pa.string()) for name in columns])
     table = pa.Table.from_pylist(rows, schema=schema)
-    _write(path, lambda tmp: pq.write_table(table, tmp), mode)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp), mode)
 
 
 def write_shard(index: int, images: Sequence[ImageEntry], options: ShardOptions) -> ShardResult:
@@ -221,7 +204,7 @@ def write_shard(index: int, images: Sequence[ImageEntry], options: ShardOptions)
             meta = {"key": key, "image_id": entry.image_id, "path": entry.path, "captions": list(entry.captions)}
             yield {"__key__": key, extension: data, "txt": entry.captions[0], "json": meta}
 
-    _write(options.out / result.name, lambda tmp: write_tar_shard(tmp, samples()), options.mode)
+    atomic_write(options.out / result.name, lambda tmp: write_tar_shard(tmp, samples()), options.mode)
     if options.parquet:
         _write_parquet(options.out / f"{name}.parquet", rows, options.mode)
     statuses = Counter(row["status"] if row["error_message"] is None else row["error_message"] for row in rows)
@@ -315,7 +298,7 @@ def write_shards(
     chunks = [images[start:start + samples_per_shard] for start in range(0, len(images), samples_per_shard)]
     options = ShardOptions(out, root, keep_bytes, jpeg_quality, max_image_pixels,
                            max(SHARD_DIGITS, len(str(len(chunks) - 1))), len(str(samples_per_shard - 1)),
-                           parquet_available(), file_mode())
+                           parquet_available(), new_file_mode())
     results = _run(chunks, options, min(workers, len(chunks)))
     summary = ShardsSummary(out, results, options.parquet)
     for entry in summary.skipped[:5]:
