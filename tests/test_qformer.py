@@ -413,6 +413,7 @@ def test_a_checkpoint_has_the_modes_of_files_written_in_place(tmp_path, umask):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt").iterdir()}
     assert modes == {"config.json": 0o666 & ~umask, "model.safetensors": 0o666 & ~umask}
 
+
 def test_strict_loading_names_every_bad_key():
     model = tiny_qformer()
     state = model.state_dict()

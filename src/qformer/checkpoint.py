@@ -31,10 +31,15 @@ class StateDictMismatchError(ValueError):
 
 
 def new_file_mode() -> int:
-    """The permissions a file newly created here gets (0666 less the umask), read by setting the
-    umask and putting it back (Python cannot read it otherwise)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
+    """The permissions a file newly created here gets (0666 less the umask). Linux reports the
+    umask in /proc/self/status; elsewhere it is read by setting it and putting it back, which
+    for an instant gives another thread's new file the umask 022."""
+    try:
+        status = Path("/proc/self/status").read_text(encoding="utf-8")
+        umask = next(int(line.split()[1], 8) for line in status.splitlines() if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        umask = os.umask(0o022)
+        os.umask(umask)
     return 0o666 & ~umask
 
 
