@@ -30,10 +30,10 @@ SETTINGS: dict[str, dict[str, str]] = {
 }
 
 
-def run_setting(name: str, pytest_args: list[str]) -> subprocess.CompletedProcess:
-    """pytest on ``pytest_args`` (default: every test marked ``numerics``) under setting
-    ``name``, offline, its output captured."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **SETTINGS[name]}
+def run_setting(setting: dict[str, str], pytest_args: list[str]) -> subprocess.CompletedProcess:
+    """pytest on ``pytest_args`` (default: every test marked ``numerics``) with the environment
+    variables ``setting``, offline, its output captured."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **setting}
     env.pop("PYTEST_ADDOPTS", None)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(pytest_args or ["-m", "numerics"])]
     return subprocess.run(command, cwd=TESTS.parent, env=env, stdin=subprocess.DEVNULL, capture_output=True,
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
     """Every setting in turn; the last line of each run's summary, then the failures' output."""
     failed = []
     for name in SETTINGS:
-        result = run_setting(name, argv)
+        result = run_setting(SETTINGS[name], argv)
         summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "(no output)"
         print(f"{name:>18}: {summary}", flush=True)
         if result.returncode != 0:
