@@ -1,4 +1,13 @@
 import os
+import sys
+from pathlib import Path
+
+# The tests test this checkout's library, in this process and in every child they start
+# (torchrun, `python -m qformer`), whichever qformer the environment has installed (another
+# checkout's editable install, a release).
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+sys.path.insert(0, SRC)
+os.environ["PYTHONPATH"] = os.pathsep.join([SRC, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 # The tests run offline whatever the shell exported (HF_HUB_OFFLINE=0 made a missing model path a
 # hub download, and a one-line error a connection error), set before transformers reads them.
@@ -12,8 +21,6 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "G
                       "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 for name in [n for n in os.environ if n in TORCHRUN_VARIABLES or n.startswith("TORCHELASTIC_")]:
     del os.environ[name]
-
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
