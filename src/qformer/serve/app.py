@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qformer import __version__
 from qformer.serve.batching import Batcher, QueueFull
+from qformer.serve.docs import add_docs
 from qformer.serve.metrics import Metrics
 from qformer.serve.limits import Limits
 from qformer.serve.service import VQA_PROMPT, Generation, Match, Search, ServedModel
@@ -245,8 +246,9 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
         yield
         await batcher.stop()  # uvicorn has let the requests in flight finish; what is queued runs too
 
-    app = FastAPI(title="qformer", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="qformer", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"BLIP-2 model {served.name} ({served.kind}): routes {', '.join(served.routes)}")
+    add_docs(app)  # FastAPI's /docs and /redoc load their scripts from a CDN: these are served from here
     app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
     app.add_middleware(Counted, metrics=metrics)  # outermost: it counts the 413s too
 
@@ -418,4 +420,4 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
 
 
 KNOWN_ROUTES = ("page", "caption", "vqa", "match", "search", "gallery", "info", "healthz", "metrics", "docs",
-                "openapi.json")
+                "redoc", "docs-assets", "openapi.json")
