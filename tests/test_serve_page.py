@@ -1,9 +1,10 @@
 """The page of ``qformer serve`` in a real headless Chromium (selenium + chromedriver), against a real
 server on loopback with tiny models: a caption (whole and streamed), questions and their history,
-a gallery search, a match, a broken file, a file over the limit, no answer from the server, and a
-phone-sized screen. Screenshots go to $QFORMER_SCREENSHOTS (relative to the repo root, e.g.
-test-screenshots/, which git ignores) when set, else to a pytest temporary folder: a test does not
-write into the source tree unless asked to."""
+a gallery search, a match, a broken file, a file over the limit, no answer from the server, a
+phone-sized screen, and /docs and /redoc drawn with no host but the server reachable. Screenshots
+go to $QFORMER_SCREENSHOTS (relative to the repo root, e.g. test-screenshots/, which git ignores)
+when set, else to a pytest temporary folder: a test does not write into the source tree unless
+asked to."""
 
 from __future__ import annotations
 
@@ -81,11 +82,14 @@ def stage1_url(tmp_path_factory, minilm_path) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[webdriver.Chrome]:
-    """One headless Chromium for the module, 1280 x 900 (the phone test narrows it)."""
+    """One headless Chromium for the module, 1280 x 900 (the phone test narrows it), that can reach
+    no host but 127.0.0.1: a page that loaded anything from elsewhere (a CDN) would fail here as it
+    does offline."""
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1280,900", "--hide-scrollbars"):
+                     "--window-size=1280,900", "--hide-scrollbars",
+                     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     try:
@@ -413,3 +417,22 @@ def test_phone_screen(browser, stage2_url, stage1_url, pictures, shots, capsys):
             snap(browser, shots, name, capsys)
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_docs_and_redoc_render_from_this_server_alone(browser, stage2_url, shots, capsys):
+    """/docs draws Swagger UI and /redoc ReDoc, with the routes, from files the server sends: the
+    browser reaches no other host, and every file the pages loaded came from the server, but for
+    the Redocly logo that ReDoc's script asks for (it hides itself when that fails)."""
+    browser.get(stage2_url + "/docs")
+    wait(browser, lambda: {"/caption", "/vqa"} <= {path.text for path in browser.find_elements(
+        By.CSS_SELECTOR, ".swagger-ui .opblock-summary-path")}, "Swagger UI never listed /caption and /vqa")
+    snap(browser, shots, "docs", capsys)
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map((entry) => entry.name)")
+    assert loaded and all(url.startswith(stage2_url + "/") for url in loaded), loaded
+    browser.get(stage2_url + "/redoc")
+    wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, ".redoc-wrap") and "/caption" in browser.page_source,
+         "ReDoc never showed /caption")
+    snap(browser, shots, "redoc", capsys)
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map((entry) => entry.name)")
+    outside = [url for url in loaded if not url.startswith(stage2_url + "/")]
+    assert len(loaded) > len(outside) and set(outside) <= {"https://cdn.redoc.ly/redoc/logo-mini.svg"}, loaded
