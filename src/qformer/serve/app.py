@@ -25,6 +25,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,7 +33,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qformer import __version__
 from qformer.serve.batching import Batcher, QueueFull
-from qformer.serve.docs import add_docs
 from qformer.serve.metrics import Metrics
 from qformer.serve.limits import Limits
 from qformer.serve.service import VQA_PROMPT, Generation, Match, Search, ServedModel
@@ -246,9 +246,10 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
         yield
         await batcher.stop()  # uvicorn has let the requests in flight finish; what is queued runs too
 
-    app = FastAPI(title="qformer", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description=f"BLIP-2 model {served.name} ({served.kind}): routes {', '.join(served.routes)}")
-    add_docs(app)  # FastAPI's /docs and /redoc load their scripts from a CDN: these are served from here
+    # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from this server
+    # (under /docs-assets), not from a CDN, so that they work where the server has no internet.
+    app = FastAPIOffline(title="qformer", version=__version__, lifespan=lifespan, static_url="/docs-assets",
+                         description=f"BLIP-2 model {served.name} ({served.kind}): routes {', '.join(served.routes)}")
     app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
     app.add_middleware(Counted, metrics=metrics)  # outermost: it counts the 413s too
 
