@@ -159,6 +159,15 @@ def preprocessor_dict(image: ImageConfig) -> dict[str, Any]:
     }
 
 
+def processor_dict(processor_class: str, image: ImageConfig, num_query_tokens: int) -> dict[str, Any]:
+    """``processor_config.json`` as transformers 5 writes it for ``processor_class``
+    (``Blip2Processor``, ``InstructBlipProcessor``): the image processor nested, and
+    ``num_query_tokens``, without which the processor puts no ``<image>`` token in the text and
+    transformers' model then silently drops the image."""
+    return {"processor_class": processor_class, "num_query_tokens": num_query_tokens,
+            "image_processor": preprocessor_dict(image)}
+
+
 def load_transformers_layout(
     directory: str | Path,
     table: RenameTable,
@@ -208,10 +217,12 @@ def load_transformers_layout(
 
 
 def save_transformers_layout(
-    model: nn.Module, table: RenameTable, transformers_config: dict[str, Any], image: ImageConfig, directory: str | Path
+    model: nn.Module, table: RenameTable, transformers_config: dict[str, Any], image: ImageConfig, directory: str | Path,
+    processor_class: str,
 ) -> ConversionReport:
     """Write ``config.json``, ``model.safetensors`` (keys through ``table``, one tensor per tied
-    group) and ``preprocessor_config.json``, each file atomically."""
+    group), ``processor_config.json`` (``processor_class``, see :func:`processor_dict`) and, for
+    readers older than transformers 5, ``preprocessor_config.json``, each file atomically."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -222,9 +233,12 @@ def save_transformers_layout(
     tensors = {k: v.detach().contiguous().cpu() for k, v in theirs.items()}
     config_text = json.dumps(transformers_config, indent=2) + "\n"
     preprocessor = json.dumps(preprocessor_dict(image), indent=2) + "\n"
+    processor = json.dumps(processor_dict(processor_class, image, transformers_config["num_query_tokens"]),
+                           indent=2) + "\n"
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text, encoding="utf-8"))
     atomic_write(directory / PREPROCESSOR_NAME, lambda tmp: Path(tmp).write_text(preprocessor, encoding="utf-8"))
+    atomic_write(directory / PROCESSOR_NAME, lambda tmp: Path(tmp).write_text(processor, encoding="utf-8"))
     return report
 
 
@@ -240,4 +254,4 @@ def load_transformers_blip2(directory: str | Path, model_cls: type, **options: A
 def save_transformers_blip2(model: nn.Module, config: Blip2Config, directory: str | Path) -> ConversionReport:
     """transformers' ``Blip2ForConditionalGeneration`` directory (see :func:`save_transformers_layout`)."""
     return save_transformers_layout(model, TRANSFORMERS_BLIP2, blip2_config_to_transformers(config), config.image,
-                                    directory)
+                                    directory, "Blip2Processor")

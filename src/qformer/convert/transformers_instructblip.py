@@ -77,4 +77,4 @@ def load_transformers_instructblip(
 def save_transformers_instructblip(model: nn.Module, config: Blip2Config, directory: str | Path) -> ConversionReport:
     """transformers' ``InstructBlipForConditionalGeneration`` directory, each file atomically."""
     return save_transformers_layout(model, TRANSFORMERS_INSTRUCTBLIP, instructblip_config_to_transformers(config),
-                                    config.image, directory)
+                                    config.image, directory, "InstructBlipProcessor")
