@@ -1,5 +1,6 @@
 """Tiny transformers BLIP-2 models (OPT and T5) and a tiny word-level tokenizer, built here."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -12,6 +13,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     T5Config,
 )
+
+from qformer.tokenizer import CALL_KWARGS
 
 IMAGE = 28
 QUERIES = 4
@@ -90,3 +93,18 @@ def with_image_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor):
     batch = input_ids.shape[0]
     image = torch.full((batch, QUERIES), IMAGE_TOKEN, dtype=torch.long)
     return torch.cat([image, input_ids], 1), torch.cat([torch.ones(batch, QUERIES, dtype=torch.long), attention_mask], 1)
+
+
+def call_state(directory: Path) -> dict:
+    """What a tokenizer saved in ``directory`` remembers of past calls: tokenizer.json's
+    truncation and padding (which plain ``tokenizers`` clients apply to every text) and call
+    arguments in tokenizer_config.json (which processors take as their defaults). Empty when
+    it was saved clean, and otherwise what a failing assertion should show."""
+    core = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    state = {name: config[name] for name in sorted(CALL_KWARGS & config.keys())}
+    if core.truncation is not None:
+        state["tokenizer.json truncation"] = core.truncation
+    if core.padding is not None:
+        state["tokenizer.json padding"] = core.padding
+    return state

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     Blip2ForConditionalGeneration,
     InstructBlipForConditionalGeneration,
     LlamaConfig,
@@ -23,7 +24,7 @@ from transformers import (
 from qformer.blip2 import Blip2, InstructBlip, reserve_image_token
 from qformer.cli import main
 from qformer.data.transforms import eval_transform
-from stage2_helpers import IMAGE_TOKEN, tiny_blip2_config, tiny_tokenizer, with_image_tokens
+from stage2_helpers import IMAGE_TOKEN, call_state, tiny_blip2_config, tiny_tokenizer, with_image_tokens
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 SIZE = 32  # the tiny recipe's image size (the transformers default would be 224)
@@ -105,6 +106,20 @@ def test_export_of_the_last_checkpoint_equals_final(stage2_run, tmp_path):
         assert (tmp_path / "out" / "qformer_tokenizer" / "tokenizer_config.json").is_file()
     main(["export", str(run), str(tmp_path / "out"), "--overwrite"])  # a run folder: its last checkpoint
     assert not list(tmp_path.glob(".staging_*")) and not list(tmp_path.glob(".old_*"))
+
+
+def test_final_and_export_tokenizers_carry_no_call_state(stage1_run, stage2_run, tmp_path):
+    """Training tokenizes with truncation and padding (at 12 here): none of it is saved, so that
+    transformers' processors and plain tokenizers clients read final/ and exports as we do."""
+    variant, run = stage2_run
+    main(["export", str(run), str(tmp_path / "out")])
+    folders = [stage1_run / "final", run / "final", tmp_path / "out"]
+    if variant == "instruct":
+        folders += [run / "final" / "qformer_tokenizer", tmp_path / "out" / "qformer_tokenizer"]
+    for folder in folders:
+        assert call_state(folder) == {}, folder
+    assert AutoTokenizer.from_pretrained(str(stage1_run / "final")).bos_token == "[DEC]"
+    assert AutoTokenizer.from_pretrained(str(run / "final")).convert_tokens_to_ids("<image>") == IMAGE_TOKEN
 
 
 @pytest.mark.parametrize("stage2_run", ["blip2"], indirect=True)

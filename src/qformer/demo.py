@@ -49,6 +49,7 @@ from qformer.data.scenes import (
 )
 from qformer.data.transforms import eval_image
 from qformer.models.vision import EvaViT
+from qformer.tokenizer import save_tokenizer
 from qformer.train.config import TrainConfig
 from qformer.train.loop import train
 
@@ -227,7 +228,7 @@ def train_caption_lm(directory: Path, steps: int, seed: int, log) -> Path:
         if step % 100 == 0 or step == steps:
             log(f"  language model step {step}: loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)")
     model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    save_tokenizer(tokenizer, directory)
     return directory
 
 
