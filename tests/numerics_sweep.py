@@ -18,7 +18,7 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 
-# Each setting narrows or widens what this CPU would do by default. ATEN_CPU_CAPABILITY picks
+# Each setting narrows what this CPU would do by default, or splits the work over other threads. ATEN_CPU_CAPABILITY picks
 # PyTorch's own vectorised kernels ("default": none); oneDNN and MKL (matrix products,
 # convolutions) are narrowed by their own variables. A setting can only narrow: on a CPU
 # without AVX-512, "avx2" is what it does anyway.
