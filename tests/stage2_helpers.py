@@ -37,6 +37,7 @@ def tiny_tokenizer(add_bos: bool) -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
                                         bos_token="</s>" if add_bos else None, unk_token="<unk>")
     tokenizer.add_tokens(["\n"], special_tokens=False)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)  # as the released models' tokenizers have it
     return tokenizer
 
 

@@ -26,6 +26,16 @@ def tiny_blip2_dir(directory: Path) -> dict:
     return {}
 
 
+def tiny_blip2_export(directory: Path) -> dict:
+    """What qformer export writes, from a tiny transformers BLIP-2 with OPT."""
+    from qformer import Blip2
+    from stage2_helpers import save_tiny_blip2
+
+    save_tiny_blip2(directory.parent / "source", "opt")
+    Blip2.from_pretrained(directory.parent / "source").save_pretrained(directory)
+    return {}
+
+
 def tiny_instructblip_dir(directory: Path) -> dict:
     from stage2_helpers import tiny_tokenizer
     from test_instructblip import tiny_transformers_instructblip
@@ -74,6 +84,9 @@ SETUPS = {
     "from qformer.retrieval import search": (tiny_stage1_run, []),
     "from qformer import Blip2\nmodel = Blip2.from_pretrained(\"path/to/blip2-opt-2.7b\"": (tiny_blip2_dir, [
         ("path/to/blip2-opt-2.7b", "{dir}"), ('device="cuda"', 'device="cpu"'),
+    ]),
+    "from transformers import AutoProcessor, Blip2ForConditionalGeneration, pipeline": (tiny_blip2_export, [
+        ("models/blip2-mine", "{dir}"),
     ]),
     "from qformer import Blip2\nmodel = Blip2.from_pretrained(\"path/to/instructblip": (tiny_instructblip_dir, [
         ("path/to/instructblip-flan-t5-xl", "{dir}"),

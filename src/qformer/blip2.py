@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from qformer.checkpoint import load_state_dict_strict
+from qformer.checkpoint import atomic_write, load_state_dict_strict
 from qformer.config import Blip2Config
 from qformer.convert.transformers_blip2 import load_transformers_blip2, save_transformers_blip2
 from qformer.convert.transformers_instructblip import load_transformers_instructblip, save_transformers_instructblip
@@ -25,7 +25,7 @@ from qformer.models.blip2 import Blip2Stage1, Blip2Stage2
 from qformer.models.instructblip import InstructBlipStage2
 from qformer.models.qformer import QFormer
 from qformer.stage1_pretrained import stage1_layout_of
-from qformer.tokenizer import directory_tokenizer, save_tokenizer
+from qformer.tokenizer import directory_tokenizer, save_tokenizer, without_call_state
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ CAPTION_DEFAULTS = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1}
 VQA_DEFAULTS = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
 ImageInput = str | Path | Image.Image
 IMAGE_TOKEN = "<image>"  # transformers' placeholder for the queries in the LLM's input
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 
 def reserve_image_token(tokenizer: PreTrainedTokenizerBase, language_model: PreTrainedModel) -> int:
@@ -113,11 +114,31 @@ class Blip2(Blip2Stage2):
         """BLIP-2 has one tokenizer (InstructBLIP adds the Q-Former's)."""
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """transformers' layout (``Blip2ForConditionalGeneration.from_pretrained`` loads it),
-        with the tokenizer; every file is written atomically."""
+        """transformers' layout (``Blip2ForConditionalGeneration.from_pretrained`` loads it), with
+        the tokenizer and ``generation_config.json``; every file is written atomically.
+
+        The stop ids go into ``text_config.eos_token_id`` as well: transformers' BLIP-2 and
+        InstructBLIP ``generate`` hand the work to the LLM's ``generate``, whose defaults come
+        from the text config, not from the top-level ``generation_config.json``, so that is where
+        transformers' ``generate``, its pipelines and ``qformer caption`` all read the same stops
+        (the released OPT models hold "\n" there for the same reason)."""
         directory = Path(directory)
-        save_transformers_blip2(self, self.config, directory)
+        clean = None if self.tokenizer is None else without_call_state(self.tokenizer)  # leaves ours as it is
+        stops = self.stop_token_ids(clean)
+        text_config = {**self.config.text_config}
+        if stops:
+            text_config["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+        self.save_layout(self.config.replace(text_config=text_config), directory)
+        generation = self.caption_generation_config(clean).to_json_string(use_diff=True)
+        atomic_write(directory / GENERATION_CONFIG_NAME, lambda tmp: Path(tmp).write_text(generation, encoding="utf-8"))
         save_tokenizer(self.tokenizer, directory)
+        self.save_extra_tokenizers(directory)
+
+    def save_layout(self, config: Blip2Config, directory: Path) -> None:
+        save_transformers_blip2(self, config, directory)
+
+    def save_extra_tokenizers(self, directory: Path) -> None:
+        """BLIP-2 has one tokenizer (InstructBLIP adds the Q-Former's)."""
 
     @classmethod
     def from_stage1(
@@ -173,14 +194,41 @@ class Blip2(Blip2Stage2):
             raise ValueError("this model has no tokenizer: pass tokenizer= or load a directory that has one")
         return self.tokenizer
 
-    def stop_token_ids(self) -> list[int]:
-        """The LLM's eos, and the last token of ``config.text_suffix`` ("\\n" for OPT)."""
-        tokenizer = self._tokenizer()
-        ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase | None = None) -> list[int]:
+        """Where generation stops: the LLM config's ``eos_token_id`` (one id or a list, as
+        transformers reads it; the tokenizer's eos where the config names none) and, for a
+        decoder-only LLM, the last token of ``config.text_suffix``: "\\n" for OPT, which BLIP-2
+        appends to every caption it trains on and the released OPT models name as their eos.
+        A directory whose config omits it still stops there here; :meth:`save_pretrained` writes
+        the whole list into the config, so that transformers stops at the same ids. Without a
+        tokenizer (a conversion given none), the config's ids alone. ``tokenizer`` finds the
+        suffix's id (default: the model's, whose truncation and padding from a past call any call
+        resets)."""
+        configured = self.config.text_config.get("eos_token_id")
+        ids = list(configured) if isinstance(configured, list) else [] if configured is None else [configured]
+        tokenizer = tokenizer or self.tokenizer
+        if tokenizer is None:
+            return ids
+        if not ids and tokenizer.eos_token_id is not None:
+            ids = [tokenizer.eos_token_id]
         if self.config.text_suffix and not self.is_encoder_decoder:
             suffix = tokenizer(self.config.text_suffix, add_special_tokens=False).input_ids
-            ids += suffix[-1:]
+            ids += [i for i in suffix[-1:] if i not in ids]
         return ids
+
+    def caption_generation_config(self, tokenizer: PreTrainedTokenizerBase | None = None) -> GenerationConfig:
+        """``qformer caption``'s decoding (:data:`CAPTION_DEFAULTS`, the stop ids, the padding and
+        start ids) as transformers' ``GenerationConfig``, which :meth:`save_pretrained` writes as
+        ``generation_config.json``. transformers' BLIP-2 ``generate`` does not read the model's
+        own (it calls the LLM's): pass it, ``model.generate(**inputs,
+        generation_config=model.generation_config)``, or to a pipeline call, to decode as
+        ``qformer caption`` does. ``tokenizer`` as :meth:`stop_token_ids`."""
+        tokenizer = tokenizer or self.tokenizer
+        text = self.config.text_config
+        starts = {"decoder_start_token_id": text.get("decoder_start_token_id")} if self.is_encoder_decoder else {}
+        pad = text.get("pad_token_id") if tokenizer is None else tokenizer.pad_token_id
+        return GenerationConfig(**CAPTION_DEFAULTS, eos_token_id=self.stop_token_ids(tokenizer), pad_token_id=pad,
+                                bos_token_id=text.get("bos_token_id"), **starts)
 
     def generate_text(self, images: Sequence[ImageInput], prompts: Sequence[str], **generation: Any) -> list[str]:
         """One prompt per image; returns the decoded new text."""
@@ -280,11 +328,10 @@ class InstructBlip(Blip2, InstructBlipStage2):
         if (folder / "tokenizer_config.json").is_file():
             self.qformer_tokenizer = AutoTokenizer.from_pretrained(str(folder), truncation_side="left")
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """transformers' InstructBLIP layout, with both tokenizers; files written atomically."""
-        directory = Path(directory)
-        save_transformers_instructblip(self, self.config, directory)
-        save_tokenizer(self.tokenizer, directory)
+    def save_layout(self, config: Blip2Config, directory: Path) -> None:
+        save_transformers_instructblip(self, config, directory)
+
+    def save_extra_tokenizers(self, directory: Path) -> None:
         save_tokenizer(self.qformer_tokenizer, directory / "qformer_tokenizer")
 
     def instruction(self, prompts: Sequence[str]) -> dict[str, Any]:

@@ -47,9 +47,11 @@ from qformer.convert.qformer_layouts import BERT_FIELDS
 from qformer.convert.rename import ConversionReport, RenameTable
 from qformer.convert.transformers_blip2 import (
     PREPROCESSOR_NAME,
+    PROCESSOR_NAME,
     blip2_config_from_transformers,
     image_config_from_directory,
     preprocessor_dict,
+    processor_dict,
 )
 from qformer.devices import DTYPES
 from qformer.loading import tied_parameters
@@ -282,8 +284,9 @@ def align_ln_vision_eps(model: Model) -> ConversionReport:
 
 
 def save_transformers_stage1(model: Blip2Stage1, directory: str | Path) -> ConversionReport:
-    """``config.json`` and ``model.safetensors`` of a ``Blip2ForImageTextRetrieval``, each
-    written atomically; the report lists what that layout has no place for."""
+    """``config.json``, ``model.safetensors``, the processor's configs and the tokenizer of a
+    ``Blip2ForImageTextRetrieval``, each written atomically; the report lists what that layout
+    has no place for."""
     directory = Path(directory)
     report = align_ln_vision_eps(model)
     theirs, dropped = stage1_to_transformers(model)
@@ -293,7 +296,9 @@ def save_transformers_stage1(model: Blip2Stage1, directory: str | Path) -> Conve
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     preprocessor = json.dumps(preprocessor_dict(model.config.image), indent=2) + "\n"
+    processor = json.dumps(processor_dict("Blip2Processor", model.config.image, None), indent=2) + "\n"
     atomic_write(directory / PREPROCESSOR_NAME, lambda tmp: Path(tmp).write_text(preprocessor, encoding="utf-8"))
+    atomic_write(directory / PROCESSOR_NAME, lambda tmp: Path(tmp).write_text(processor, encoding="utf-8"))
     save_tokenizer(model.tokenizer, directory)
     return report
 

@@ -159,11 +159,12 @@ def preprocessor_dict(image: ImageConfig) -> dict[str, Any]:
     }
 
 
-def processor_dict(processor_class: str, image: ImageConfig, num_query_tokens: int) -> dict[str, Any]:
+def processor_dict(processor_class: str, image: ImageConfig, num_query_tokens: int | None) -> dict[str, Any]:
     """``processor_config.json`` as transformers 5 writes it for ``processor_class``
     (``Blip2Processor``, ``InstructBlipProcessor``): the image processor nested, and
-    ``num_query_tokens``, without which the processor puts no ``<image>`` token in the text and
-    transformers' model then silently drops the image."""
+    ``num_query_tokens``, without which the processor puts no ``<image>`` token in the text and a
+    model with an LLM then silently drops the image. A retrieval model's is None: its text goes
+    to the Q-Former as it is, with no place kept for the queries."""
     return {"processor_class": processor_class, "num_query_tokens": num_query_tokens,
             "image_processor": preprocessor_dict(image)}
 
