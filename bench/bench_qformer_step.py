@@ -31,13 +31,13 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "tests")]
 from harness import Result, matmul_peak_flops, max_abs_diff, synchronize, time_alternately  # noqa: E402
-from stage1_helpers import reference_step  # noqa: E402
 
 from qformer import flops  # noqa: E402
 from qformer.config import Blip2Stage1Config, QFormerConfig  # noqa: E402
 from qformer.losses import HardNegatives  # noqa: E402
-from qformer.models.blip2 import Blip2Stage1  # noqa: E402
+from qformer.pretrained.stage1 import Blip2Stage1  # noqa: E402
 from qformer.stage1 import Stage1Objective  # noqa: E402
+from stage1_helpers import reference_step  # noqa: E402
 
 QUERIES, IMAGE_TOKENS, IMAGE_WIDTH = 32, 257, 1408
 # Nominal dense bf16 peaks (FLOP/s) of GPUs by a part of their name, first match wins.

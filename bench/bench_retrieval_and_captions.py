@@ -31,8 +31,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from qformer.config import Blip2Stage1Config, QFormerConfig
 from qformer.flops import image_key_values, matmul, qformer_pass
 from qformer.generate import DecodingOptions, QFormerDecoder, pad_after_eos
-from qformer.models.blip2 import Blip2Stage1
-from qformer.models.qformer import QFormer
+from qformer.pretrained.qformer import QFormer
+from qformer.pretrained.stage1 import Blip2Stage1
 from qformer.retrieval import caption_images, retrieval_scores
 
 CHUNK = 32  # pairs (images, texts) a pass, both sides

@@ -18,7 +18,7 @@ import torch
 from harness import Result, max_abs_diff, time_alternately
 from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
 
-from qformer.blip2 import Blip2
+from qformer.pretrained.stage2 import Blip2
 
 TARGET = "identical tokens; speedup >= 1.0"
 

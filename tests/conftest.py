@@ -54,7 +54,7 @@ def blip2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def blip2(blip2_dir):
     """That model loaded (tests must not change it)."""
-    from qformer.blip2 import Blip2
+    from qformer.pretrained.stage2 import Blip2
 
     return Blip2.from_pretrained(blip2_dir)
 

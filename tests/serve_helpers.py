@@ -22,7 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
-from qformer.blip2 import Blip2
+from qformer.pretrained.stage2 import Blip2
 from qformer.serve.service import ServedModel
 
 

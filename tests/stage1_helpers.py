@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from qformer.config import Blip2Stage1Config, ImageConfig, QFormerConfig, VisionConfig
-from qformer.models.blip2 import Blip2Stage1
+from qformer.pretrained.stage1 import Blip2Stage1
 
 IMAGE = 28  # 2 x 2 patches of 14 px + class token = 5 image tokens
 IMAGE_CONFIG = ImageConfig(size=IMAGE, mean=(0.5, 0.45, 0.4), std=(0.25, 0.3, 0.2))  # not the defaults

@@ -13,7 +13,7 @@ import bench_retrieval_and_captions as bench  # noqa: E402
 
 from qformer.config import Blip2Stage1Config, QFormerConfig  # noqa: E402
 from qformer.generate import DecodingOptions  # noqa: E402
-from qformer.models.blip2 import Blip2Stage1  # noqa: E402
+from qformer.pretrained.stage1 import Blip2Stage1  # noqa: E402
 from qformer.retrieval import caption_images, retrieval_scores  # noqa: E402
 
 # SDPA's CPU kernel has no formula in flop_counter: count it as its GPU kernels are counted

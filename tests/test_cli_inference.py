@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from stage2_helpers import save_tiny_blip2
 
-from qformer.blip2 import Blip2
 from qformer.cli import main
+from qformer.pretrained.stage2 import Blip2
+from stage2_helpers import save_tiny_blip2
 
 
 @pytest.fixture(scope="module")

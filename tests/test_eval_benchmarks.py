@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from stage2_helpers import save_tiny_blip2
 
-from qformer.blip2 import Blip2
 from qformer.cli import main
 from qformer.data.transforms import clean_question
 from qformer.evaluate.benchmarks import GENERATION
 from qformer.evaluate.retrieval_tasks import evaluate_retrieval_task
 from qformer.evaluate.runner import evaluate_benchmark
 from qformer.evaluate.vqa import normalize_answer, vqa_score
+from qformer.pretrained.stage2 import Blip2
+from stage2_helpers import save_tiny_blip2
 
 QUESTIONS = ["What colour is the ball?", "How many dogs are there?", "Is it raining?", "What is on the TABLE?",
              "Where is the cat?"]
@@ -162,11 +162,10 @@ def retrieval(tmp_path_factory, minilm_path):
     each) and a whole evaluation of it (features and re-ranking in chunks of 2) to compare with."""
     from types import SimpleNamespace
 
-    from stage1_helpers import usable_stage1
-
     from qformer import load_tokenizer
     from qformer.loading import model_fingerprint
-    from qformer.models.blip2 import Blip2Stage1
+    from qformer.pretrained.stage1 import Blip2Stage1
+    from stage1_helpers import usable_stage1
 
     tmp = tmp_path_factory.mktemp("retrieval")
     usable_stage1(load_tokenizer(minilm_path)).save_pretrained(tmp / "s1")
@@ -205,7 +204,8 @@ def test_coco_retrieval_recalls_as_blip2_retrieves(retrieval, tmp_path, capsys):
     from torch.testing import assert_close
 
     from qformer.data.transforms import clean_caption, eval_image
-    from qformer.retrieval import retrieval_recall, retrieval_scores, tokenize
+    from qformer.pretrained.stage1 import tokenize
+    from qformer.retrieval import retrieval_recall, retrieval_scores
 
     out = tmp_path / "out"
     main(["eval", "--model", str(retrieval.directory), "--device", "cpu", "--task", "coco_retrieval", "--data",
@@ -313,7 +313,8 @@ def test_precomputed_features_serve_another_k_without_the_image_encoder(retrieva
     from torch.testing import assert_close
 
     from qformer.data.transforms import clean_caption, eval_image
-    from qformer.retrieval import retrieval_recall, retrieval_scores, tokenize
+    from qformer.pretrained.stage1 import tokenize
+    from qformer.retrieval import retrieval_recall, retrieval_scores
 
     model = retrieval.model
     with monkeypatch.context() as patch:

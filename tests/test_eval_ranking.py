@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from stage2_helpers import save_tiny_blip2, tiny_tokenizer
 from torch.testing import assert_close
 
-from qformer.blip2 import Blip2
 from qformer.cli import main
 from qformer.data.transforms import clean_caption, clean_question
 from qformer.evaluate.ranking_tasks import roc_auc
 from qformer.evaluate.runner import evaluate_benchmark
+from qformer.pretrained.stage2 import Blip2
+from stage2_helpers import save_tiny_blip2, tiny_tokenizer
 
 pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
 

@@ -21,9 +21,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from qformer.blip2 import Blip2, InstructBlip, reserve_image_token
 from qformer.cli import main
 from qformer.data.transforms import eval_transform
+from qformer.pretrained.stage2 import Blip2, InstructBlip, reserve_image_token
 from stage2_helpers import IMAGE_TOKEN, call_state, tiny_blip2_config, tiny_tokenizer, with_image_tokens
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -148,7 +148,7 @@ def test_export_mistakes_are_one_line(stage1_run, tmp_path, capsys):
 
 
 def test_stage1_export_loads(stage1_run, tmp_path):
-    from qformer.models.blip2 import Blip2Stage1
+    from qformer.pretrained.stage1 import Blip2Stage1
 
     main(["export", str(stage1_run), str(tmp_path / "s1")])
     exported, final = (Blip2Stage1.from_pretrained(d) for d in (tmp_path / "s1", stage1_run / "final"))

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torch.testing import assert_close
 
-from qformer.blip2 import Blip2, InstructBlip
-from qformer.models.blip2 import Blip2Stage1
+from qformer.pretrained.stage1 import Blip2Stage1
+from qformer.pretrained.stage2 import Blip2, InstructBlip
 from qformer.stage1 import Stage1Objective
 from qformer.train.config import ModelSpec, OptimSpec, load_train_config
 from qformer.train.image_encoder import prepare_image_encoder
@@ -288,7 +288,7 @@ def test_a_blip2_gets_its_qformer_text_path_from_bert_as_lavis_instructblip(mini
     """InstructBlip.from_blip2: everything from the BLIP-2 (its towers shared), the word and
     position embeddings and text FFNs from the source; the prompt then steers the queries."""
     from qformer.config import Blip2Config
-    from qformer.models.qformer import QFormer
+    from qformer.pretrained.qformer import QFormer
     from qformer.tokenizer import load_tokenizer
     from stage1_helpers import tiny_stage1_config
     from stage2_helpers import tiny_transformers_blip2

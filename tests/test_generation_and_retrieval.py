@@ -4,12 +4,13 @@ import itertools
 
 import pytest
 import torch
-from conftest import tiny_qformer
-from stage1_helpers import tiny_batch, tiny_stage1
 from torch.testing import assert_close
 
+from conftest import tiny_qformer
 from qformer.generate import DecodingOptions, qformer_generate
-from qformer.retrieval import caption_images, extract_features, retrieval_recall, retrieval_scores
+from qformer.pretrained.stage1 import extract_features
+from qformer.retrieval import caption_images, retrieval_recall, retrieval_scores
+from stage1_helpers import tiny_batch, tiny_stage1
 
 pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
 

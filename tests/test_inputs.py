@@ -3,15 +3,15 @@ argument (or field), what it should be and what it is."""
 
 import pytest
 import torch
-from stage1_helpers import IMAGE, tiny_stage1
-from stage2_helpers import tiny_tokenizer, tiny_transformers_blip2
 
-from qformer.blip2 import Blip2, InstructBlip
 from qformer.config import Blip2Stage1Config, ImageConfig, QFormerConfig, VisionConfig
 from qformer.generate import DecodingOptions
+from qformer.pretrained.stage2 import Blip2, InstructBlip
 from qformer.retrieval import caption_images
 from qformer.stage1 import Stage1Objective
 from qformer.train.config import load_train_config
+from stage1_helpers import IMAGE, tiny_stage1
+from stage2_helpers import tiny_tokenizer, tiny_transformers_blip2
 
 QFORMER_POSITIONS, LLM_POSITIONS, QUERIES = 40, 64, 4  # the tiny models' tables
 

@@ -7,12 +7,11 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from stage2_helpers import tiny_tokenizer, with_image_tokens
-from test_instructblip import tiny_transformers_instructblip
-
 from safetensors.torch import load_file
 
-from qformer.blip2 import Blip2, InstructBlip
+from qformer.pretrained.stage2 import Blip2, InstructBlip
+from stage2_helpers import tiny_tokenizer, with_image_tokens
+from test_instructblip import tiny_transformers_instructblip
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,10 @@ import pickle
 
 import pytest
 import torch
-from stage2_helpers import IMAGE, save_tiny_blip2, tiny_tokenizer
-from test_instructblip import tiny_transformers_instructblip
 from torch.testing import assert_close
 from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
 from qformer import Blip2Stage1, QFormer
-from qformer.blip2 import Blip2, InstructBlip
 from qformer.checkpoint import load_state_dict_strict, read_weights
 from qformer.convert.transformers_blip2 import (
     TRANSFORMERS_BLIP2,
@@ -23,6 +20,9 @@ from qformer.convert.transformers_blip2 import (
 from qformer.convert.transformers_instructblip import TRANSFORMERS_INSTRUCTBLIP
 from qformer.devices import dtype_name, parse_device, parse_dtype
 from qformer.loading import tied_parameters
+from qformer.pretrained.stage2 import Blip2, InstructBlip
+from stage2_helpers import IMAGE, save_tiny_blip2, tiny_tokenizer
+from test_instructblip import tiny_transformers_instructblip
 
 pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
 
@@ -91,7 +91,6 @@ def test_meta_build_then_load_equals_eager_build_then_load(saved):
 
 def test_stage1_and_qformer_load_lazily_and_exactly(tmp_path):
     from conftest import tiny_config
-
     from qformer import Blip2Stage1Config
     from qformer.config import VisionConfig
 

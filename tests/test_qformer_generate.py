@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from stage1_helpers import tiny_stage1_config
 
 from qformer.generate import DecodingOptions, qformer_generate
-from qformer.models.blip2 import Blip2Stage1
+from qformer.pretrained.stage1 import Blip2Stage1
+from stage1_helpers import tiny_stage1_config
 
 pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
 

@@ -13,9 +13,9 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer, Blip2Processor, PreTrainedTokenizerBase
 
 from qformer import Blip2Stage1, load_tokenizer
-from qformer.blip2 import Blip2, InstructBlip
 from qformer.convert.command import convert
 from qformer.data.text import encoder_decoder_batch
+from qformer.pretrained.stage2 import Blip2, InstructBlip
 from qformer.tokenizer import save_tokenizer
 from stage1_helpers import IMAGE, usable_stage1
 from stage2_helpers import WORDS, call_state, tiny_tokenizer

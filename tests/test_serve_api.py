@@ -20,16 +20,17 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from serve_helpers import GatedModel, burst, gallery_folder, metric, png_bytes, running, serve_process, wait_for_queue
-from stage1_helpers import usable_stage1
 
 from qformer import load_tokenizer
-from qformer.blip2 import CAPTION_DEFAULTS, VQA_DEFAULTS, Blip2
-from qformer.retrieval import itc_scores, itm_scores, search
+from qformer.pretrained.stage1 import itc_scores, itm_scores
+from qformer.pretrained.stage2 import CAPTION_DEFAULTS, VQA_DEFAULTS, Blip2
+from qformer.retrieval import search
 from qformer.serve.app import create_app
 from qformer.serve.gallery import Gallery
 from qformer.serve.limits import Limits
 from qformer.serve.service import VQA_PROMPT, Generation, ServedModel
+from serve_helpers import GatedModel, burst, gallery_folder, metric, png_bytes, running, serve_process, wait_for_queue
+from stage1_helpers import usable_stage1
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = Limits(max_upload_bytes=200_000, max_image_pixels=100_000, max_prompt_chars=50, max_new_tokens=8,

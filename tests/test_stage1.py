@@ -3,11 +3,11 @@ freezing, precomputed features."""
 
 import pytest
 import torch
-from stage1_helpers import IMAGE, reference_step, tiny_batch, tiny_stage1
 from torch.testing import assert_close
 
 from qformer.losses import HardNegatives, positives_mask, sample_hard_negatives
 from qformer.stage1 import Stage1Objective
+from stage1_helpers import IMAGE, reference_step, tiny_batch, tiny_stage1
 
 pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
 
@@ -70,9 +70,8 @@ def test_precomputed_features_equal_pixels():
 
 
 def test_half_precision_encoder_is_frozen_and_castable():
+    from qformer.pretrained.stage1 import Blip2Stage1
     from stage1_helpers import tiny_stage1_config
-
-    from qformer.models.blip2 import Blip2Stage1
 
     model = Blip2Stage1(tiny_stage1_config().replace(vision_dtype="bfloat16"))
     assert model.vision.patch_embedding.weight.dtype == torch.bfloat16
@@ -145,8 +144,8 @@ def test_temperature_is_kept_in_range_and_keeps_its_gradient():
 def test_any_transformers_vision_tower():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from qformer.models.blip2 import Blip2Stage1
     from qformer.models.vision import TransformersVisionTower
+    from qformer.pretrained.stage1 import Blip2Stage1
     from stage1_helpers import tiny_stage1_config
 
     clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=2,

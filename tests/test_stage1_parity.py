@@ -12,8 +12,7 @@ from qformer.convert.blip2_layouts import (
     stage1_to_lavis,
     stage1_to_transformers,
 )
-from qformer.models.blip2 import Blip2Stage1
-from qformer.retrieval import extract_features
+from qformer.pretrained.stage1 import Blip2Stage1, extract_features
 from stage1_helpers import tiny_retrieval_model, tiny_stage1
 
 pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py

@@ -19,7 +19,8 @@ from transformers import AutoTokenizer, Blip2Processor, BlipImageProcessor
 from qformer import Blip2Stage1, load_tokenizer
 from qformer.cli import main
 from qformer.data.transforms import eval_transform
-from qformer.retrieval import caption_texts, extract_features, retrieval_scores, search, tokenize
+from qformer.pretrained.stage1 import extract_features, tokenize
+from qformer.retrieval import caption_texts, retrieval_scores, search
 from qformer.train.config import load_train_config
 from qformer.train.loop import train
 from qformer.train.stage1_job import evaluate_retrieval

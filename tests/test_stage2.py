@@ -4,12 +4,12 @@
 import pytest
 import torch
 from PIL import Image
-from stage2_helpers import IMAGE, QUERIES, save_tiny_blip2, tiny_tokenizer, with_image_tokens
 from torch.testing import assert_close
 from transformers import Blip2ForConditionalGeneration
 
-from qformer.blip2 import Blip2
 from qformer.data.text import decoder_only_batch, encoder_decoder_batch, prefix_lm_split
+from qformer.pretrained.stage2 import Blip2
+from stage2_helpers import IMAGE, QUERIES, save_tiny_blip2, tiny_tokenizer, with_image_tokens
 
 pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
 

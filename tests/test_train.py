@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-from qformer.models.blip2 import Blip2Stage1
+from qformer.pretrained.stage1 import Blip2Stage1
 from qformer.train.config import OptimSpec, load_train_config
 from qformer.train.loop import train
 from qformer.train.optim import lr_factor, parameter_groups
@@ -409,7 +409,7 @@ def test_vqa_finetune_and_eval(tmp_path):
         assert 0 <= results["eval/accuracy"] <= 100 and results["eval/accuracy"] == expected
 
     check(json.loads((run / "eval_step_0000002.json").read_text()))
-    from qformer.blip2 import Blip2  # a fine-tuned released model ends in final/ as well
+    from qformer.pretrained.stage2 import Blip2  # a fine-tuned released model ends in final/ as well
     assert Blip2.from_pretrained(run / "final").config.image_token_index == job.model.config.image_token_index
     main(["eval", str(run / "config.yaml"), "--checkpoint", str(run / "step_0000002")])
     check(json.loads((run / "step_0000002" / "eval.json").read_text()))

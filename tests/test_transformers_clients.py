@@ -26,10 +26,10 @@ from transformers import (
 )
 
 from qformer import load_tokenizer
-from qformer.blip2 import CAPTION_DEFAULTS, Blip2
 from qformer.cli import main
 from qformer.convert.command import convert
-from qformer.models.blip2 import Blip2Stage1
+from qformer.pretrained.stage1 import Blip2Stage1
+from qformer.pretrained.stage2 import CAPTION_DEFAULTS, Blip2
 from stage1_helpers import IMAGE_CONFIG, usable_stage1
 from stage2_helpers import IMAGE, QUERIES, save_tiny_blip2, tiny_tokenizer, tiny_transformers_blip2
 from test_instructblip import tiny_transformers_instructblip

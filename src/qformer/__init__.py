@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _WHERE = {
-    "Blip2": "qformer.blip2",
-    "InstructBlip": "qformer.blip2",
+    "Blip2": "qformer.pretrained.stage2",
+    "InstructBlip": "qformer.pretrained.stage2",
     "StateDictMismatchError": "qformer.checkpoint",
     "Blip2Config": "qformer.config",
     "Blip2Stage1Config": "qformer.config",
     "ImageConfig": "qformer.config",
     "QFormerConfig": "qformer.config",
     "VisionConfig": "qformer.config",
-    "Blip2Stage1": "qformer.models.blip2",
-    "QFormer": "qformer.models.qformer",
+    "Blip2Stage1": "qformer.pretrained.stage1",
+    "QFormer": "qformer.pretrained.qformer",
     "QFormerCache": "qformer.models.qformer",
     "QFormerOutput": "qformer.models.qformer",
     "load_tokenizer": "qformer.tokenizer",
@@ -42,11 +42,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from qformer.blip2 import Blip2, InstructBlip
     from qformer.checkpoint import StateDictMismatchError
     from qformer.config import Blip2Config, Blip2Stage1Config, ImageConfig, QFormerConfig, VisionConfig
-    from qformer.models.blip2 import Blip2Stage1
-    from qformer.models.qformer import QFormer, QFormerCache, QFormerOutput
+    from qformer.models.qformer import QFormerCache, QFormerOutput
+    from qformer.pretrained.qformer import QFormer
+    from qformer.pretrained.stage1 import Blip2Stage1
+    from qformer.pretrained.stage2 import Blip2, InstructBlip
     from qformer.tokenizer import load_tokenizer
 
 

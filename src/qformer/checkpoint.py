@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from qformer.config import ConfigBase
 
-M = TypeVar("M", bound=nn.Module)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CHECKSUMS_NAME = "checksums.json"
@@ -181,39 +180,6 @@ def save_model(model: nn.Module, config: ConfigBase, directory: str | Path) -> N
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, config.save)
-
-
-def load_model(
-    model_cls: Callable[[Any], M],
-    config_cls: type[ConfigBase],
-    path_or_hub_id: str | Path,
-    dtype: Any = None,
-    device: Any = None,
-    device_map: Any = None,
-    keep_fp32: Callable[[str, torch.dtype], bool] | None = None,
-    config_for_dtype: Callable[[Any, str], Any] | None = None,
-) -> M:
-    """A model saved by ``save_model``: built on the meta device, checked strictly, its tensors
-    read in ``dtype`` (None or "auto": as stored; fp32 where ``keep_fp32``) onto ``device``
-    (``device_map`` may name one device, or "auto" for the first GPU). ``config_for_dtype``
-    records the chosen dtype in the config before the model is built."""
-    from qformer.devices import dtype_name, parse_dtype
-    from qformer.loading import auto_dtype, build_empty, index_checkpoint, load_checkpoint, resolve_checkpoint
-
-    directory = resolve_checkpoint(path_or_hub_id)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} not found: expected a directory written by save_pretrained")
-    config = config_cls.load(directory / CONFIG_NAME)
-    stored = index_checkpoint(directory)
-    requested = parse_dtype(dtype)
-    main = auto_dtype({}, stored) if requested == "auto" else requested
-    if config_for_dtype is not None:
-        config = config_for_dtype(config, dtype_name(main))
-    model = build_empty(lambda: model_cls(config))
-    load_checkpoint(model, stored, dtype=main, device=device, device_map=device_map, keep_fp32=keep_fp32,
-                    llm_attr=None)
-    return model
 
 
 def read_weights(directory: str | Path) -> dict[str, Tensor]:

@@ -21,7 +21,7 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, Pr
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from qformer.inputs import check_positions
-from qformer.models.qformer import QFormer, QFormerCache
+from qformer.models.qformer import QFormerCache, QFormerModel
 
 
 @dataclass
@@ -61,7 +61,7 @@ class QFormerDecoder(PreTrainedModel, GenerationMixin):
 
     main_input_name = "input_ids"
 
-    def __init__(self, qformer: QFormer, eos_token_id: int) -> None:
+    def __init__(self, qformer: QFormerModel, eos_token_id: int) -> None:
         config = qformer.config
         super().__init__(PretrainedConfig(vocab_size=config.vocab_size, bos_token_id=config.bos_token_id,
                                           pad_token_id=config.pad_token_id, eos_token_id=eos_token_id,
@@ -122,7 +122,7 @@ class QFormerDecoder(PreTrainedModel, GenerationMixin):
 
 @torch.no_grad()
 def qformer_generate(
-    model: QFormer,
+    model: QFormerModel,
     query_embeds: Tensor,
     image_key_values: tuple,
     eos_token_id: int,
@@ -133,7 +133,7 @@ def qformer_generate(
     """Captions (B x num_return_sequences, <= max_new_tokens) after the ``[DEC]`` bos, eos
     included, then padding; a caption's returned sequences are adjacent rows.
 
-    query_embeds (B, Q, D); ``image_key_values`` from :meth:`QFormer.encoder_key_values`.
+    query_embeds (B, Q, D); ``image_key_values`` from :meth:`QFormerModel.encoder_key_values`.
     ``generate_kwargs`` (any :class:`transformers.GenerationConfig` field) override ``options``;
     ``min_new_tokens`` is capped at ``max_new_tokens``.
     Sampling draws from torch's global generator (``torch.manual_seed`` for a repeatable draw).

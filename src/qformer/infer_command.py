@@ -61,10 +61,9 @@ def load_model(args: argparse.Namespace):
     captions alone, as LAVIS's ``Blip2Qformer.generate``)."""
     import json
 
-    from qformer.blip2 import Blip2
     from qformer.loading import resolve_checkpoint
-    from qformer.models.blip2 import Blip2Stage1
-    from qformer.stage1_pretrained import stage1_layout_of
+    from qformer.pretrained.stage1 import Blip2Stage1, stage1_layout_of
+    from qformer.pretrained.stage2 import Blip2
 
     options = device_options(args)
     directory = resolve_checkpoint(args.model)
@@ -134,7 +133,7 @@ def emit(args: argparse.Namespace, row: dict[str, Any], key: str) -> None:
 
 def caption_command(args: argparse.Namespace) -> int:
     def caption(model, images, gen):
-        from qformer.models.blip2 import Blip2Stage1
+        from qformer.pretrained.stage1 import Blip2Stage1
         from qformer.retrieval import caption_texts
 
         if isinstance(model, Blip2Stage1):

@@ -18,8 +18,9 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from qformer.checkpoint import check_state_dict, load_plain, safetensors_errors
-from qformer.devices import DTYPES, DeviceArg, DeviceMapArg, dtype_name, parse_device
+from qformer.checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, load_plain, safetensors_errors
+from qformer.config import ConfigBase
+from qformer.devices import DTYPES, DeviceArg, DeviceMapArg, dtype_name, parse_device, parse_dtype
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -433,3 +434,33 @@ def model_fingerprint(directory: Path) -> str:
             stat = file.stat()
             digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
+
+
+def load_model(
+    model_cls: Callable[[Any], M],
+    config_cls: type[ConfigBase],
+    path_or_hub_id: str | Path,
+    dtype: Any = None,
+    device: Any = None,
+    device_map: Any = None,
+    keep_fp32: Callable[[str, torch.dtype], bool] | None = None,
+    config_for_dtype: Callable[[Any, str], Any] | None = None,
+) -> M:
+    """A model saved by ``save_model``: built on the meta device, checked strictly, its tensors
+    read in ``dtype`` (None or "auto": as stored; fp32 where ``keep_fp32``) onto ``device``
+    (``device_map`` may name one device, or "auto" for the first GPU). ``config_for_dtype``
+    records the chosen dtype in the config before the model is built."""
+    directory = resolve_checkpoint(path_or_hub_id)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} not found: expected a directory written by save_pretrained")
+    config = config_cls.load(directory / CONFIG_NAME)
+    stored = index_checkpoint(directory)
+    requested = parse_dtype(dtype)
+    main = auto_dtype({}, stored) if requested == "auto" else requested
+    if config_for_dtype is not None:
+        config = config_for_dtype(config, dtype_name(main))
+    model = build_empty(lambda: model_cls(config))
+    load_checkpoint(model, stored, dtype=main, device=device, device_map=device_map, keep_fp32=keep_fp32,
+                    llm_attr=None)
+    return model

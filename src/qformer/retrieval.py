@@ -1,6 +1,6 @@
-"""Stage-1 inference: features, image-text retrieval (ITC candidates re-ranked by ITM) and
-its recall@K, captions from the Q-Former alone; and the same from inputs as users have them
-(image files, PIL images, strings): features, ITM / ITC scores, search over a folder."""
+"""Stage-1 tasks over many images and texts: image-text retrieval (ITC candidates re-ranked by
+ITM) and its recall@K, captions from the Q-Former alone, search over a folder. Features and
+scores of single inputs are :mod:`qformer.pretrained.stage1`'s."""
 
 from __future__ import annotations
 
@@ -9,50 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import Tensor
 
-from qformer.data.collate import _tokenize
 from qformer.data.image_files import batches, expand_images
 from qformer.data.transforms import eval_image
 from qformer.generate import DecodingOptions, qformer_generate
-from qformer.models.blip2 import Blip2Stage1, expand_key_values
+from qformer.models.blip2 import expand_key_values
+from qformer.pretrained.stage1 import Blip2Stage1, Images, Texts, extract_features, image_embeds_of, tokenize
 
 RERANK_DEPTH = 128  # BLIP-2's k: the ITC candidates re-ranked by ITM
-TEXT_MAX_LENGTH = 32  # LAVIS's Blip2Qformer / Blip2ITM max_txt_len
-ImageInput = str | Path | Image.Image | Tensor
-Images = ImageInput | Sequence[ImageInput]
-Texts = str | Sequence[str]
-
-
-@dataclass
-class Features:
-    image: Tensor | None = None  # (Ni, Q, E) normalised, one per query
-    text: Tensor | None = None  # (Nt, E) normalised [CLS]
-    multimodal: Tensor | None = None  # (N, Q, D) query outputs of the joint pass
-
-
-@torch.no_grad()
-def extract_features(
-    model: Blip2Stage1,
-    image_embeds: Tensor | None = None,
-    input_ids: Tensor | None = None,
-    attention_mask: Tensor | None = None,
-) -> Features:
-    """Image features from ``image_embeds`` (after ``ln_vision``), text features from tokens,
-    and multimodal features (queries that read both) when both are given, pair by pair."""
-    features = Features()
-    image_kv = None if image_embeds is None else model.qformer.encoder_key_values(image_embeds)
-    if image_kv is not None:
-        features.image = model.image_features(model.query_pass(image_kv).last_hidden_state)
-    if input_ids is not None:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        features.text = model.text_features(model.text_pass(input_ids, attention_mask).last_hidden_state)
-        if image_kv is not None:
-            hidden = model.multimodal_pass(input_ids, attention_mask, image_kv).last_hidden_state
-            features.multimodal = hidden[:, : model.config.num_query_tokens]
-    return features
 
 
 @torch.no_grad()
@@ -244,86 +209,6 @@ def caption_texts(model: Blip2Stage1, images: Images, **generation) -> list[str]
     tokens = caption_images(model, image_embeds_of(model, images), tokenizer.sep_token_id, tokenizer.pad_token_id,
                             **generation)
     return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
-
-
-def image_embeds_of(model: Blip2Stage1, images: Images) -> Tensor:
-    """Images as users have them -> (N, S, W) after ``ln_vision``. One tensor holds pixels
-    (N, 3, H, W) or the image encoder's outputs (N, S, W); otherwise one image or a list of
-    paths, PIL images and pixel tensors (3, H, W), paths and PIL images preprocessed as
-    ``model.config.image`` says (the preprocessing the model was trained with)."""
-    first = next((model.ln_vision if model.vision is None else model.vision).parameters())
-    if isinstance(images, Tensor):
-        if images.dim() == 3:
-            return model.image_embeds(image_features=images.to(first.device))
-        pixels = images
-    else:
-        items = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
-        if not items:
-            raise ValueError("images: none given")
-        tensors = [item if isinstance(item, Tensor) else eval_image(item, model.config.image) for item in items]
-        shapes = sorted({tuple(t.shape) for t in tensors})
-        if len(shapes) > 1:
-            raise ValueError(f"images: pixel tensors of different shapes {shapes}")
-        pixels = torch.stack(tensors)  # (N, 3, H, W)
-    size = None if model.config.vision is None else model.config.vision.image_size
-    if pixels.dim() != 4 or pixels.shape[1] != 3 or (size is not None and tuple(pixels.shape[2:]) != (size, size)):
-        wanted = "(N, 3, H, W)" if size is None else f"(N, 3, {size}, {size})"
-        raise ValueError(f"images: pixels must be {wanted} for this model, or encoder outputs (N, S, W); got "
-                         f"{tuple(pixels.shape)}")
-    return model.image_embeds(pixels.to(first.device))  # the encoder casts; its checks see the pixels as given
-
-
-def tokenize(model: Blip2Stage1, texts: Texts) -> tuple[Tensor, Tensor]:
-    """Texts with the model's tokenizer, right-padded, at most 32 tokens as BLIP-2: input_ids
-    and attention_mask (N, T) on the model's device."""
-    if model.tokenizer is None:
-        raise ValueError("this model has no tokenizer: set model.tokenizer (qformer.load_tokenizer) or load a "
-                         "directory that has one")
-    items = [texts] if isinstance(texts, str) else list(texts)
-    if not items or not all(isinstance(text, str) for text in items):
-        raise ValueError("texts: a string or a non-empty list of strings")
-    tokens = _tokenize(model.tokenizer, items, TEXT_MAX_LENGTH, "right")
-    device = model.ln_vision.weight.device
-    return tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-
-
-def _check_pairs(what: str, images: int, texts: int) -> None:
-    if images != texts:
-        raise ValueError(f"{what} pairs images with texts one by one: got {images} image(s) and {texts} text(s)")
-
-
-@torch.no_grad()
-def features(model: Blip2Stage1, images: Images | None = None, texts: Texts | None = None) -> Features:
-    """:func:`extract_features` from images and texts as users have them (see
-    :func:`image_embeds_of`, :func:`tokenize`); given both, as many images as texts."""
-    if images is None and texts is None:
-        raise ValueError("pass images, texts or both")
-    embeds = None if images is None else image_embeds_of(model, images)
-    input_ids, attention_mask = (None, None) if texts is None else tokenize(model, texts)
-    if embeds is not None and input_ids is not None:
-        _check_pairs("multimodal features", embeds.shape[0], input_ids.shape[0])
-    return extract_features(model, embeds, input_ids, attention_mask)
-
-
-@torch.no_grad()
-def itm_scores(model: Blip2Stage1, images: Images, texts: Texts) -> Tensor:
-    """The probability that each image matches its text, softmax of the ITM head's logits
-    (LAVIS's ``Blip2ITM``, ``match_head="itm"``): (N,)."""
-    embeds = image_embeds_of(model, images)
-    input_ids, attention_mask = tokenize(model, texts)
-    _check_pairs("itm_scores", embeds.shape[0], input_ids.shape[0])
-    hidden = model.multimodal_pass(input_ids, attention_mask, model.qformer.encoder_key_values(embeds))
-    return model.itm_logits(hidden.last_hidden_state).softmax(dim=-1)[:, 1]
-
-
-@torch.no_grad()
-def itc_scores(model: Blip2Stage1, images: Images, texts: Texts) -> Tensor:
-    """Every image's ITC similarity with every text, the max over queries (Ni, Nt), as
-    transformers' ``Blip2ForImageTextRetrieval`` without the ITM head; LAVIS's ``Blip2ITM``
-    (``match_head="itc"``) gives its diagonal."""
-    image = extract_features(model, image_embeds_of(model, images)).image
-    input_ids, attention_mask = tokenize(model, texts)
-    return model.similarity(image, extract_features(model, input_ids=input_ids, attention_mask=attention_mask).text)
 
 
 @dataclass

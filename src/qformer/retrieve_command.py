@@ -42,7 +42,7 @@ def add_retrieve_command(subparsers: argparse._SubParsersAction) -> None:
 
 def retrieve_command(args: argparse.Namespace) -> int:
     from qformer.infer_command import device_options
-    from qformer.models.blip2 import Blip2Stage1
+    from qformer.pretrained.stage1 import Blip2Stage1
     from qformer.retrieval import check_search_options, search
 
     check_search_options(args.top, args.k, args.batch_size)  # before the model loads

@@ -25,7 +25,7 @@ from qformer.losses import (
     positives_mask,
     sample_hard_negatives,
 )
-from qformer.models.blip2 import Blip2Stage1, concat_key_values
+from qformer.models.blip2 import Blip2Stage1Model, concat_key_values
 from qformer.models.qformer import BlockKeyValue
 
 
@@ -41,12 +41,12 @@ class Stage1Output:
 
 
 class Stage1Objective(nn.Module):
-    """Wraps a :class:`Blip2Stage1` so that DDP/FSDP see one ``forward`` computing the losses.
+    """Wraps a :class:`Blip2Stage1Model` so that DDP/FSDP see one ``forward`` computing the losses.
 
     ``group`` is the process group the global batch spans (None: one process).
     """
 
-    def __init__(self, model: Blip2Stage1, group: Group = None, itc_label_smoothing: float = 0.1) -> None:
+    def __init__(self, model: Blip2Stage1Model, group: Group = None, itc_label_smoothing: float = 0.1) -> None:
         super().__init__()
         self.model = model
         self.group = group

@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 DEC_TOKEN = "[DEC]"
 
@@ -32,6 +32,22 @@ def load_tokenizer(path: str | Path, truncation_side: str = "right") -> PreTrain
     tokenizer = AutoTokenizer.from_pretrained(str(path), truncation_side=truncation_side)
     tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
     return tokenizer
+
+
+def tokenize_texts(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, padding_side: str, padding: str = "longest"
+) -> BatchEncoding:
+    """Padded to the longest text (or to ``max_length``), truncated to ``max_length``:
+    input_ids and attention_mask (B, T). Every Q-Former text of training and inference is
+    tokenised here, so that they agree."""
+    return tokenizer(
+        texts,
+        padding=padding,
+        truncation=True,
+        max_length=max_length,
+        padding_side=padding_side,
+        return_tensors="pt",
+    )
 
 
 def directory_tokenizer(directory: Path) -> PreTrainedTokenizerBase | None:

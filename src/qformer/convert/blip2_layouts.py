@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -21,7 +21,9 @@ from qformer.convert.qformer_layouts import (
     qformer_config_from_transformers,
 )
 from qformer.convert.rename import ConversionReport, RenameTable
-from qformer.models.blip2 import Blip2Stage1
+from qformer.models.blip2 import Blip2Stage1Model
+
+M = TypeVar("M", bound=Blip2Stage1Model)  # the class a builder builds: the architecture or what users load
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +110,10 @@ def split_lavis_qkv_bias(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _load(
-    ours: dict[str, Tensor], report: ConversionReport, config: Blip2Stage1Config, source: str
-) -> tuple[Blip2Stage1, ConversionReport]:
+    ours: dict[str, Tensor], report: ConversionReport, config: Blip2Stage1Config, source: str, model_cls: type[M]
+) -> tuple[M, ConversionReport]:
     report.raise_if_unmatched(source)
-    model = Blip2Stage1(config)
+    model = model_cls(config)
     fresh = model.state_dict()
     absent = sorted(k for k in fresh if k not in ours and (k.startswith("qformer.lm_head.") or k == "temp"))
     for key in absent:
@@ -144,25 +146,25 @@ def stage1_config_from_transformers(config: Any) -> Blip2Stage1Config:
 
 
 def stage1_from_transformers(
-    state_dict: Mapping[str, Tensor], config: Blip2Stage1Config
-) -> tuple[Blip2Stage1, ConversionReport]:
-    """A stage-1 model from a ``Blip2ForImageTextRetrieval`` state dict. That layout has no
+    state_dict: Mapping[str, Tensor], config: Blip2Stage1Config, model_cls: type[M] = Blip2Stage1Model
+) -> tuple[M, ConversionReport]:
+    """A stage-1 model (``model_cls``) from a ``Blip2ForImageTextRetrieval`` state dict. That layout has no
     Q-Former LM head and no temperature: both start fresh (the temperature at
     ``config.temperature``) and the report says so."""
     ours, report = TRANSFORMERS_STAGE1.to_ours(state_dict)
-    return _load(ours, report, config, "transformers Blip2ForImageTextRetrieval")
+    return _load(ours, report, config, "transformers Blip2ForImageTextRetrieval", model_cls)
 
 
-def stage1_to_transformers(model: Blip2Stage1) -> tuple[dict[str, Tensor], ConversionReport]:
+def stage1_to_transformers(model: Blip2Stage1Model) -> tuple[dict[str, Tensor], ConversionReport]:
     theirs, report = TRANSFORMERS_STAGE1.to_theirs(model.state_dict())
     report.raise_if_unmatched("qformer stage-1")
     return theirs, report
 
 
 def stage1_from_lavis(
-    state_dict: Mapping[str, Tensor], config: Blip2Stage1Config
-) -> tuple[Blip2Stage1, ConversionReport]:
-    """A stage-1 model from a LAVIS ``Blip2Qformer`` state dict (the ``model`` entry of its
+    state_dict: Mapping[str, Tensor], config: Blip2Stage1Config, model_cls: type[M] = Blip2Stage1Model
+) -> tuple[M, ConversionReport]:
+    """A stage-1 model (``model_cls``) from a LAVIS ``Blip2Qformer`` state dict (the ``model`` entry of its
     ``.pth``). Without an image encoder in ``config``, ``visual_encoder.*`` is dropped."""
     table = LAVIS_STAGE1
     if config.vision is None:
@@ -170,10 +172,10 @@ def stage1_from_lavis(
         table = _LAVIS_STAGE1_WITHOUT_VISION + RenameTable((), dropped)
     check_tied_decoder(state_dict, prefix="Qformer.")
     ours, report = table.to_ours(fuse_lavis_qkv_bias(state_dict))
-    return _load(ours, report, config, "LAVIS Blip2Qformer")
+    return _load(ours, report, config, "LAVIS Blip2Qformer", model_cls)
 
 
-def stage1_to_lavis(model: Blip2Stage1) -> tuple[dict[str, Tensor], ConversionReport]:
+def stage1_to_lavis(model: Blip2Stage1Model) -> tuple[dict[str, Tensor], ConversionReport]:
     theirs, report = LAVIS_STAGE1.to_theirs(model.state_dict())
     report.raise_if_unmatched("qformer stage-1")
     word = theirs["Qformer.bert.embeddings.word_embeddings.weight"]

@@ -12,7 +12,6 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import Tensor
 
-from qformer.blip2 import Blip2, InstructBlip
 from qformer.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -55,7 +54,8 @@ from qformer.convert.transformers_blip2 import (
 )
 from qformer.devices import DTYPES
 from qformer.loading import tied_parameters
-from qformer.models.blip2 import Blip2Stage1
+from qformer.pretrained.stage1 import Blip2Stage1
+from qformer.pretrained.stage2 import Blip2, InstructBlip
 from qformer.tokenizer import directory_tokenizer, save_tokenizer
 
 Model = Blip2Stage1 | Blip2
@@ -208,7 +208,7 @@ def _read_lavis(
     our_config = our_config.replace(**_stored_dtypes(state, layout))
     try:
         if layout is None:
-            model, report = stage1_from_lavis(state, our_config)
+            model, report = stage1_from_lavis(state, our_config, Blip2Stage1)
         else:
             tokenizer = None if llm is None else directory_tokenizer(llm)
             model_cls = InstructBlip if layout.qformer_text else Blip2
@@ -238,7 +238,8 @@ def read_checkpoint(
         return Blip2Stage1.from_pretrained(src), ConversionReport()
     values = _config_json(src)
     if "Blip2ForImageTextRetrieval" in (values.get("architectures") or []):
-        model, report = stage1_from_transformers(read_weights(src), stage1_config_from_transformers(values))
+        model, report = stage1_from_transformers(read_weights(src), stage1_config_from_transformers(values),
+                                                 Blip2Stage1)
         image = image_config_from_directory(src)
         if image is not None:
             model.config = model.config.replace(image=image)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from qformer.checkpoint import load_state_dict_strict
 from qformer.config import QFormerConfig
 from qformer.convert.rename import ConversionReport, RenameTable
-from qformer.models.qformer import QFormer
+from qformer.models.qformer import QFormerModel
 
 TransformersLayout = Literal["blip2", "instructblip"]
 
@@ -130,18 +130,18 @@ def _table(layout: str) -> RenameTable:
 
 def qformer_from_transformers(
     state_dict: Mapping[str, Tensor], config: QFormerConfig, layout: TransformersLayout = "blip2"
-) -> QFormer:
-    """A :class:`QFormer` holding a transformers Q-Former's weights. Fails naming every key that
+) -> QFormerModel:
+    """A :class:`QFormerModel` holding a transformers Q-Former's weights. Fails naming every key that
     is unknown, missing or mis-shaped."""
     ours, report = _table(layout).to_ours(state_dict)
     report.raise_if_unmatched(f"transformers {layout} Q-Former")
-    model = QFormer(config)
+    model = QFormerModel(config)
     load_state_dict_strict(model, ours)
     return model
 
 
 def qformer_to_transformers(
-    model: QFormer, layout: TransformersLayout = "blip2"
+    model: QFormerModel, layout: TransformersLayout = "blip2"
 ) -> tuple[dict[str, Tensor], ConversionReport]:
     """Our Q-Former's weights in a transformers layout, and what had no place there."""
     theirs, report = _table(layout).to_theirs(model.state_dict())
@@ -151,7 +151,7 @@ def qformer_to_transformers(
 
 def load_transformers_qformer(
     qformer: nn.Module, text_embeddings: nn.Module | None = None, layout: TransformersLayout = "blip2"
-) -> QFormer:
+) -> QFormerModel:
     """Convert a live transformers Q-Former module (and, for BLIP-2's retrieval model, its
     separate ``embeddings`` module) into ours."""
     state_dict = dict(qformer.state_dict())

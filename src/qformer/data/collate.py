@@ -1,5 +1,6 @@
-"""Batching for BLIP-2 training: stack images, tokenise text (here and nowhere else), and count
-the samples a dataset skipped (None or ``Skipped``), also when they were read in workers."""
+"""Batching for BLIP-2 training: stack images, tokenise text (with
+:func:`qformer.tokenizer.tokenize_texts`, as inference does), and count the samples a dataset
+skipped (None or ``Skipped``), also when they were read in workers."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import BatchEncoding, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from qformer.data.datasets import Sample, Skipped, skipped_count
+from qformer.tokenizer import tokenize_texts
 
 Batch = dict[str, Any]
 
@@ -18,21 +20,6 @@ def _split_skipped(samples: Sequence[Sample | Skipped | None]) -> tuple[list[Sam
     """The readable samples and how many were skipped (a ``Skipped`` may stand for several)."""
     kept = [sample for sample in samples if sample is not None and not isinstance(sample, Skipped)]
     return kept, skipped_count(samples)
-
-
-def _tokenize(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, padding_side: str, padding: str = "longest"
-) -> BatchEncoding:
-    """Padded to the longest text (or to ``max_length``), truncated to ``max_length``:
-    input_ids and attention_mask (B, T)."""
-    return tokenizer(
-        texts,
-        padding=padding,
-        truncation=True,
-        max_length=max_length,
-        padding_side=padding_side,
-        return_tensors="pt",
-    )
 
 
 class CaptionCollator:
@@ -58,7 +45,7 @@ class CaptionCollator:
                 "skipped": skipped,
             }
         texts = [sample["text"] for sample in kept]
-        tokens = _tokenize(self.tokenizer, texts, self.max_length, "right", self.padding)
+        tokens = tokenize_texts(self.tokenizer, texts, self.max_length, "right", self.padding)
         return {
             "pixel_values": torch.stack([sample["image"] for sample in kept]),  # (B, 3, S, S)
             "input_ids": tokens["input_ids"],
@@ -104,7 +91,7 @@ class VQACollator:
             "skipped": skipped,
         }
         if kept:
-            tokens = _tokenize(self.tokenizer, prompts, self.max_length, self.padding_side)
+            tokens = tokenize_texts(self.tokenizer, prompts, self.max_length, self.padding_side)
             batch["pixel_values"] = torch.stack([sample["image"] for sample in kept])  # (B, 3, S, S)
             batch["input_ids"] = tokens["input_ids"]
             batch["attention_mask"] = tokens["attention_mask"]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qformer.models.blip2 import _cache_argument, move_padding
+from qformer.models.blip2 import cache_argument, move_padding
 
 RANKING_RULE = ("the candidate with the highest summed log-likelihood of its tokens given the image and the prompt "
                 "(LAVIS's predict_class: no length normalisation)")
@@ -66,7 +66,7 @@ def _decoder_only(model: Any, queries: Tensor, prompt_ids: Tensor, prompt_mask: 
     prompt_ids, prompt_mask = move_padding(prompt_ids, prompt_mask, "left")
     embeds, prefix_mask = model._inputs_embeds(queries, prompt_ids, prompt_mask)  # (B, P, H), (B, P)
     positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
-    key = _cache_argument(language_model)
+    key = cache_argument(language_model)
     prefix = language_model(inputs_embeds=embeds, attention_mask=prefix_mask, position_ids=positions,
                             use_cache=True, logits_to_keep=1)
     first = _token_log_probs(prefix.logits[:, -1:][owner], ids[:, :1])  # (N, 1): each candidate's first token
@@ -103,7 +103,7 @@ def candidate_log_likelihoods(model: Any, images: Sequence[Any], prompts: Sequen
                               candidates: Sequence[Sequence[str]]) -> list[list[float]]:
     """For each image, its prompt and its candidates: each candidate's summed token
     log-likelihood (see the module's docstring), in the candidates' order. ``model``: a
-    :class:`~qformer.blip2.Blip2` or InstructBLIP with its tokenizer."""
+    :class:`~qformer.pretrained.stage2.Blip2` or InstructBLIP with its tokenizer."""
     if not len(images) == len(prompts) == len(candidates):
         raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(candidates)} candidate lists")
     if any(not choices for choices in candidates):

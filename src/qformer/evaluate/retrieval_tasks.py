@@ -48,18 +48,16 @@ from torch import Tensor
 
 from qformer.checkpoint import safetensors_errors, write_safetensors
 from qformer.evaluate.benchmarks import karpathy_test
-from qformer.evaluate.runner import barrier, check_settings, rank_and_world, write_json, library_versions
+from qformer.evaluate.runner import barrier, check_settings, library_versions, rank_and_world, write_json
+from qformer.pretrained.stage1 import TEXT_MAX_LENGTH, extract_features, tokenize
 from qformer.retrieval import (
     RERANK_DEPTH,
-    TEXT_MAX_LENGTH,
     Candidates,
-    extract_features,
     itm_of_images,
     rerank_candidates,
     reranked_scores,
     retrieval_recall,
     similarity_rows,
-    tokenize,
 )
 
 RETRIEVAL_TASKS = {"coco_retrieval": "coco_karpathy_test.json", "flickr_retrieval": "flickr30k_test.json"}

@@ -64,7 +64,7 @@ def evaluate_benchmark(
     fingerprint: str | None = None,
     **generation: Any,
 ) -> dict[str, Any]:
-    """Run ``task`` on ``model`` (a :class:`~qformer.blip2.Blip2` or InstructBLIP) over the data
+    """Run ``task`` on ``model`` (a :class:`~qformer.pretrained.stage2.Blip2` or InstructBLIP) over the data
     under ``data``; returns what ``results.json`` holds. ``generation`` (beams, new tokens) goes
     with a generating task only."""
     from tqdm import tqdm

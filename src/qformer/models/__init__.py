@@ -1,3 +1,3 @@
-from qformer.models.qformer import QFormer, QFormerCache, QFormerOutput
+from qformer.models.qformer import QFormerCache, QFormerModel, QFormerOutput
 
-__all__ = ["QFormer", "QFormerCache", "QFormerOutput"]
+__all__ = ["QFormerModel", "QFormerCache", "QFormerOutput"]

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -16,23 +14,19 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     PreTrainedModel,
-    PreTrainedTokenizerBase,
 )
 
 from qformer.config import Blip2Config, Blip2Stage1Config, QFormerConfig, VisionConfig
 from qformer.devices import DTYPES
 from qformer.inputs import check_features, check_generation, check_pixels, check_stage2_inputs
-from qformer.models.qformer import BlockKeyValue, KeyValue, QFormer, QFormerOutput
+from qformer.models.qformer import BlockKeyValue, KeyValue, QFormerModel, QFormerOutput
 from qformer.models.vision import EvaViT
-
-if TYPE_CHECKING:
-    from qformer.retrieval import Features, Images, Texts
 
 ImageKeyValues = tuple[KeyValue | BlockKeyValue | None, ...]
 
 
 
-def _cache_argument(model: nn.Module) -> str:
+def cache_argument(model: nn.Module) -> str:
     """The name transformers' forward, its outputs and generate use for a cache: ``cache`` in
     recent releases, ``past_key_values`` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -77,7 +71,11 @@ def concat_key_values(*parts: ImageKeyValues) -> ImageKeyValues:
 
 class Blip2Base(nn.Module):
     """What every BLIP-2 model shares: the frozen image encoder, ``ln_vision``, the learned
-    queries and the Q-Former's query pass over the image."""
+    queries and the Q-Former's query pass over the image. ``qformer_class`` builds the Q-Former:
+    the classes users load (:mod:`qformer.pretrained`) give theirs the Q-Former's own loading and
+    saving."""
+
+    qformer_class: type[QFormerModel] = QFormerModel
 
     def __init__(
         self,
@@ -101,7 +99,7 @@ class Blip2Base(nn.Module):
         self.vision = None if vision is None else freeze(vision, DTYPES[vision_dtype])
         self.ln_vision = nn.LayerNorm(qformer_config.encoder_hidden_size, eps=ln_vision_eps)
         self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, qformer_config.hidden_size) * 0.02)
-        self.qformer = QFormer(qformer_config)
+        self.qformer = self.qformer_class(qformer_config)
 
     def resize_image_encoder(self, image_size: int) -> None:
         """The EVA image encoder at ``image_size`` px, and the config saved with the model (the
@@ -165,16 +163,16 @@ class Blip2Base(nn.Module):
         )
 
 
-class Blip2Stage1(Blip2Base):
+class Blip2Stage1Model(Blip2Base):
     """BLIP-2's first stage (``Blip2Qformer`` in LAVIS, ``Blip2ForImageTextRetrieval`` in
-    transformers). Computes features; the losses are in :mod:`qformer.stage1`.
+    transformers): the architecture, which computes features; the losses are in
+    :mod:`qformer.stage1`, and :class:`qformer.Blip2Stage1` adds the tokenizer, preprocessing,
+    scores from user inputs, loading and saving.
 
     ``vision`` replaces the EVA ViT with another frozen tower (e.g.
     :class:`~qformer.models.vision.TransformersVisionTower`); with ``config.vision = None`` and
     no tower, images come as precomputed encoder outputs.
     """
-
-    tokenizer: PreTrainedTokenizerBase | None = None  # the Q-Former's, for the methods that take text
 
     def __init__(self, config: Blip2Stage1Config, vision: nn.Module | None = None) -> None:
         super().__init__(
@@ -217,47 +215,6 @@ class Blip2Stage1(Blip2Base):
     def similarity(image_feats: Tensor, text_feats: Tensor) -> Tensor:
         """Image-text similarity, the max over queries: (Ni, Q, E) x (Nt, E) -> (Ni, Nt)."""
         return torch.einsum("iqe,te->itq", image_feats, text_feats).amax(dim=-1)
-
-    # what turns user inputs into model inputs, and saving/loading: thin methods over
-    # qformer.retrieval and qformer.stage1_pretrained (this file holds the architecture)
-    def extract_features(self, images: Images | None = None, texts: Texts | None = None) -> Features:
-        """Normalised image features (N, Q, E), text features (N, E) and, given both (pair by
-        pair), the multimodal query outputs (N, Q, D); see :func:`qformer.retrieval.features`."""
-        from qformer.retrieval import features
-
-        return features(self, images, texts)
-
-    def itm_scores(self, images: Images, texts: Texts) -> Tensor:
-        """The ITM match probability of each (image, text) pair: (N,)."""
-        from qformer.retrieval import itm_scores
-
-        return itm_scores(self, images, texts)
-
-    def itc_scores(self, images: Images, texts: Texts) -> Tensor:
-        """The ITC similarity of every image with every text, the max over queries: (Ni, Nt)."""
-        from qformer.retrieval import itc_scores
-
-        return itc_scores(self, images, texts)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """``config.json``, ``model.safetensors`` and the tokenizer, each written atomically."""
-        from qformer.stage1_pretrained import save_stage1
-
-        save_stage1(self, directory)
-
-    @classmethod
-    def from_pretrained(
-        cls, path_or_hub_id: str | Path, dtype: Any = None, device: Any = None, device_map: Any = None
-    ) -> Blip2Stage1:
-        """A directory (or hub id) written by ``save_pretrained`` or a training run's ``final/``,
-        or transformers' ``Blip2ForImageTextRetrieval`` (``Salesforce/blip2-itm-vit-g``; its LM
-        head and temperature start fresh, logged), with its tokenizer, in eval mode. ``dtype``:
-        None or "auto" as stored; ``float16`` as LAVIS runs stage 1 (the frozen image encoder in
-        fp16, everything else in fp32); ``bfloat16`` everywhere. ``device``, or ``device_map``
-        naming one device."""
-        from qformer.stage1_pretrained import load_stage1
-
-        return load_stage1(path_or_hub_id, dtype=dtype, device=device, device_map=device_map)
 
 
 @dataclass
@@ -428,7 +385,7 @@ class Blip2Stage2(Blip2Base):
         config = self.language_model.generation_config
         rows = max(generation_kwargs.get("num_beams") or config.num_beams or 1,
                    generation_kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
-        cache_key = _cache_argument(self.language_model)
+        cache_key = cache_argument(self.language_model)
         static = generation_kwargs.get("cache_implementation") or config.cache_implementation
         if rows == 1 or inputs_embeds.shape[1] < 2 or cache_key in generation_kwargs or static:
             return generation_kwargs

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +120,7 @@ PastKeyValues = Union[QFormerCache, tuple[KeyValue, ...]]
 
 @dataclass
 class QFormerOutput:
-    """Output of :class:`QFormer`. ``logits`` cover the text positions only."""
+    """Output of :class:`QFormerModel`. ``logits`` cover the text positions only."""
 
     last_hidden_state: Tensor
     logits: Tensor | None = None
@@ -365,7 +364,7 @@ def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     )
 
 
-class QFormer(nn.Module):
+class QFormerModel(nn.Module):
     """BERT's ``BertLMHeadModel`` as BLIP-2 uses it (``Qformer`` and ``Qformer.bert`` in LAVIS)."""
 
     def __init__(self, config: QFormerConfig) -> None:
@@ -548,27 +547,3 @@ class QFormer(nn.Module):
             cross_attentions=tuple(cross_weights) if output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
-
-    @classmethod
-    def from_bert(cls, path: str | Path, keep_token_types: bool = False, **config_overrides) -> QFormer:
-        """A Q-Former initialised from a BERT checkpoint as BLIP-2 does from bert-base-uncased;
-        see :func:`qformer.convert.bert.qformer_from_bert`."""
-        from qformer.convert.bert import qformer_from_bert
-
-        return qformer_from_bert(path, keep_token_types=keep_token_types, **config_overrides)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """``config.json`` + ``model.safetensors``, each written atomically."""
-        from qformer.checkpoint import save_model
-
-        save_model(self, self.config, directory)
-
-    @classmethod
-    def from_pretrained(
-        cls, path_or_hub_id: str | Path, dtype: Any = None, device: Any = None, device_map: Any = None
-    ) -> QFormer:
-        """A directory written by ``save_pretrained`` (or a hub id), in ``dtype`` (None or "auto":
-        as stored) on ``device``."""
-        from qformer.checkpoint import load_model
-
-        return load_model(cls, QFormerConfig, path_or_hub_id, dtype=dtype, device=device, device_map=device_map)

@@ -49,14 +49,13 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
 
 def load_served(name: str, device: str | None, dtype: str, gallery: str | None, gallery_index: str | None):
     """The model behind ``name`` (stage 1 or stage 2, told by its config) ready to serve."""
-    from qformer.blip2 import Blip2
     from qformer.devices import parse_device, parse_dtype
     from qformer.infer_command import default_device
     from qformer.loading import model_fingerprint, resolve_checkpoint
-    from qformer.models.blip2 import Blip2Stage1
+    from qformer.pretrained.stage1 import Blip2Stage1, stage1_layout_of
+    from qformer.pretrained.stage2 import Blip2
     from qformer.serve.gallery import Gallery
     from qformer.serve.service import ServedModel
-    from qformer.stage1_pretrained import stage1_layout_of
 
     options = {"dtype": parse_dtype(dtype), "device": parse_device(device or default_device())}
     directory = Path(resolve_checkpoint(name))

@@ -26,8 +26,9 @@ from torch import Tensor
 
 from qformer.checkpoint import atomic_write, read_safetensors, write_safetensors
 from qformer.data.image_files import IMAGE_SUFFIXES, batches
-from qformer.models.blip2 import Blip2Stage1, expand_key_values
-from qformer.retrieval import read_pixels, extract_features, image_embeds_of, itm_match_logits, tokenize
+from qformer.models.blip2 import expand_key_values
+from qformer.pretrained.stage1 import Blip2Stage1, extract_features, image_embeds_of, tokenize
+from qformer.retrieval import itm_match_logits, read_pixels
 
 logger = logging.getLogger(__name__)
 

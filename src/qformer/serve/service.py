@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from qformer.blip2 import CAPTION_DEFAULTS, VQA_DEFAULTS, Blip2
-from qformer.models.blip2 import Blip2Stage1
+from qformer.pretrained.stage1 import Blip2Stage1
+from qformer.pretrained.stage2 import CAPTION_DEFAULTS, VQA_DEFAULTS, Blip2
 from qformer.serve.gallery import Gallery, Hit
 from qformer.serve.limits import Limits
 
@@ -99,7 +99,7 @@ class ServedModel:
     @torch.no_grad()
     def _match(self, payloads: Sequence[Match]) -> list[dict[str, Any]]:
         from qformer.models.blip2 import expand_key_values
-        from qformer.retrieval import extract_features, image_embeds_of, tokenize
+        from qformer.pretrained.stage1 import extract_features, image_embeds_of, tokenize
 
         model = self.model
         embeds = image_embeds_of(model, [p.image for p in payloads])  # (B, S, W): each image once

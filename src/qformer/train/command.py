@@ -98,13 +98,13 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
     """``qformer eval --model M --task T --data ROOT``: a paper's benchmark on a model."""
-    from qformer.blip2 import Blip2
     from qformer.devices import parse_dtype
     from qformer.evaluate.benchmarks import check_task
     from qformer.evaluate.runner import evaluate_benchmark, summary_line
-    from qformer.train.distributed import setup_runtime, teardown_runtime
     from qformer.infer_command import default_device
     from qformer.loading import model_fingerprint, resolve_checkpoint
+    from qformer.pretrained.stage2 import Blip2
+    from qformer.train.distributed import setup_runtime, teardown_runtime
 
     if overrides:
         raise ValueError(f"unrecognized arguments: {' '.join(overrides)} (section.key overrides go with a run)")
@@ -141,7 +141,7 @@ def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
     fingerprint, out = model_fingerprint(Path(directory)), Path(args.out or f"eval-{args.task}")
     if retrieval:
         from qformer.evaluate.retrieval_tasks import FEATURE_CHUNK, evaluate_retrieval_task
-        from qformer.models.blip2 import Blip2Stage1
+        from qformer.pretrained.stage1 import Blip2Stage1
 
         model = Blip2Stage1.from_pretrained(directory, dtype=dtype, device=device)
         results = evaluate_retrieval_task(model, args.task, args.data, out, k=args.k, batch_size=args.batch_size,

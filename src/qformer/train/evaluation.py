@@ -72,7 +72,7 @@ def _load(config: TrainConfig, checkpoint: Path, runtime: Runtime) -> tuple[Job,
     job = build_job(_final_config(config, checkpoint), runtime)
     if config.model.stage != "stage1":
         return job, job.model
-    from qformer.models.blip2 import Blip2Stage1
+    from qformer.pretrained.stage1 import Blip2Stage1
 
     return job, Blip2Stage1.from_pretrained(checkpoint)
 

@@ -24,9 +24,9 @@ RUN_CONFIG = "config.yaml"
 
 
 def _write_model(model: nn.Module, directory: Path) -> None:
-    from qformer.blip2 import Blip2
     from qformer.convert.command import align_ln_vision_eps
-    from qformer.models.blip2 import Blip2Stage1
+    from qformer.pretrained.stage1 import Blip2Stage1
+    from qformer.pretrained.stage2 import Blip2
 
     if isinstance(model, Blip2Stage1):
         model.save_pretrained(directory)

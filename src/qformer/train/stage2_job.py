@@ -16,13 +16,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from qformer.blip2 import VQA_DEFAULTS, Blip2, InstructBlip
 from qformer.config import ImageConfig
 from qformer.data.datasets import VQADataset
 from qformer.data.text import decoder_only_batch, encoder_decoder_batch, prefix_lm_split
 from qformer.devices import DTYPES, dtype_name
-from qformer.models.blip2 import Blip2Stage1, freeze
-from qformer.models.qformer import QFormer
+from qformer.models.blip2 import freeze
+from qformer.pretrained.qformer import QFormer
+from qformer.pretrained.stage1 import Blip2Stage1
+from qformer.pretrained.stage2 import VQA_DEFAULTS, Blip2, InstructBlip
 from qformer.tokenizer import load_tokenizer
 from qformer.train.build import Job, check_sources, eval_pixels, evaluate_sets, fit_image_size, resolve_bert
 from qformer.train.config import ModelSpec, TrainConfig
@@ -84,7 +85,7 @@ def _qformer_tokenizer(spec: ModelSpec, stage1: Blip2Stage1) -> PreTrainedTokeni
 
 def _with_text_path(model: Blip2, spec: ModelSpec) -> InstructBlip:
     """A BLIP-2 directory's model whose Q-Former has no text path (the released stage-2 models
-    drop it) as InstructBLIP's architecture (:meth:`~qformer.blip2.InstructBlip.from_blip2`),
+    drop it) as InstructBLIP's architecture (:meth:`~qformer.pretrained.stage2.InstructBlip.from_blip2`),
     the text path from the stage-1 model ``model.init_from``, or else from the BERT
     ``model.bert`` (as LAVIS's InstructBLIP gets it: its Q-Former starts from bert-base-uncased
     and the BLIP-2 checkpoint, which has no text path, loads over it)."""

@@ -21,10 +21,11 @@ from qformer.data.transforms import eval_transform
 from qformer.devices import DeviceArg, DeviceMapArg, DtypeArg
 from qformer.inputs import check_images
 from qformer.loading import resolve_checkpoint
-from qformer.models.blip2 import Blip2Stage1, Blip2Stage2
+from qformer.models.blip2 import Blip2Stage1Model, Blip2Stage2
 from qformer.models.instructblip import InstructBlipStage2
-from qformer.models.qformer import QFormer
-from qformer.stage1_pretrained import stage1_layout_of
+from qformer.models.qformer import QFormerModel
+from qformer.pretrained.qformer import QFormer
+from qformer.pretrained.stage1 import stage1_layout_of
 from qformer.tokenizer import directory_tokenizer, save_tokenizer, without_call_state
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class Blip2(Blip2Stage2):
     transformers-layout directory (``Salesforce/blip2-opt-2.7b``, ``blip2-flan-t5-xl``, ...)."""
 
     reads_instruction = False
+    qformer_class = QFormer
 
     def __init__(
         self,
@@ -95,7 +97,7 @@ class Blip2(Blip2Stage2):
         model_type = values.get("model_type")
         if stage1_layout_of(values) is not None:
             raise ValueError(f"{path_or_hub_id} holds a stage-1 model (image-text matching, no LLM): load it with "
-                             "Blip2Stage1.from_pretrained (qformer retrieve, qformer serve, qformer eval --task "
+                             "Blip2Stage1Model.from_pretrained (qformer retrieve, qformer serve, qformer eval --task "
                              "coco_retrieval)")
         target = InstructBlip if model_type == "instructblip" else cls
         model, report = target.load_weights(directory, dtype=dtype, device=device, device_map=device_map,
@@ -143,7 +145,7 @@ class Blip2(Blip2Stage2):
     @classmethod
     def from_stage1(
         cls,
-        stage1: Blip2Stage1,
+        stage1: Blip2Stage1Model,
         language_model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase | None = None,
         **config_overrides: Any,
@@ -172,7 +174,7 @@ class Blip2(Blip2Stage2):
         model = cls(config, language_model, vision=stage1.vision, tokenizer=tokenizer)
         model.ln_vision.load_state_dict(stage1.ln_vision.state_dict())
         model.query_tokens.data.copy_(stage1.query_tokens.data)
-        kept = QFormer(qformer).state_dict().keys()
+        kept = QFormerModel(qformer).state_dict().keys()
         model.qformer.load_state_dict({k: v for k, v in stage1.qformer.state_dict().items() if k in kept})
         return model
 
@@ -293,7 +295,7 @@ class InstructBlip(Blip2, InstructBlipStage2):
 
     @classmethod
     def from_blip2(
-        cls, blip2: Blip2, text_source: QFormer, qformer_tokenizer: PreTrainedTokenizerBase | None = None
+        cls, blip2: Blip2, text_source: QFormerModel, qformer_tokenizer: PreTrainedTokenizerBase | None = None
     ) -> InstructBlip:
         """A BLIP-2 whose Q-Former reads the prompt with the queries: everything from ``blip2``
         (its image encoder and LLM shared, not copied) and the Q-Former's text path (word and
