@@ -139,6 +139,12 @@ SETUPS = {
     "from qformer import Blip2\nmodel = Blip2.from_pretrained(\"path/to/instructblip": (tiny_instructblip_dir, [
         ("path/to/instructblip-flan-t5-xl", "{dir}"),
     ]),
+    "model = Blip2.from_pretrained(\"Salesforce/blip2-opt-2.7b\"": (tiny_blip2_dir, [
+        ("Salesforce/blip2-opt-2.7b", "{dir}"),
+    ]),
+    "model = Blip2Stage1.from_pretrained(\"Salesforce/blip2-itm-vit-g\")": (tiny_retrieval_dir, [
+        ("Salesforce/blip2-itm-vit-g", "{dir}"),
+    ]),
 }
 
 
@@ -369,3 +375,4 @@ def test_link_check_catches_missing_pages_and_anchors():
     assert link_problem(readme, "Makefile#anchor") is not None
     assert link_problem(readme, "https://example.org/x.md") is None
     assert links("[a](x.md) `[b](y.md)` [c](<z.md#q> \"title\")\n```\n[d](w.md)\n```\n") == ["x.md", "z.md#q"]
+
