@@ -376,3 +376,36 @@ def test_link_check_catches_missing_pages_and_anchors():
     assert link_problem(readme, "https://example.org/x.md") is None
     assert links("[a](x.md) `[b](y.md)` [c](<z.md#q> \"title\")\n```\n[d](w.md)\n```\n") == ["x.md", "z.md#q"]
 
+
+# ---- the README as a first screen, the pages behind it ----
+
+def test_readme_is_a_first_screen_with_the_commands_ci_runs():
+    text = read(ROOT / "README.md")
+    assert len(text.splitlines()) <= 150, "README.md is the first screen: move the depth to a page under docs/"
+    for command in ("make install", "make test"):  # .ci/run runs make test; the Makefile names the README's
+        assert command in text, command
+
+
+def test_readme_lists_every_command():
+    from qformer.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    listed = re.findall(r"^\| `qformer (\w+)` \|", read(ROOT / "README.md"), re.M)
+    assert sorted(listed) == sorted(commands), "one row per command in the README's table"
+
+
+@pytest.mark.parametrize("page", sorted((ROOT / "docs").glob("*.md")), ids=lambda p: p.name)
+def test_page_has_a_title_a_summary_and_a_way_back(page):
+    lines = read(page).splitlines()
+    assert lines[0].startswith("# ") and not lines[1] and lines[2] and not lines[2].startswith("#") and not lines[3], \
+        f"{name_of(page)}: a title, then a one-line summary"
+    assert "](../README.md" in read(page), f"{name_of(page)}: link back to the README"
+    assert f"](docs/{page.name}" in read(ROOT / "README.md"), f"{name_of(page)}: no link to it from the README"
+
+
+def test_named_files_exist():
+    """Every repository path the pages name in code spans (tests/..., src/..., bench/..., configs/...)."""
+    missing = [(name_of(page), path) for page in pages()
+               for path in re.findall(r"`((?:tests|src|bench|configs|docs)/[\w./-]*\w)`", read(page))
+               if not (ROOT / path).exists()]
+    assert not missing, missing
