@@ -59,7 +59,7 @@ def test_every_option_explains_itself():
 
 
 def test_offline_hub_id_fails_at_once_naming_the_recipe_key(tmp_path):
-    """The README's first training command on a machine without bert-base-uncased: one line
+    """The first training command of docs/training.md on a machine without bert-base-uncased: one line
     naming model.bert and how to point it at a directory, no retries, no traceback."""
     (tmp_path / "images").mkdir()
     Image.new("RGB", (20, 20)).save(tmp_path / "images" / "a.png")

@@ -10,7 +10,7 @@ from qformer.demo import DemoConfig, run_demo
 @pytest.mark.slow
 def test_demo_reaches_its_figures(tmp_path):
     """The demo as `make demo` runs it (about 6 minutes on 2 cores). Each threshold sits well
-    below what the seeds tried reached (README) and far above chance: a broken loss, mask or
+    below what the seeds tried reached (docs/demo.md) and far above chance: a broken loss, mask or
     projection falls to chance on the attributes it breaks."""
     lines = []
     summary = run_demo(DemoConfig(out_dir=str(tmp_path)), log=lines.append)

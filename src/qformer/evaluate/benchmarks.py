@@ -103,7 +103,7 @@ def caption_figures(predictions: dict[Any, str], images: Sequence[Question]) -> 
 
 def missing_file(path: Path) -> str:
     """The one line that names a benchmark's missing file or folder."""
-    return f"{path} not found: the benchmark's official file (see the README's evaluation table)"
+    return f"{path} not found: the benchmark's official file (see the table in docs/evaluation.md)"
 
 
 def _load(path: Path) -> Any:

@@ -212,7 +212,7 @@ def add_train_commands(commands: Any) -> None:
     evaluate.add_argument("--out", default=None,
                           help="where to write the results: a run's JSON (default: eval.json in the evaluated "
                                "folder), or with --model a folder (default: eval-TASK)")
-    paper = evaluate.add_argument_group("a paper's benchmark on a model (see the README's evaluation table)")
+    paper = evaluate.add_argument_group("a paper's benchmark on a model (see the table in docs/evaluation.md)")
     paper.add_argument("--model", default=None, help="a BLIP-2 or InstructBLIP directory or hub id")
     paper.add_argument("--task", default=None,
                        help="vqav2, okvqa, gqa, coco_caption, nocaps, flickr_caption (a stage-2 model, answers "
