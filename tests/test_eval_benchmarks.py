@@ -16,9 +16,9 @@ from stage2_helpers import save_tiny_blip2
 from qformer.blip2 import Blip2
 from qformer.cli import main
 from qformer.data.transforms import clean_question
-from qformer.evaluate.benchmarks import GENERATION
 from qformer.evaluate.retrieval_tasks import evaluate_retrieval_task
 from qformer.evaluate.runner import evaluate_benchmark
+from qformer.evaluate.tasks import GENERATION
 from qformer.evaluate.vqa import normalize_answer, vqa_score
 
 QUESTIONS = ["What colour is the ball?", "How many dogs are there?", "Is it raining?", "What is on the TABLE?",

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from qformer.checkpoint import safetensors_errors, write_safetensors
 from qformer.evaluate.benchmarks import karpathy_test
-from qformer.evaluate.runner import barrier, check_settings, rank_and_world, write_json, library_versions
+from qformer.evaluate.outputs import barrier, check_settings, rank_and_world, write_json, library_versions
 from qformer.retrieval import (
     RERANK_DEPTH,
     TEXT_MAX_LENGTH,
