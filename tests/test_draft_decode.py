@@ -23,7 +23,7 @@ from qformer.data.transforms import (
     random_resized_crop_box,
     train_transform,
 )
-from qformer.train.build import TrainImages, TrainShards, draft_reduction
+from qformer.train.data import TrainImages, TrainShards, draft_reduction
 
 CONFIG = ImageConfig(size=32)
 

@@ -195,7 +195,7 @@ def test_contact_sheet_is_a_grid_of_the_images(tmp_path: Path) -> None:
 def test_photographs_are_real_deterministic_crops():
     from qformer.data.photos import PHOTOS, PhotoDataset
     from qformer.data.scenes import all_scenes
-    from qformer.train.build import scene_sets
+    from qformer.train.data import scene_sets
     from qformer.train.config import DataSpec
 
     first = len(all_scenes())
