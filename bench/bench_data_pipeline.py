@@ -37,8 +37,9 @@ from qformer.config import ImageConfig
 from qformer.data.datasets import CaptionDataset, CaptionRecord
 from qformer.data.shards import shard_name, write_tar_shard
 from qformer.data.transforms import clean_caption, train_transform
-from qformer.train.build import Job, TrainImages
 from qformer.train.config import TrainConfig
+from qformer.train.data import TrainImages
+from qformer.train.job import Job
 
 CACHE = Path.home() / ".cache" / "qformer-bench" / "jpegs-v1"
 IMAGES = {True: 48, False: 240}  # quick, full
@@ -204,7 +205,7 @@ def shard_job(pattern: str) -> tuple[Job, TrainConfig]:
 class WebDatasetReference:
     """webdataset's pipeline on the shards: shards split by node and worker and shuffled,
     ``shuffle(buffer)`` (yielding once full, as ours), ``decode("pil")``, then BLIP-2's train
-    transform seeded as :class:`~qformer.train.build.TrainShards` seeds it (the seed, epoch 0
+    transform seeded as :class:`~qformer.train.data.TrainShards` seeds it (the seed, epoch 0
     and the sample's place), so the crops and flips are ours."""
 
     def __init__(self, pattern: str, image: ImageConfig, seed: int, buffer: int) -> None:

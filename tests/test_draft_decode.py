@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hostile_data import image_bytes
 from PIL import Image
 
+from hostile_data import image_bytes
 from qformer.config import ImageConfig
 from qformer.data.datasets import CaptionDataset, CaptionRecord
 from qformer.data.shards import TarShardDataset, write_tar_shard
@@ -23,7 +23,7 @@ from qformer.data.transforms import (
     random_resized_crop_box,
     train_transform,
 )
-from qformer.train.build import TrainImages, TrainShards, draft_reduction
+from qformer.train.data import TrainImages, TrainShards, draft_reduction
 
 CONFIG = ImageConfig(size=32)
 

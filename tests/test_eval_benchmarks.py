@@ -14,9 +14,9 @@ from PIL import Image
 
 from qformer.cli import main
 from qformer.data.transforms import clean_question
-from qformer.evaluate.benchmarks import GENERATION
 from qformer.evaluate.retrieval_tasks import evaluate_retrieval_task
 from qformer.evaluate.runner import evaluate_benchmark
+from qformer.evaluate.tasks import GENERATION
 from qformer.evaluate.vqa import normalize_answer, vqa_score
 from qformer.pretrained.stage2 import Blip2
 from stage2_helpers import save_tiny_blip2

@@ -105,7 +105,7 @@ def test_a_run_trains_the_image_encoder_and_final_gives_it_back(tmp_path):
     """Stage 1 (a retrieval fine-tuning) with freeze_vit false under bf16 autocast: the encoder
     is held in fp32 (vision_dtype float16 asked), its weights move, and final/ and the rebuilt
     checkpoint load them."""
-    from qformer.train.export import build_trained_model
+    from qformer.train.build import build_trained_model
     from qformer.train.stage1_job import build_model
 
     config = tiny(tmp_path / "run", "--model.freeze_vit", "false", "--model.stage1.vision_dtype", "float16",
@@ -252,7 +252,7 @@ def instruction_file(path: Path, images: list[str]) -> str:
 
 
 def test_instruction_sets_mix_in_the_trainer_or_fail_in_one_line(tmp_path):
-    from qformer.train.build import MixedSets, file_sets
+    from qformer.train.data import MixedSets, file_sets
 
     Image.new("RGB", (28, 28), "red").save(tmp_path / "red.png")
     (tmp_path / "other").mkdir()

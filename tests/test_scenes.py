@@ -195,8 +195,8 @@ def test_contact_sheet_is_a_grid_of_the_images(tmp_path: Path) -> None:
 def test_photographs_are_real_deterministic_crops():
     from qformer.data.photos import PHOTOS, PhotoDataset
     from qformer.data.scenes import all_scenes
-    from qformer.train.build import scene_sets
     from qformer.train.config import DataSpec
+    from qformer.train.data import scene_sets
 
     first = len(all_scenes())
     data = PhotoDataset(3, seed=5, size=48, first_id=first)

@@ -9,14 +9,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
-from test_train import caption_shards, tiny
 
 from qformer.config import ImageConfig
 from qformer.data.datasets import Skipped
 from qformer.data.shards import ShardEnd, TarShardDataset, expand_shards, shard_name, write_tar_shard
 from qformer.train.batches import ShardBatches
-from qformer.train.build import RefillSkipped, TrainShards
+from qformer.train.data import RefillSkipped, TrainShards
 from qformer.train.distributed import Runtime
+from test_train import caption_shards, tiny
 
 
 def picture(n: int) -> Image.Image:
@@ -145,7 +145,7 @@ def test_shard_names_from_patterns(tmp_path: Path) -> None:
 
 def test_the_rest_of_an_epoch_dealt_to_another_number_of_ranks(tmp_path: Path) -> None:
     """What one rank took, left out; the rest dealt to two ranks: each sample once."""
-    from qformer.train.build import Consumed
+    from qformer.train.data import Consumed
 
     pattern = caption_shards(tmp_path / "shards", shards=6, per_shard=5)
     one = shard_batches(pattern, 0, tmp_path / "a")
@@ -165,10 +165,9 @@ def test_a_shard_run_resumes_on_two_processes(tmp_path: Path) -> None:
     """Saved by one process, resumed by torchrun with two: the run goes on, the epoch without what it took."""
     import shutil
 
-    from test_train import free_port, torchrun
-
     from qformer.train.loop import train
     from qformer.train.state import load_plain
+    from test_train import free_port, torchrun
 
     pattern = caption_shards(tmp_path / "shards", shards=8, per_shard=4)
     run = tmp_path / "run"

@@ -18,7 +18,7 @@ CHILD = f"""
 import sys
 from pathlib import Path
 
-from qformer.evaluate.runner import check_settings
+from qformer.evaluate.outputs import check_settings
 from qformer.train.config import load_train_config
 
 folder, text = Path(sys.argv[1]), {ascii(TEXT)}

@@ -320,7 +320,7 @@ def test_shard_stream_reads_each_sample_once_and_restarts_midway(tmp_path):
     from qformer.config import ImageConfig
     from qformer.data.shards import TarShardDataset, expand_shards
     from qformer.train.batches import ShardStream
-    from qformer.train.build import TrainShards
+    from qformer.train.data import TrainShards
 
     paths = expand_shards(caption_shards(tmp_path / "shards", shards=8, per_shard=3))
 

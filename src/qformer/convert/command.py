@@ -3,7 +3,6 @@ layouts, stage 1 and stage 2 (OPT, T5), every key accounted for."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -32,6 +31,7 @@ from qformer.convert.blip2_layouts import (
     stage1_to_lavis,
     stage1_to_transformers,
 )
+from qformer.convert.formats import Format
 from qformer.convert.lavis_pth import (
     VISION_PREFIX,
     LavisStage2Layout,
@@ -41,7 +41,6 @@ from qformer.convert.lavis_pth import (
     stage2_from_lavis,
     stage2_to_lavis,
 )
-from qformer.convert.parser import Format
 from qformer.convert.qformer_layouts import BERT_FIELDS
 from qformer.convert.rename import ConversionReport, RenameTable
 from qformer.convert.transformers_blip2 import (
@@ -353,12 +352,3 @@ def convert(
     model, read = read_checkpoint(src, config, llm, vision)
     return read, write_checkpoint(model, dst, to)
 
-
-def run_convert(args: argparse.Namespace) -> None:
-    """The CLI: convert, then print both reports."""
-    to = args.to or default_target(args.dst)
-    try:
-        read, written = convert(args.src, args.dst, to, args.config, args.llm, args.vision)
-    except KeyError as err:  # a key with no place: ConversionReport.raise_if_unmatched names them
-        raise ValueError(err.args[0]) from None
-    print(f"read {args.src}\n{read.summary()}\nwrote {args.dst} ({to})\n{written.summary()}")

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-Format = Literal["lavis", "transformers", "qformer"]
-FORMATS: tuple[Format, ...] = ("transformers", "lavis", "qformer")
+from qformer.convert.formats import FORMATS
 
 
 def _run_convert(args: argparse.Namespace) -> None:
-    from qformer.convert.command import run_convert
+    """The CLI: convert, then print both reports."""
+    from qformer.convert.command import convert, default_target
 
-    run_convert(args)
+    to = args.to or default_target(args.dst)
+    try:
+        read, written = convert(args.src, args.dst, to, args.config, args.llm, args.vision)
+    except KeyError as err:  # a key with no place: ConversionReport.raise_if_unmatched names them
+        raise ValueError(err.args[0]) from None
+    print(f"read {args.src}\n{read.summary()}\nwrote {args.dst} ({to})\n{written.summary()}")
 
 
 _EPILOG = """\
@@ -28,7 +33,7 @@ examples:
 
 def add_convert_command(subparsers: Any) -> None:
     """Register ``convert`` on an argparse subparsers object (``run`` calls
-    :func:`qformer.convert.command.run_convert`)."""
+    :func:`qformer.convert.command.convert` and prints its reports)."""
     parser = subparsers.add_parser(
         "convert",
         help="convert BLIP-2 checkpoints between LAVIS (.pth), transformers and qformer",

@@ -14,23 +14,23 @@ layout, its prompt and generation settings as BLIP-2 states them, and its metric
 
 VQAv2 and OK-VQA are scored with :func:`qformer.evaluate.vqa.vqa_accuracy`, the official
 algorithm. BLIP-2 (Section 4.2, Table 2) prompts OPT with "Question: {} Answer:" and FlanT5 with
-"Question: {} Short answer:", and decodes with 5 beams, length penalty -1, at most 10 new tokens.
-Captions follow "a photo of", 5 beams, 8 to 30 new tokens (LAVIS's caption evaluation configs).
+"Question: {} Short answer:", and decodes with 5 beams, length penalty -1, at most 10 new tokens
+(:data:`qformer.evaluate.tasks.GENERATION`). Captions follow "a photo of", 5 beams, 8 to 30 new
+tokens (LAVIS's caption evaluation configs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qformer.data.datasets import read_json
+from qformer.evaluate.tasks import Benchmark, read_benchmark_json
 from qformer.evaluate.vqa import normalize_answer, vqa_accuracy
 
 DECODER_PROMPT = "Question: {} Answer:"  # BLIP-2 with OPT
 ENCODER_DECODER_PROMPT = "Question: {} Short answer:"  # BLIP-2 with FlanT5
-GENERATION = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
 
 
 @dataclass(frozen=True)
@@ -42,16 +42,6 @@ class Question:
     question: str | None  # None for captioning
     answers: tuple[str, ...] = ()  # human answers (VQA), the answer (GQA), reference captions; none for test splits
     answer_type: str | None = None  # VQA's answer type, NoCaps' domain
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    name: str
-    splits: tuple[str, ...]
-    read: Callable[[Path, str], list[Any]]  # (root, split) -> its items: Question here
-    score: Callable[[dict[Any, Any], Sequence[Any]], dict[str, Any]]  # the predictions' figures, from the items
-    generation: dict[str, Any] = field(default_factory=lambda: dict(GENERATION))
-    caption_prompt: str | None = None  # a captioning task's prompt (None: a question-answering task)
 
 
 def vqa_figures(score_one: Callable[[str, Sequence[str]], float], metric: str) -> Callable[..., dict[str, Any]]:
@@ -101,29 +91,18 @@ def caption_figures(predictions: dict[Any, str], images: Sequence[Question]) -> 
     return result
 
 
-def missing_file(path: Path) -> str:
-    """The one line that names a benchmark's missing file or folder."""
-    return f"{path} not found: the benchmark's official file (see the table in docs/evaluation.md)"
-
-
-def _load(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(missing_file(path))
-    return read_json(path)
-
-
 def _coco_image(root: Path, folder: str, image_id: int) -> Path:
     return root / folder / f"COCO_{folder}_{int(image_id):012d}.jpg"
 
 
 def _vqa_files(root: Path, questions_name: str, annotations_name: str | None, folder: str) -> list[Question]:
     """Questions (and, where the split has them, annotations) in the VQA challenge's format."""
-    questions = _load(root / questions_name).get("questions")
+    questions = read_benchmark_json(root / questions_name).get("questions")
     if not isinstance(questions, list):
         raise ValueError(f"{root / questions_name}: expected {{'questions': [...]}}")
     annotations = {}
     if annotations_name is not None:
-        entries = _load(root / annotations_name).get("annotations")
+        entries = read_benchmark_json(root / annotations_name).get("annotations")
         if not isinstance(entries, list):
             raise ValueError(f"{root / annotations_name}: expected {{'annotations': [...]}}")
         annotations = {entry["question_id"]: entry for entry in entries}
@@ -149,7 +128,7 @@ def read_okvqa(root: Path, split: str) -> list[Question]:
 
 
 def read_gqa(root: Path, split: str) -> list[Question]:
-    entries = _load(root / "testdev_balanced_questions.json")
+    entries = read_benchmark_json(root / "testdev_balanced_questions.json")
     if not isinstance(entries, dict):
         raise ValueError(f"{root / 'testdev_balanced_questions.json'}: expected {{question_id: {{...}}}}")
     return [Question(qid, root / "images" / f"{entry['imageId']}.jpg", entry["question"], (entry["answer"],))
@@ -158,7 +137,7 @@ def read_gqa(root: Path, split: str) -> list[Question]:
 
 def karpathy_test(root: Path, name: str) -> list[Question]:
     """LAVIS's test annotations: ``[{"image": path under root, "caption": [references]}]``."""
-    entries = _load(root / name)
+    entries = read_benchmark_json(root / name)
     if not isinstance(entries, list) or not all(isinstance(e, dict) and {"image", "caption"} <= set(e)
                                                 for e in entries):
         raise ValueError(f"{root / name}: expected [{{'image': path, 'caption': [captions]}}, ...]")
@@ -178,7 +157,7 @@ def read_flickr_caption(root: Path, split: str) -> list[Question]:
 def read_nocaps(root: Path, split: str) -> list[Question]:
     """NoCaps' validation file (``nocaps_val_4500_captions.json``: COCO-style ``images`` with
     their ``domain`` and ``annotations``), the images under ``ROOT/images/``."""
-    data = _load(root / "nocaps_val_4500_captions.json")
+    data = read_benchmark_json(root / "nocaps_val_4500_captions.json")
     references: dict[Any, list[str]] = {}
     for annotation in data.get("annotations", []):
         references.setdefault(annotation["image_id"], []).append(annotation["caption"])
@@ -204,22 +183,6 @@ BENCHMARKS = {
     "flickr_caption": Benchmark("flickr_caption", ("test",), read_flickr_caption, caption_figures,
                                 dict(CAPTION_GENERATION), CAPTION_PROMPT),
 }
-
-
-def check_task(task: str, split: str | None) -> tuple[Benchmark, str]:
-    """The benchmark named ``task`` (generating, or ranking candidates: a
-    :class:`~qformer.evaluate.ranking_tasks.RankingTask`) and its ``split`` (default: its
-    first), or a one-line error."""
-    from qformer.evaluate.ranking_tasks import RANKING_TASKS  # which imports this module
-
-    tasks = {**BENCHMARKS, **RANKING_TASKS}
-    if task not in tasks:
-        raise ValueError(f"--task {task!r}: one of {', '.join(tasks)}")
-    benchmark = tasks[task]
-    split = split or benchmark.splits[0]
-    if split not in benchmark.splits:
-        raise ValueError(f"--split {split!r}: {task} has {', '.join(benchmark.splits)}")
-    return benchmark, split
 
 
 def default_prompt(is_encoder_decoder: bool) -> str:

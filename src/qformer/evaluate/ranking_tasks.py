@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from qformer.data.transforms import clean_caption, clean_question
-from qformer.evaluate.benchmarks import Benchmark, _load, missing_file
+from qformer.evaluate.tasks import Benchmark, missing_file, read_benchmark_json
 
 # The default prompts. LAVIS ships no held-out evaluation prompt for these sets, and InstructBLIP's
 # appendix (its instruction templates) could not be read where this was written. Hateful Memes':
@@ -119,7 +119,7 @@ def read_scienceqa(root: Path, split: str) -> list[RankingItem]:
     hint is the context: LAVIS's ``_predict_class`` puts "context: {hint}. " in front of the
     prompt (here only for a non-empty hint: its test, ``samples['context'] != ''``, compares the
     batch's list with a string and so never skips one)."""
-    problems, splits = _load(root / "problems.json"), _load(root / "pid_splits.json")
+    problems, splits = read_benchmark_json(root / "problems.json"), read_benchmark_json(root / "pid_splits.json")
     if not isinstance(problems, dict):
         raise ValueError(f"{root / 'problems.json'}: expected {{pid: {{...}}}}")
     if not isinstance(splits, dict) or not isinstance(splits.get(split), list):
@@ -151,7 +151,7 @@ def read_iconqa(root: Path, split: str) -> list[RankingItem]:
     items = []
     for problem in problems:
         where = str(problem / "data.json")
-        entry = _entry(where, _load(problem / "data.json"), ("question", "choices"))
+        entry = _entry(where, read_benchmark_json(problem / "data.json"), ("question", "choices"))
         choices, answer = _choices(where, entry)
         fields = {"question": clean_question(entry["question"]), "options": _options(choices)}
         items.append(RankingItem(problem.name, problem / "image.png", fields, choices, answer))

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from qformer.checkpoint import safetensors_errors, write_safetensors
 from qformer.evaluate.benchmarks import karpathy_test
-from qformer.evaluate.runner import barrier, check_settings, library_versions, rank_and_world, write_json
+from qformer.evaluate.outputs import barrier, check_settings, library_versions, rank_and_world, write_json
 from qformer.pretrained.stage1 import TEXT_MAX_LENGTH, extract_features, tokenize
 from qformer.retrieval import (
     RERANK_DEPTH,

@@ -23,9 +23,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from qformer.data.shards import ShardEnd
-from qformer.train.build import Consumed, Job, TrainShards
 from qformer.train.config import TrainConfig
+from qformer.train.data import Consumed, TrainShards
 from qformer.train.distributed import Runtime
+from qformer.train.job import Job
 from qformer.train.sampler import GlobalBatchSampler
 from qformer.train.signals import ignore_stop_signals
 

@@ -99,7 +99,7 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
 def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
     """``qformer eval --model M --task T --data ROOT``: a paper's benchmark on a model."""
     from qformer.devices import parse_dtype
-    from qformer.evaluate.benchmarks import check_task
+    from qformer.evaluate.registry import TASKS, check_task
     from qformer.evaluate.runner import evaluate_benchmark, summary_line
     from qformer.infer_command import default_device
     from qformer.loading import model_fingerprint, resolve_checkpoint
@@ -116,9 +116,8 @@ def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
     from qformer.evaluate.ranking_tasks import RANKING_TASKS, check_files, check_prompt
     from qformer.evaluate.retrieval_tasks import RETRIEVAL_TASKS
 
-    tasks = [*BENCHMARKS, *RANKING_TASKS, *RETRIEVAL_TASKS]
-    if args.task not in tasks:
-        raise ValueError(f"--task {args.task!r}: one of {', '.join(tasks)}")
+    if args.task not in TASKS:
+        raise ValueError(f"--task {args.task!r}: one of {', '.join(TASKS)}")
     retrieval = args.task in RETRIEVAL_TASKS
     goes_with = {"a retrieval task": RETRIEVAL_TASKS, "a question-answering task": [*BENCHMARKS, *RANKING_TASKS],
                  "a generating task": BENCHMARKS}

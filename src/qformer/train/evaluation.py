@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from qformer.checkpoint import atomic_write
-from qformer.train.build import Job, build_job
+from qformer.train.build import build_job
 from qformer.train.config import TrainConfig, load_train_config
 from qformer.train.distributed import Runtime, setup_runtime
+from qformer.train.job import Job
 from qformer.train.state import WEIGHTS_NAME, check_checkpoint, latest_checkpoint, load_checkpoint
 
 logger = logging.getLogger(__name__)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, closing
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,11 +16,12 @@ from torch import nn
 
 from qformer.checkpoint import atomic_write
 from qformer.train.batches import data_batches
-from qformer.train.build import Job, TrainShards, build_job
+from qformer.train.build import build_job, build_trained_model
 from qformer.train.config import TrainConfig, dump_yaml, load_train_config, resume_changes
+from qformer.train.data import TrainShards
 from qformer.train.distributed import Runtime, setup_runtime, teardown_runtime
-from qformer.train.export import build_trained_model, save_final
 from qformer.train.faults import StepGuard, step_values
+from qformer.train.job import Job, save_final
 from qformer.train.optim import build_optimizer, build_scheduler
 from qformer.train.parallel import (
     clip_gradients,

@@ -17,10 +17,10 @@ from qformer.pretrained.stage1 import Blip2Stage1
 from qformer.retrieval import RERANK_DEPTH, retrieval_recall, retrieval_scores
 from qformer.stage1 import Stage1Objective
 from qformer.tokenizer import load_tokenizer
-from qformer.train.build import Job, check_sources, eval_pixels, evaluate_sets, fit_image_size, resolve_bert
 from qformer.train.config import TrainConfig
 from qformer.train.distributed import Runtime
 from qformer.train.image_encoder import prepare_image_encoder
+from qformer.train.job import Job, check_sources, eval_pixels, evaluate_sets, fit_image_size, resolve_bert
 
 logger = logging.getLogger(__name__)
 

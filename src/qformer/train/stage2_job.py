@@ -25,11 +25,10 @@ from qformer.pretrained.qformer import QFormer
 from qformer.pretrained.stage1 import Blip2Stage1
 from qformer.pretrained.stage2 import VQA_DEFAULTS, Blip2, InstructBlip
 from qformer.tokenizer import load_tokenizer
-from qformer.train.build import Job, check_sources, eval_pixels, evaluate_sets, fit_image_size, resolve_bert
 from qformer.train.config import ModelSpec, TrainConfig
 from qformer.train.distributed import Runtime
-from qformer.train.export import save_final
 from qformer.train.image_encoder import prepare_image_encoder
+from qformer.train.job import Job, check_sources, eval_pixels, evaluate_sets, fit_image_size, resolve_bert, save_final
 
 
 def build_model(config: TrainConfig) -> Blip2:
@@ -112,7 +111,7 @@ class Stage2Collator:
     """Pixels plus the LLM's inputs and labels: decoder-only [bos prompt caption suffix];
     encoder-decoder: prompt -> caption, or a prefix-LM split of the caption when there is no
     prompt (seeded by the sample, so the split is reproducible). Skipped samples are handled
-    by the trainer's :class:`~qformer.train.build.RefillSkipped`."""
+    by the trainer's :class:`~qformer.train.data.RefillSkipped`."""
 
     def __init__(self, model: Blip2, prompt: str, max_length: int, seed: int) -> None:
         # tokenizers only: the collator travels to the DataLoader's worker processes
