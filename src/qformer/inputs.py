@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from torch import Tensor
-
-if TYPE_CHECKING:
-    from qformer.models.blip2 import Blip2Stage2
+from torch import Tensor, nn
 
 # normalised pixels (CLIP's mean and std) lie within about [-1.8, 2.2]; raw 0-255 pixels go far beyond
 RAW_PIXELS = 20.0
@@ -124,7 +121,7 @@ def check_generation(generation_kwargs: dict) -> None:
 
 
 def check_stage2_inputs(
-    model: Blip2Stage2,
+    model: nn.Module,
     pixel_values: Tensor | None,
     image_features: Tensor | None,
     input_ids: Tensor | None,
@@ -134,7 +131,8 @@ def check_stage2_inputs(
     labels: Tensor | None = None,
     max_new_tokens: int | None = None,
 ) -> None:
-    """What :class:`~qformer.models.blip2.Blip2Stage2`'s forward and generate take: one batch;
+    """What :class:`~qformer.models.blip2.Blip2Stage2`'s forward and generate take (``model``, whose
+    ``num_query_tokens``, ``language_model`` and ``qformer`` bound the lengths): one batch;
     texts with their masks; the queries, text and new tokens within the LLM's position table
     (one position to spare after a prompt: the last new token is never fed back), the
     instruction within the Q-Former's."""
