@@ -3,7 +3,7 @@
 - ``qformer_fwd_bwd``: one [queries; text] pass over the image, forward + backward, ours against
   transformers' ``Blip2QFormerModel`` (with its text embeddings), same weights. On CUDA ours runs
   under bf16 autocast and transformers in its default fp32, compared within bf16 tolerance.
-- ``stage1_step``: :class:`qformer.stage1.Stage1Objective` (ITC + ITM + ITG, image keys/values
+- ``stage1_step``: :class:`qformer.objective.Stage1Objective` (ITC + ITM + ITG, image keys/values
   projected once) against ``reference_step`` of the tests (every pass projects the image again,
   as LAVIS does), forward + backward from image features, the same fixed hard negatives.
 - ``stage1_memory``: the peak memory of that step at batch 32, each side in a fresh process
@@ -36,7 +36,7 @@ from qformer import flops  # noqa: E402
 from qformer.config import Blip2Stage1Config, QFormerConfig  # noqa: E402
 from qformer.losses import HardNegatives  # noqa: E402
 from qformer.pretrained.stage1 import Blip2Stage1  # noqa: E402
-from qformer.stage1 import Stage1Objective  # noqa: E402
+from qformer.objective import Stage1Objective  # noqa: E402
 from stage1_helpers import reference_step  # noqa: E402
 
 QUERIES, IMAGE_TOKENS, IMAGE_WIDTH = 32, 257, 1408

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Blip2ForImageTextRetrieval
 
-from qformer.convert.command import convert
+from qformer.pretrained.conversion import convert
 from qformer.convert.lavis_pth import read_lavis_pth
 from qformer.convert.parser import add_convert_command
 from qformer.convert.transformers_blip2 import blip2_config_from_transformers

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qformer import flops
 from qformer.losses import HardNegatives
-from qformer.stage1 import Stage1Objective
+from qformer.objective import Stage1Objective
 
 
 def counted(step) -> tuple[int, int]:

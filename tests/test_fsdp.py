@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from qformer.pretrained.stage2 import Blip2
-from qformer.stage1 import Stage1Objective
+from qformer.objective import Stage1Objective
 from qformer.train.config import load_train_config
 from qformer.train.parallel import tower_blocks
 from stage2_helpers import save_tiny_blip2

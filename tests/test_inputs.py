@@ -8,7 +8,7 @@ from qformer.config import Blip2Stage1Config, ImageConfig, QFormerConfig, Vision
 from qformer.generate import DecodingOptions
 from qformer.pretrained.stage2 import Blip2, InstructBlip
 from qformer.retrieval import caption_images
-from qformer.stage1 import Stage1Objective
+from qformer.objective import Stage1Objective
 from qformer.train.config import load_train_config
 from stage1_helpers import IMAGE, tiny_stage1
 from stage2_helpers import tiny_tokenizer, tiny_transformers_blip2

@@ -117,7 +117,7 @@ def test_convert_instructblip_through_lavis_is_exact(llm, tmp_path):
     -> transformers: every tensor equal."""
     from transformers import InstructBlipForConditionalGeneration
 
-    from qformer.convert.command import convert
+    from qformer.pretrained.conversion import convert
     from qformer.convert.lavis_pth import read_lavis_pth
 
     ref = tiny_transformers_instructblip(llm)

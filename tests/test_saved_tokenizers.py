@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer, Blip2Processor, PreTrainedTokenizerBase
 
 from qformer import Blip2Stage1, load_tokenizer
-from qformer.convert.command import convert
+from qformer.pretrained.conversion import convert
 from qformer.data.text import encoder_decoder_batch
 from qformer.pretrained.stage2 import Blip2, InstructBlip
 from qformer.tokenizer import save_tokenizer

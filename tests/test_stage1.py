@@ -6,7 +6,7 @@ import torch
 from torch.testing import assert_close
 
 from qformer.losses import HardNegatives, positives_mask, sample_hard_negatives
-from qformer.stage1 import Stage1Objective
+from qformer.objective import Stage1Objective
 from stage1_helpers import IMAGE, reference_step, tiny_batch, tiny_stage1
 
 pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.testing import assert_close
 
 from qformer.losses import HardNegatives
-from qformer.stage1 import Stage1Objective
+from qformer.objective import Stage1Objective
 
 LOCAL = 3
 WORLD = 2

@@ -253,7 +253,7 @@ def test_cli_retrieve(tokenizer, photos, tmp_path, capsys):
 def test_convert_keeps_tokenizer_and_preprocessing(itm_dir, tmp_path):
     """qformer convert from and to transformers' retrieval layout carries the tokenizer and the
     image preprocessing, so that each side loads ready to use."""
-    from qformer.convert.command import convert
+    from qformer.pretrained.conversion import convert
 
     directory, _ = itm_dir
     convert(directory, tmp_path / "ours", to="qformer")

@@ -27,7 +27,7 @@ from transformers import (
 
 from qformer import load_tokenizer
 from qformer.cli import main
-from qformer.convert.command import convert
+from qformer.pretrained.conversion import convert
 from qformer.pretrained.stage1 import Blip2Stage1
 from qformer.pretrained.stage2 import CAPTION_DEFAULTS, Blip2
 from stage1_helpers import IMAGE_CONFIG, usable_stage1

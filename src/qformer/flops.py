@@ -98,7 +98,7 @@ def stage1_step(
     """The stage-1 step from image features (ITC + ITM + ITG, forward + backward), one process.
 
     ``shared_image_kv``: the image's keys/values are projected once per image and read by the
-    query pass and the three ITM rows (:class:`qformer.stage1.Stage1Objective`); otherwise every
+    query pass and the three ITM rows (:class:`qformer.objective.Stage1Objective`); otherwise every
     pass projects its own (the ITC query pass B images, the ITM pass 3B), as LAVIS does.
     """
     d, q = config.hidden_size, queries

@@ -20,7 +20,7 @@ from torch import Tensor
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from qformer.inputs import check_positions
+from qformer.checks import check_positions
 from qformer.models.qformer import QFormerCache, QFormerModel
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qformer.distributed import Group, global_mean
+from qformer.collectives import Group, global_mean
 
 IGNORE_INDEX = -100
 

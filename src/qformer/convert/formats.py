@@ -1,5 +1,5 @@
 """The checkpoint layouts ``qformer convert`` reads and writes. Kept apart from the
-conversion (:mod:`qformer.convert.command`) so that the command line's options can name them
+conversion (:mod:`qformer.pretrained.conversion`) so that the command line's options can name them
 without importing torch."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The ``qformer convert`` command line: options only (argparse), so that ``qformer --help``
-starts at once; :mod:`qformer.convert.command` does the work."""
+starts at once; :mod:`qformer.pretrained.conversion` does the work."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from qformer.convert.formats import FORMATS
 
 def _run_convert(args: argparse.Namespace) -> None:
     """The CLI: convert, then print both reports."""
-    from qformer.convert.command import convert, default_target
+    from qformer.pretrained.conversion import convert, default_target
 
     to = args.to or default_target(args.dst)
     try:
@@ -33,7 +33,7 @@ examples:
 
 def add_convert_command(subparsers: Any) -> None:
     """Register ``convert`` on an argparse subparsers object (``run`` calls
-    :func:`qformer.convert.command.convert` and prints its reports)."""
+    :func:`qformer.pretrained.conversion.convert` and prints its reports)."""
     parser = subparsers.add_parser(
         "convert",
         help="convert BLIP-2 checkpoints between LAVIS (.pth), transformers and qformer",

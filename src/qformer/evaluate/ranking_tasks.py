@@ -1,5 +1,5 @@
 """InstructBLIP's held-out candidate-ranking sets (Dai et al. 2023, Table 1), each read from its
-official files, scored by :mod:`qformer.evaluate.ranking` (the best of the candidates by
+official files, scored by :mod:`qformer.pretrained.ranking` (the best of the candidates by
 log-likelihood, LAVIS's ``predict_class``):
 
 - ``scienceqa``: ScienceQA-IMG, the test problems that have an image (``problems.json``,

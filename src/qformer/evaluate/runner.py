@@ -142,7 +142,7 @@ def _generating(model: Any, benchmark: Benchmark, prompt: str | None,
 def _ranking(model: Any, task: RankingTask, prompt: str | None,
              generation: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, str], Answer]:
     """A candidate-ranking task's settings, result keys and answering step."""
-    from qformer.evaluate.ranking import RANKING_RULE  # which imports the models
+    from qformer.pretrained.ranking import RANKING_RULE  # which imports the models
 
     given = [name for name, value in generation.items() if value is not None]
     if given:

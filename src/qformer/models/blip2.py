@@ -18,7 +18,7 @@ from transformers import (
 
 from qformer.config import Blip2Config, Blip2Stage1Config, QFormerConfig, VisionConfig
 from qformer.devices import DTYPES
-from qformer.inputs import check_features, check_generation, check_pixels, check_stage2_inputs
+from qformer.checks import check_features, check_generation, check_pixels, check_stage2_inputs
 from qformer.models.qformer import BlockKeyValue, KeyValue, QFormerModel, QFormerOutput
 from qformer.models.vision import EvaViT
 
@@ -166,7 +166,7 @@ class Blip2Base(nn.Module):
 class Blip2Stage1Model(Blip2Base):
     """BLIP-2's first stage (``Blip2Qformer`` in LAVIS, ``Blip2ForImageTextRetrieval`` in
     transformers): the architecture, which computes features; the losses are in
-    :mod:`qformer.stage1`, and :class:`qformer.Blip2Stage1` adds the tokenizer, preprocessing,
+    :mod:`qformer.objective`, and :class:`qformer.Blip2Stage1` adds the tokenizer, preprocessing,
     scores from user inputs, loading and saving.
 
     ``vision`` replaces the EVA ViT with another frozen tower (e.g.

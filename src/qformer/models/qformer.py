@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from qformer.config import QFormerConfig
-from qformer.inputs import check_qformer_inputs
+from qformer.checks import check_qformer_inputs
 from qformer.losses import causal_lm_loss
 
 KeyValue = tuple[Tensor, Tensor]  # each (B, nh, T, hs)

@@ -240,7 +240,7 @@ def save_stage1(model: Blip2Stage1, directory: str | Path) -> None:
 class Blip2Stage1(Blip2Stage1Model):
     """BLIP-2's first stage with its tokenizer and image preprocessing: features and ITM / ITC
     scores from image files, PIL images and strings; :meth:`from_pretrained` and
-    :meth:`save_pretrained`. The losses are :mod:`qformer.stage1`'s, retrieval over many images
+    :meth:`save_pretrained`. The losses are :mod:`qformer.objective`'s, retrieval over many images
     :mod:`qformer.retrieval`'s."""
 
     qformer_class = QFormer

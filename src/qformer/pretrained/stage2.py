@@ -19,12 +19,13 @@ from qformer.convert.transformers_blip2 import load_transformers_blip2, save_tra
 from qformer.convert.transformers_instructblip import load_transformers_instructblip, save_transformers_instructblip
 from qformer.data.transforms import eval_transform
 from qformer.devices import DeviceArg, DeviceMapArg, DtypeArg
-from qformer.inputs import check_images
+from qformer.checks import check_images
 from qformer.loading import resolve_checkpoint
 from qformer.models.blip2 import Blip2Stage1Model, Blip2Stage2
 from qformer.models.instructblip import InstructBlipStage2
 from qformer.models.qformer import QFormerModel
 from qformer.pretrained.qformer import QFormer
+from qformer.pretrained.ranking import candidate_log_likelihoods
 from qformer.pretrained.stage1 import stage1_layout_of
 from qformer.tokenizer import directory_tokenizer, save_tokenizer, without_call_state
 
@@ -248,9 +249,7 @@ class Blip2(Blip2Stage2):
     def rank_candidates(self, images: Sequence[ImageInput], prompts: Sequence[str],
                         candidates: Sequence[Sequence[str]]) -> list[list[float]]:
         """One prompt and a list of candidate answers per image: each candidate's summed token
-        log-likelihood, as InstructBLIP ranks them (:mod:`qformer.evaluate.ranking`)."""
-        from qformer.evaluate.ranking import candidate_log_likelihoods
-
+        log-likelihood, as InstructBLIP ranks them (:mod:`qformer.pretrained.ranking`)."""
         check_images(images)
         return candidate_log_likelihoods(self, images, prompts, candidates)
 

@@ -110,7 +110,7 @@ def fit_image_size(model: nn.Module, image_size: int) -> None:
 
 
 def _write_model(model: nn.Module, directory: Path) -> None:
-    from qformer.convert.command import align_ln_vision_eps
+    from qformer.pretrained.conversion import align_ln_vision_eps
     from qformer.pretrained.stage1 import Blip2Stage1
     from qformer.pretrained.stage2 import Blip2
 

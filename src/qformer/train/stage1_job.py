@@ -15,7 +15,7 @@ from qformer.data.collate import CaptionCollator
 from qformer.pretrained.qformer import QFormer
 from qformer.pretrained.stage1 import Blip2Stage1
 from qformer.retrieval import RERANK_DEPTH, retrieval_recall, retrieval_scores
-from qformer.stage1 import Stage1Objective
+from qformer.objective import Stage1Objective
 from qformer.tokenizer import load_tokenizer
 from qformer.train.config import TrainConfig
 from qformer.train.distributed import Runtime
@@ -82,9 +82,9 @@ def _from_stage1(config: TrainConfig) -> tuple[Blip2Stage1, Any]:
 
 def load_vision_weights(model: Blip2Stage1, source: str) -> None:
     """The frozen image encoder's weights from ``source`` (see
-    :func:`~qformer.convert.command.read_vision_weights`); every weight of the encoder must be
+    :func:`~qformer.pretrained.conversion.read_vision_weights`); every weight of the encoder must be
     there, with its shape, and what the source holds beyond it is logged."""
-    from qformer.convert.command import read_vision_weights
+    from qformer.pretrained.conversion import read_vision_weights
 
     if model.vision is None:
         raise ValueError("model.vision_weights: this stage-1 config has no image encoder (stage1.vision is null)")
