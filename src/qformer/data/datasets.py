@@ -238,7 +238,7 @@ def read_instructions(path: str | Path) -> list[InstructionRecord]:
     return records
 
 
-class _Skipping:
+class SkippingDataset:
     """Skip-or-raise policy shared by the datasets; ``skipped`` counts in this process only.
     Reading takes an optional ``reduction`` (``load_image``'s: how much the caller's crop lets
     an image shrink as it decodes; the trainer's, per sample); without one, or for a dataset
@@ -255,7 +255,7 @@ class _Skipping:
         return Skipped(name, str(reason), count)
 
 
-class _ImageFolderDataset(_Skipping, Dataset):
+class _ImageFolderDataset(SkippingDataset, Dataset):
     """Map-style records whose images lie under ``image_root``."""
 
     def __init__(

@@ -28,7 +28,7 @@ from typing import IO, Any
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from qformer.data.datasets import IMAGE_KEYS, ImageTransform, Sample, Skipped, _Skipping
+from qformer.data.datasets import IMAGE_KEYS, ImageTransform, Sample, Skipped, SkippingDataset
 from qformer.data.image_files import MAX_IMAGE_PIXELS
 from qformer.data.transforms import DecodeReduction, clean_caption, load_image
 
@@ -283,7 +283,7 @@ class ShardEnd:
     places: int
 
 
-class TarShardDataset(_Skipping, IterableDataset):
+class TarShardDataset(SkippingDataset, IterableDataset):
     """Image-caption pairs streamed from tar shards (see the module), as ``CaptionDataset``'s
     samples.
 

@@ -314,7 +314,7 @@ class TrainConfig(ConfigBase):
                                  f"{memory / 2**30:.3g} GiB of memory")
 
 
-def _parse_value(text: str) -> Any:
+def parse_override_value(text: str) -> Any:
     """A command-line value as YAML reads it: numbers, booleans, null, lists."""
     return yaml.safe_load(text)
 
@@ -341,7 +341,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         for part in parts[:-1]:
             node[part] = dict(node.get(part) or {})
             node = node[part]
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = parse_override_value(value)
     return out
 
 
