@@ -58,7 +58,7 @@ def generation_options(pairs: list[str] | None) -> dict[str, Any]:
     checked before the model loads."""
     from transformers import GenerationConfig
 
-    from qformer.train.config import _parse_value
+    from qformer.train.config import parse_override_value
 
     known = set(GenerationConfig().to_dict())
     options: dict[str, Any] = {}
@@ -70,7 +70,7 @@ def generation_options(pairs: list[str] | None) -> dict[str, Any]:
             raise ValueError(f"--generate {key}: not an option of transformers' generate (GenerationConfig)")
         if key in ("num_beams", "max_new_tokens"):
             raise ValueError(f"--generate {key}: use --{key.replace('_', '-')}")
-        options[key] = _parse_value(value)
+        options[key] = parse_override_value(value)
     return options
 
 
