@@ -1,39 +1,8 @@
 """Image-text retrieval as BLIP-2 evaluates it (Table 5): COCO's 5K Karpathy test and Flickr30K's
 1K test, every image against every caption, ITC similarity re-ranked by ITM over the ``k = 128``
-best candidates each way (LAVIS's ``compute_sim_matrix``), recall@1/5/10 both ways. Stage-1 models.
-
-Files under ``--data``, as LAVIS's annotations have them: ``coco_karpathy_test.json`` or
-``flickr30k_test.json`` (``[{"image": "<path under --data>", "caption": [five captions]}]``)
-and the images at those paths. Captions are cleaned as LAVIS does (``pre_caption``: lowercase,
-punctuation out, at most 50 words) and tokenized to 32 tokens.
-
-Everything computed is kept on disk as it comes, each file written atomically, so that an
-interrupted evaluation continues at the first missing file, torchrun ranks share the work, and
-another run (another ``k``, another output folder) reuses the features:
-
-- ``FEATURES/`` (``features=``, ``--features``; default ``OUT/features``): ``settings.json``
-  (what the features depend on: the data's digest, the model's fingerprint, dtype, chunk size);
-  per ``chunk_size`` images ``images-NNNNN.safetensors`` (``embeds`` (B, S, W), the image
-  encoder's outputs after ``ln_vision``, which ITM reads; ``itc`` (B, Q, E)); per ``chunk_size``
-  captions ``texts-NNNNN.safetensors`` (``itc`` (B, E)). Another model or other data is refused.
-- ``OUT/rerank/itm-NNNNN.safetensors``: the ITM logits of every candidate pair of one image
-  chunk (both directions), tagged with a digest of the candidate pairs: the re-rank phase
-  resumes too, and a file from other candidates is computed again.
-- ``OUT/scores.safetensors``: i2t (each image's k candidate texts and their scores) and t2i;
-  ``OUT/settings.json``; ``OUT/results.json`` (recall, with the settings).
-
-The image embeddings are stored in the model's dtype, exactly what ITM reads, so a resumed or
-spread evaluation scores as one in memory. At COCO's 5K test with ViT-g in fp16 that is
-5000 x 257 x 1408 x 2 bytes = 3.6 GB of disk (Flickr's 1K: 0.72 GB; fp32 twice that), and
-memory holds one chunk at a time (256 images: 185 MB), where LAVIS holds all of them in every
-process. Recomputing them for the re-rank instead would run ViT-g a second time over nearly
-every image (the text-to-image candidates reach them), and again at every reuse.
-
-Under torchrun each rank computes every world-th missing file: the feature chunks, then the
-re-ranking, split by image chunk (LAVIS splits i2t rows and t2i rows; here both directions'
-pairs of an image go together, its keys/values computed once). Rank 0 reads the files, writes
-the scores and the results. A rerun may use another number of ranks.
-"""
+best candidates each way (LAVIS's ``compute_sim_matrix``), recall@1/5/10 both ways, for stage-1
+models. What it keeps on disk, why, and how ranks share it: docs/evaluation.md, "Retrieval:
+resumable, over ranks, from stored features"."""
 
 from __future__ import annotations
 
