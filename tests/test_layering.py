@@ -61,7 +61,7 @@ def floors() -> list[list[str]]:
     """The layers contract of pyproject.toml, top floor first; each floor a list of modules."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"]
     (contract,) = [c for c in config["contracts"] if c["type"] == "layers"]
-    root = config["root_package"]
+    (root,) = contract["containers"]
     return [[f"{root}.{name.strip()}" for name in layer.split("|")] for layer in contract["layers"]]
 
 
