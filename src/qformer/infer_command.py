@@ -32,18 +32,10 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default: caption 30, vqa 10)")
 
 
-def default_device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
 def device_options(args: argparse.Namespace) -> dict[str, Any]:
     """``--batch-size``, ``--dtype``, ``--device`` (and ``--device-map`` where a command has it)
     checked before anything loads: the keywords of ``from_pretrained``."""
-    from qformer.devices import parse_device, parse_dtype
+    from qformer.devices import default_device, parse_device, parse_dtype
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -49,8 +49,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
 
 def load_served(name: str, device: str | None, dtype: str, gallery: str | None, gallery_index: str | None):
     """The model behind ``name`` (stage 1 or stage 2, told by its config) ready to serve."""
-    from qformer.devices import parse_device, parse_dtype
-    from qformer.infer_command import default_device
+    from qformer.devices import default_device, parse_device, parse_dtype
     from qformer.loading import model_fingerprint, resolve_checkpoint
     from qformer.pretrained.stage1 import Blip2Stage1, stage1_layout_of
     from qformer.pretrained.stage2 import Blip2

@@ -98,10 +98,9 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
     """``qformer eval --model M --task T --data ROOT``: a paper's benchmark on a model."""
-    from qformer.devices import parse_dtype
+    from qformer.devices import default_device, parse_dtype
     from qformer.evaluate.registry import TASKS, check_task
     from qformer.evaluate.runner import evaluate_benchmark, summary_line
-    from qformer.infer_command import default_device
     from qformer.loading import model_fingerprint, resolve_checkpoint
     from qformer.pretrained.stage2 import Blip2
     from qformer.train.distributed import setup_runtime, teardown_runtime
