@@ -9,16 +9,21 @@ import json
 import sys
 from typing import Any
 
+from qformer.cli.options import add_device_arguments, device_options
 from qformer.data.image_files import batches, expand_images
 
 
-def add_device_arguments(parser: argparse.ArgumentParser, batch_size: int = 8) -> None:
-    """``--device``, ``--dtype`` and ``--batch-size``, read by :func:`device_options`."""
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: a GPU if there is one)")
-    parser.add_argument("--dtype", default="auto",
-                        help="float32, float16, bfloat16 (fp32, fp16, bf16, ...) or auto: the checkpoint's (default: auto)")
-    parser.add_argument("--batch-size", type=int, default=batch_size,
-                        help=f"images per forward pass (default: {batch_size})")
+def add_infer_commands(commands: Any) -> None:
+    """Register ``caption`` and ``vqa`` on an argparse subparsers object."""
+    caption = commands.add_parser("caption", help="caption images with a BLIP-2 model")
+    add_inference_arguments(caption)
+    caption.add_argument("--prompt", default=None, help="text the caption continues (default: none)")
+    caption.set_defaults(run=caption_command)
+    vqa = commands.add_parser("vqa", help="answer a question about each image")
+    add_inference_arguments(vqa)
+    vqa.set_defaults(run=vqa_command)
+    vqa.add_argument("--question", required=True, help="the question asked of every image")
+    vqa.add_argument("--prompt", default="Question: {} Answer:", help="the question's template")
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,22 +35,6 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: spread the LLM over every GPU (and the CPU) (default: one device)")
     parser.add_argument("--num-beams", type=int, help="beam width (default: 5, as BLIP-2)")
     parser.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default: caption 30, vqa 10)")
-
-
-def device_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``--batch-size``, ``--dtype``, ``--device`` (and ``--device-map`` where a command has it)
-    checked before anything loads: the keywords of ``from_pretrained``."""
-    from qformer.devices import default_device, parse_device, parse_dtype
-
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    options: dict[str, Any] = {"dtype": parse_dtype(args.dtype)}  # bad spellings fail here
-    device_map = getattr(args, "device_map", None)
-    if device_map is not None:
-        if args.device is not None:
-            raise ValueError("pass --device or --device-map, not both")
-        return options | {"device_map": device_map}
-    return options | {"device": parse_device(args.device or default_device())}
 
 
 def load_model(args: argparse.Namespace):

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from qformer.infer_command import add_device_arguments
+from qformer.cli.options import add_device_arguments, device_options
 
 _EPILOG = """\
 Prints one JSON object per line and result: {"query", "rank", "image", "score"}, best first for
@@ -41,7 +41,6 @@ def add_retrieve_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def retrieve_command(args: argparse.Namespace) -> int:
-    from qformer.infer_command import device_options
     from qformer.pretrained.stage1 import Blip2Stage1
     from qformer.retrieval import check_search_options, search
 
