@@ -59,8 +59,8 @@ def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
     from qformer.devices import default_device, parse_dtype
     from qformer.evaluate.registry import TASKS, check_task
     from qformer.evaluate.runner import evaluate_benchmark, summary_line
-    from qformer.loading import model_fingerprint, resolve_checkpoint
-    from qformer.pretrained.stage2 import Blip2
+    from qformer.loading import model_fingerprint
+    from qformer.pretrained.auto import find_model, load_pretrained
     from qformer.train.distributed import setup_runtime, teardown_runtime
 
     if overrides:
@@ -85,26 +85,29 @@ def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
         if getattr(args, flag) is not None and args.task not in goes_with[kind]:
             raise ValueError(f"--{flag.replace('_', '-')} goes with {kind}, not {args.task}")
     generation = generation_options(args.generate)  # before the model loads
+    dtype = parse_dtype(args.dtype)
     if not retrieval:
         benchmark, split = check_task(args.task, args.split)
         if args.task in RANKING_TASKS:
             check_prompt(benchmark, args.prompt)
             check_files(benchmark, Path(args.data), split)
-    dtype = parse_dtype(args.dtype)
+    found = find_model(args.model)  # a directory holding no model fails here, as for every command
+    if retrieval and found.kind != "stage1":
+        raise ValueError(f"{args.model} holds {found.described}, not stage 1: --task {args.task} ranks with a "
+                         "stage-1 model")
+    if not retrieval and found.kind == "stage1":
+        raise ValueError(f"{args.model} holds {found.described}: --task {args.task} needs a stage-2 model (BLIP-2, "
+                         "InstructBLIP)")
     runtime = setup_runtime(args.device or default_device())  # under torchrun: one process per device
-    device = runtime.device
-    directory = resolve_checkpoint(args.model)
-    fingerprint, out = model_fingerprint(Path(directory)), Path(args.out or f"eval-{args.task}")
+    fingerprint, out = model_fingerprint(found.directory), Path(args.out or f"eval-{args.task}")
+    model = load_pretrained(found, dtype=dtype, device=runtime.device)
     if retrieval:
         from qformer.evaluate.retrieval_tasks import FEATURE_CHUNK, evaluate_retrieval_task
-        from qformer.pretrained.stage1 import Blip2Stage1
 
-        model = Blip2Stage1.from_pretrained(directory, dtype=dtype, device=device)
         results = evaluate_retrieval_task(model, args.task, args.data, out, k=args.k, batch_size=args.batch_size,
                                           limit=args.limit, fingerprint=fingerprint, features=args.features,
                                           chunk_size=FEATURE_CHUNK if args.chunk_size is None else args.chunk_size)
     else:
-        model = Blip2.from_pretrained(directory, dtype=dtype, device=device)
         results = evaluate_benchmark(model, args.task, args.data, out, split=args.split, prompt=args.prompt,
                                      batch_size=args.batch_size, limit=args.limit, fingerprint=fingerprint,
                                      **generation, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)

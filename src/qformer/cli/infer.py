@@ -40,25 +40,20 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace):
     """A BLIP-2 / InstructBLIP model; for ``qformer caption``, a stage-1 model too (its Q-Former
     captions alone, as LAVIS's ``Blip2Qformer.generate``)."""
-    import json
-
-    from qformer.loading import resolve_checkpoint
-    from qformer.pretrained.stage1 import Blip2Stage1, stage1_layout_of
-    from qformer.pretrained.stage2 import Blip2
+    from qformer.pretrained.auto import find_model, load_pretrained
 
     options = device_options(args)
-    directory = resolve_checkpoint(args.model)
-    config = directory / "config.json"
-    layout = stage1_layout_of(json.loads(config.read_text(encoding="utf-8"))) if config.is_file() else None
-    if layout is None or args.command != "caption":
-        return Blip2.from_pretrained(directory, **options)
-    if layout == "transformers":
+    found = find_model(args.model)  # a directory holding no model fails here, as for every command
+    if found.kind == "stage1" and args.command == "vqa":
+        raise ValueError(f"{args.model} holds {found.described}: vqa answers with a stage-2 model (BLIP-2, "
+                         "InstructBLIP)")
+    if found.layout == "transformers":
         raise ValueError(f"{args.model} is transformers' Blip2ForImageTextRetrieval, which has no Q-Former LM "
                          "head: caption with a stage-1 model in qformer's layout (a training run's final/, or "
                          "LAVIS's blip2_pretrained.pth through qformer convert)")
-    if args.prompt:
+    if found.kind == "stage1" and args.prompt:
         raise ValueError("a stage-1 model captions from [DEC] alone: --prompt needs a BLIP-2 model with an LLM")
-    return Blip2Stage1.from_pretrained(directory, **options)
+    return load_pretrained(found, **options)
 
 
 def run_images(args: argparse.Namespace, answer_batch, result_key: str, extra: dict[str, Any]) -> int:

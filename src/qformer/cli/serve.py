@@ -46,12 +46,14 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    from qformer.pretrained.auto import find_model
     from qformer.serve.server import load_served, run_server, server_parts
 
-    server_parts()  # what to install, said before the model loads
     limits = Limits(**{field.name: getattr(args, field.name) for field in fields(Limits)})  # checked before loading
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be within 1..65535, got {args.port}")
-    served = load_served(args.model, args.device, args.dtype, args.gallery, args.gallery_index)
+    found = find_model(args.model)  # a directory holding no model fails here, as for every command
+    server_parts()  # what to install, said before the model loads
+    served = load_served(found, args.device, args.dtype, args.gallery, args.gallery_index)
     run_server(served, limits, args.host, args.port)
     return 0

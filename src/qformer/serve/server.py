@@ -4,10 +4,9 @@ in flight finish, then the server exits)."""
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
+from qformer.pretrained.auto import ModelDirectory, find_model, load_pretrained
 from qformer.serve.limits import Limits
 
 logger = logging.getLogger(__name__)
@@ -25,27 +24,25 @@ def server_parts():
     return uvicorn, create_app
 
 
-def load_served(name: str, device: str | None, dtype: str, gallery: str | None, gallery_index: str | None):
-    """The model behind ``name`` (stage 1 or stage 2, told by its config) ready to serve."""
+def load_served(name: str | ModelDirectory, device: str | None, dtype: str, gallery: str | None,
+                gallery_index: str | None):
+    """The model behind ``name`` (a directory or hub id, or what
+    :func:`~qformer.pretrained.auto.find_model` found there: stage 1 or stage 2, told by its
+    config) ready to serve."""
     from qformer.devices import default_device, parse_device, parse_dtype
-    from qformer.loading import model_fingerprint, resolve_checkpoint
-    from qformer.pretrained.stage1 import Blip2Stage1, stage1_layout_of
-    from qformer.pretrained.stage2 import Blip2
+    from qformer.loading import model_fingerprint
     from qformer.serve.gallery import Gallery
     from qformer.serve.service import ServedModel
 
     options = {"dtype": parse_dtype(dtype), "device": parse_device(device or default_device())}
-    directory = Path(resolve_checkpoint(name))
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{name} holds no config.json: expected a model directory (a training run's final/, "
-                                "transformers' BLIP-2, InstructBLIP or Blip2ForImageTextRetrieval, qformer export's)")
-    if stage1_layout_of(json.loads((directory / "config.json").read_text(encoding="utf-8"))) is None:
-        if gallery is not None:  # the stage-2 loader names what it is if not stage 2 either
-            raise ValueError(f"--gallery is searched by a stage-1 model; {name} is not one")
-        return ServedModel(Blip2.from_pretrained(directory, **options), name)
-    model = Blip2Stage1.from_pretrained(directory, **options)
-    index = None if gallery is None else Gallery(model, gallery, model_fingerprint(directory), gallery_index)
-    return ServedModel(model, name, index)
+    found = find_model(name)  # a directory holding no model fails here, as for every command
+    if found.kind != "stage1":
+        if gallery is not None:
+            raise ValueError(f"--gallery is searched by a stage-1 model; {found.name} is not one")
+        return ServedModel(load_pretrained(found, **options), found.name)
+    model = load_pretrained(found, **options)
+    index = None if gallery is None else Gallery(model, gallery, model_fingerprint(found.directory), gallery_index)
+    return ServedModel(model, found.name, index)
 
 
 def run_server(served, limits: Limits, host: str, port: int) -> None:
