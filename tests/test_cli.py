@@ -107,3 +107,38 @@ def test_train_help_lists_every_recipe_and_the_overrides():
     for recipe in sorted((ROOT / "configs").glob("*.yaml")):
         assert recipe.name in text, recipe.name
     assert "--section.key value" in text and "final/" in text
+
+
+def test_a_directory_holding_no_model_fails_alike_for_every_command(tmp_path, capsys):
+    """caption, vqa, retrieve, eval --model, serve and export on a directory with no config.json,
+    and on one whose config.json is another model's: one line, the same words whatever the
+    command, and nothing loads."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    expected = {
+        "empty": f"{tmp_path / 'empty'} holds no config.json: expected a model directory (",
+        "bert": f"{tmp_path / 'bert'}: config.json (model_type 'bert') is not a stage-1 BLIP-2 model, a BLIP-2 or an "
+                "InstructBLIP: expected a model directory (",
+    }
+    for name, start in expected.items():
+        model = str(tmp_path / name)
+        commands = {
+            "caption": ["caption", "--model", model, "x.png", "--device", "cpu"],
+            "vqa": ["vqa", "--model", model, "--question", "what is it?", "x.png", "--device", "cpu"],
+            "retrieve": ["retrieve", "--model", model, "--images", str(tmp_path), "--query", "x", "--device", "cpu"],
+            "eval": ["eval", "--model", model, "--task", "vqav2", "--data", str(tmp_path), "--device", "cpu"],
+            "serve": ["serve", "--model", model, "--device", "cpu"],
+            "export": ["export", model, str(tmp_path / "out")],
+        }
+        messages = {}
+        for command, arguments in commands.items():
+            with pytest.raises(SystemExit) as stop:
+                main(arguments)
+            captured = capsys.readouterr()
+            assert stop.value.code == 1 and "Traceback" not in captured.err, (command, captured.err)
+            assert captured.err.count("\n") == 1 and captured.err.startswith(f"qformer {command}: "), captured.err
+            messages[command] = captured.err.removeprefix(f"qformer {command}: ")
+        assert len(set(messages.values())) == 1, messages
+        assert messages["caption"].startswith(start), messages["caption"]
+    assert not (tmp_path / "out").exists()

@@ -112,3 +112,23 @@ def test_nothing_to_read_and_no_model(model_dir, photos, tmp_path, capsys):
     assert status == 1 and "no image files in this folder" in err
     status, _, err = run(["caption", "--model", str(tmp_path / "nope"), str(photos / "a.png")], capsys)
     assert status == 1 and "not a local directory" in err
+
+
+def test_load_pretrained_tells_the_kind_and_vqa_needs_stage2(model_dir, photos, tmp_path, capsys):
+    """qformer.load_pretrained picks the class from config.json, as the commands do; vqa says in
+    one line that a stage-1 model has no LLM to answer with."""
+    from qformer import Blip2Stage1, InstructBlip, load_pretrained
+    from qformer.pretrained.auto import find_model
+    from stage1_helpers import tiny_stage1
+
+    stage2 = load_pretrained(model_dir, dtype="float32", device="cpu")
+    assert type(stage2) is Blip2 and not isinstance(stage2, InstructBlip)
+    tiny_stage1().save_pretrained(tmp_path / "stage1")
+    assert find_model(tmp_path / "stage1").kind == "stage1" and find_model(model_dir).kind == "blip2"
+    assert isinstance(load_pretrained(tmp_path / "stage1"), Blip2Stage1)
+    with pytest.raises(ValueError, match="quantization_config are for stage-2 models"):
+        load_pretrained(tmp_path / "stage1", quantization_config={})
+    status, lines, err = run(["vqa", "--model", str(tmp_path / "stage1"), "--question", "what?",
+                              str(photos / "a.png")], capsys)
+    assert status == 1 and not lines and len(err.strip().splitlines()) == 1
+    assert "holds a stage-1 model (image-text matching, no LLM): vqa answers with a stage-2 model" in err

@@ -12,7 +12,7 @@ from transformers import Blip2ForImageTextRetrieval
 
 from qformer.pretrained.conversion import convert
 from qformer.convert.lavis_pth import read_lavis_pth
-from qformer.convert.parser import add_convert_command
+from qformer.cli.convert import add_convert_command
 from qformer.convert.transformers_blip2 import blip2_config_from_transformers
 from stage1_helpers import tiny_stage1
 from stage2_helpers import IMAGE_TOKEN, save_tiny_blip2
@@ -35,7 +35,7 @@ def no_temporary_files(path: Path) -> bool:
 
 
 def run_cli(*argv: str) -> None:
-    """``qformer convert ...`` through a parser of our own (cli.py registers the same command)."""
+    """``qformer convert ...`` through a parser of our own (qformer.cli registers the same command)."""
     parser = argparse.ArgumentParser(prog="qformer")
     add_convert_command(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["convert", *map(str, argv)])

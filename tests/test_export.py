@@ -136,7 +136,7 @@ def test_cli_captions_with_the_final_model(stage2_run, tmp_path):
 def test_export_mistakes_are_one_line(stage1_run, tmp_path, capsys):
     cases = [
         ([str(tmp_path / "nowhere"), str(tmp_path / "a")], "not found"),
-        ([str(tmp_path), str(tmp_path / "a")], "neither a run folder"),
+        ([str(stage1_run / "final"), str(tmp_path / "a")], "neither a run folder"),  # a model already
         ([str(stage1_run), str(stage1_run)], "not empty"),
     ]
     for arguments, message in cases:

@@ -33,7 +33,7 @@ from PIL import Image
 
 from qformer import load_tokenizer
 from qformer.serve.app import create_app
-from qformer.serve.command import load_served
+from qformer.serve.server import load_served
 from serve_helpers import gallery_folder, running
 from stage1_helpers import usable_stage1
 from stage2_helpers import save_tiny_blip2

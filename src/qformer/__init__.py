@@ -23,6 +23,7 @@ _WHERE = {
     "QFormer": "qformer.pretrained.qformer",
     "QFormerCache": "qformer.models.qformer",
     "QFormerOutput": "qformer.models.qformer",
+    "load_pretrained": "qformer.pretrained.auto",
     "load_tokenizer": "qformer.tokenizer",
 }
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "QFormerOutput",
     "StateDictMismatchError",
     "VisionConfig",
+    "load_pretrained",
     "load_tokenizer",
 ]
 
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     from qformer.checkpoint import StateDictMismatchError
     from qformer.config import Blip2Config, Blip2Stage1Config, ImageConfig, QFormerConfig, VisionConfig
     from qformer.models.qformer import QFormerCache, QFormerOutput
+    from qformer.pretrained.auto import load_pretrained
     from qformer.pretrained.qformer import QFormer
     from qformer.pretrained.stage1 import Blip2Stage1
     from qformer.pretrained.stage2 import Blip2, InstructBlip

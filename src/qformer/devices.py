@@ -39,6 +39,13 @@ def parse_dtype(value: DtypeArg) -> torch.dtype | str:
     return DTYPES[dtype_name(value)]
 
 
+def default_device() -> str:
+    """What a command runs on when no device is named: a GPU if there is one (CUDA, else MPS), else the CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
 def parse_device(value: DeviceArg) -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N``, ``N`` or ``mps``, checked to exist on this machine."""
     if value is None:

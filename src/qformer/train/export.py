@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from qformer.pretrained.auto import find_model
 from qformer.train.build import build_trained_model
 from qformer.train.config import load_train_config
 from qformer.train.job import save_final
@@ -25,8 +26,10 @@ RUN_CONFIG = "config.yaml"
 
 def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """``(checkpoint, run folder)`` for a run folder (its last intact checkpoint) or one of its
-    ``step_XXXXXXX`` folders (a ValueError when it is damaged)."""
-    path = Path(path)
+    ``step_XXXXXXX`` folders (a ValueError when it is damaged). Any other directory is told
+    apart as every command's ``--model`` is (:func:`~qformer.pretrained.auto.find_model`): one
+    that holds no model fails in the same words; one that holds a model is not a checkpoint."""
+    name, path = str(path), Path(path)
     if (path / WEIGHTS_NAME).is_file() and (path / STATE_NAME).is_file():
         check_checkpoint(path)
         run = path.parent
@@ -35,7 +38,9 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
         if path is None:
             raise FileNotFoundError(f"{run} holds no checkpoint (step_XXXXXXX folder) yet")
     elif path.is_dir():
-        raise ValueError(f"{path} is neither a run folder (with {RUN_CONFIG}) nor one of its step_XXXXXXX folders")
+        found = find_model(name)
+        raise ValueError(f"{name} is {found.described} already, neither a run folder (with {RUN_CONFIG}) nor one of "
+                         "its step_XXXXXXX folders: export writes a model from a training checkpoint")
     else:
         raise FileNotFoundError(f"{path} not found")
     if not (run / RUN_CONFIG).is_file():

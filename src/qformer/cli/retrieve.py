@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from qformer.infer_command import add_device_arguments
+from qformer.cli.options import add_device_arguments, device_options
 
 _EPILOG = """\
 Prints one JSON object per line and result: {"query", "rank", "image", "score"}, best first for
@@ -41,13 +41,16 @@ def add_retrieve_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def retrieve_command(args: argparse.Namespace) -> int:
-    from qformer.infer_command import device_options
-    from qformer.pretrained.stage1 import Blip2Stage1
+    from qformer.pretrained.auto import find_model, load_pretrained
     from qformer.retrieval import check_search_options, search
 
     check_search_options(args.top, args.k, args.batch_size)  # before the model loads
     options = device_options(args)
-    model = Blip2Stage1.from_pretrained(args.model, **options)
+    found = find_model(args.model)  # a directory holding no model fails here, as for every command
+    if found.kind != "stage1":
+        raise ValueError(f"{args.model} holds {found.described}, not stage 1: retrieve ranks images with a stage-1 "
+                         "model")
+    model = load_pretrained(found, **options)
     result = search(model, args.images, args.query, top=args.top, k=args.k, batch_size=args.batch_size)
     for message in result.skipped:
         print(f"qformer retrieve: {message}", file=sys.stderr)

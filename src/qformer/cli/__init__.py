@@ -1,6 +1,8 @@
-"""The ``qformer`` command line. Only argparse at import: each command imports what it needs
-when it runs, so ``qformer --help`` answers at once and ``HF_HUB_OFFLINE`` is set before
-transformers is imported."""
+"""The ``qformer`` command line: the root parser and :func:`main`; each command's parser and
+entry is a module of this package, named by the command (``infer`` for caption and vqa). Only
+argparse at import: each command imports what it needs when it runs, so ``qformer --help``
+answers at once and ``HF_HUB_OFFLINE`` is set before transformers is imported. Nothing outside
+this package imports it (``python -m qformer`` and the ``qformer`` script call :func:`main`)."""
 
 from __future__ import annotations
 
@@ -12,12 +14,15 @@ import sys
 from collections.abc import Sequence
 
 from qformer import __version__
-from qformer.convert.parser import add_convert_command
-from qformer.infer_command import add_inference_arguments, caption_command, vqa_command
-from qformer.retrieve_command import add_retrieve_command
-from qformer.serve.command import add_serve_command
-from qformer.shards_command import add_shards_command
-from qformer.train.command import add_train_commands
+from qformer.cli.convert import add_convert_command
+from qformer.cli.demo import add_demo_command
+from qformer.cli.eval import add_eval_command
+from qformer.cli.export import add_export_command
+from qformer.cli.infer import add_infer_commands
+from qformer.cli.retrieve import add_retrieve_command
+from qformer.cli.serve import add_serve_command
+from qformer.cli.shards import add_shards_command
+from qformer.cli.train import add_train_command
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # what a user's mistake (or a run gone non-finite) raises; anything else is a bug and keeps its traceback
@@ -35,18 +40,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from qformer.demo import DemoConfig, run_demo
-
-    run_demo(DemoConfig(out_dir=args.out_dir, seed=args.seed))
-
-
-def _export(args: argparse.Namespace) -> None:
-    from qformer.train.export import export_run
-
-    print(f"wrote {export_run(args.checkpoint, args.out, overwrite=args.overwrite)}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qformer", description="BLIP-2 and its Q-Former: train, convert, caption, answer.",
@@ -58,32 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="what the log shows")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
-    demo = commands.add_parser("demo", help="BLIP-2's two stages on built-in drawn scenes, no download")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the scenes and the weights")
-    demo.add_argument("--out-dir", default="runs/demo", help="where the demo writes its models and figures")
-    demo.set_defaults(run=_demo)
-    caption = commands.add_parser("caption", help="caption images with a BLIP-2 model")
-    add_inference_arguments(caption)
-    caption.add_argument("--prompt", default=None, help="text the caption continues (default: none)")
-    caption.set_defaults(run=caption_command)
-    vqa = commands.add_parser("vqa", help="answer a question about each image")
-    add_inference_arguments(vqa)
-    vqa.set_defaults(run=vqa_command)
-    vqa.add_argument("--question", required=True, help="the question asked of every image")
-    vqa.add_argument("--prompt", default="Question: {} Answer:", help="the question's template")
+    add_demo_command(commands)
+    add_infer_commands(commands)
     add_retrieve_command(commands)
     add_serve_command(commands)
-    add_train_commands(commands)
-    export = commands.add_parser(
-        "export", help="a training checkpoint as a model that loads in one call",
-        description="Write a run's checkpoint as the run's final/ is written: stage 1 in qformer's layout "
-        "(Blip2Stage1.from_pretrained), stage 2 and InstructBLIP as complete transformers directories "
-        "(Blip2.from_pretrained, transformers' Blip2ForConditionalGeneration), tokenizers and preprocessing "
-        "included.")
-    export.add_argument("checkpoint", help="a run folder (its last checkpoint) or one of its step_XXXXXXX folders")
-    export.add_argument("out", help="the directory to write")
-    export.add_argument("--overwrite", action="store_true", help="replace OUT when it holds files already")
-    export.set_defaults(run=_export)
+    add_train_command(commands)
+    add_eval_command(commands)
+    add_export_command(commands)
     add_convert_command(commands)
     add_shards_command(commands)
     for sub in commands.choices.values():

@@ -1,12 +1,10 @@
-"""``qformer serve``: load a model, build the app, run it with uvicorn (SIGTERM or Ctrl-C: the
-requests in flight finish, then the server exits)."""
+"""``qformer serve``: its parser, the limits as options; :mod:`qformer.serve.server` loads the
+model and runs the app."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import fields
-from pathlib import Path
 
 from qformer.serve.limits import Limits
 
@@ -47,46 +45,15 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(run=serve_command)
 
 
-def load_served(name: str, device: str | None, dtype: str, gallery: str | None, gallery_index: str | None):
-    """The model behind ``name`` (stage 1 or stage 2, told by its config) ready to serve."""
-    from qformer.devices import parse_device, parse_dtype
-    from qformer.infer_command import default_device
-    from qformer.loading import model_fingerprint, resolve_checkpoint
-    from qformer.pretrained.stage1 import Blip2Stage1, stage1_layout_of
-    from qformer.pretrained.stage2 import Blip2
-    from qformer.serve.gallery import Gallery
-    from qformer.serve.service import ServedModel
-
-    options = {"dtype": parse_dtype(dtype), "device": parse_device(device or default_device())}
-    directory = Path(resolve_checkpoint(name))
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{name} holds no config.json: expected a model directory (a training run's final/, "
-                                "transformers' BLIP-2, InstructBLIP or Blip2ForImageTextRetrieval, qformer export's)")
-    if stage1_layout_of(json.loads((directory / "config.json").read_text(encoding="utf-8"))) is None:
-        if gallery is not None:  # the stage-2 loader names what it is if not stage 2 either
-            raise ValueError(f"--gallery is searched by a stage-1 model; {name} is not one")
-        return ServedModel(Blip2.from_pretrained(directory, **options), name)
-    model = Blip2Stage1.from_pretrained(directory, **options)
-    index = None if gallery is None else Gallery(model, gallery, model_fingerprint(directory), gallery_index)
-    return ServedModel(model, name, index)
-
-
 def serve_command(args: argparse.Namespace) -> int:
-    import logging
-
-    try:
-        import uvicorn
-
-        from qformer.serve.app import create_app
-    except ModuleNotFoundError as err:
-        raise ImportError(f"qformer serve needs {err.name}: pip install 'qformer[serve]' (FastAPI, uvicorn, "
-                          "python-multipart, prometheus_client)") from err
+    from qformer.pretrained.auto import find_model
+    from qformer.serve.server import load_served, run_server, server_parts
 
     limits = Limits(**{field.name: getattr(args, field.name) for field in fields(Limits)})  # checked before loading
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be within 1..65535, got {args.port}")
-    served = load_served(args.model, args.device, args.dtype, args.gallery, args.gallery_index)
-    logging.getLogger(__name__).info("serving %s (%s) on http://%s:%d", args.model, served.kind, args.host, args.port)
-    uvicorn.run(create_app(served, limits), host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=int(limits.request_timeout_s) + 5)
+    found = find_model(args.model)  # a directory holding no model fails here, as for every command
+    server_parts()  # what to install, said before the model loads
+    served = load_served(found, args.device, args.dtype, args.gallery, args.gallery_index)
+    run_server(served, limits, args.host, args.port)
     return 0

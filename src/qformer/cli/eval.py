@@ -1,56 +1,14 @@
-"""``qformer train`` and ``qformer eval``: the argument parsers and what they run. Only argparse
-and the standard library at import: the training code is imported when a command runs."""
+"""``qformer eval``: a run's checkpoint on its held-out data (:mod:`qformer.train.evaluation`),
+or a model on a paper's benchmark (``--model``, :mod:`qformer.evaluate.runner`). Only argparse
+and the standard library at import."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
-
-def _is_main_process() -> bool:
-    """Rank 0 of torchrun's processes (or the only process)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _print_result(result: dict[str, Any]) -> None:
-    if _is_main_process():
-        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
-
-
-def _train_config(source: str, overrides: list[str], resume: bool):
-    """A recipe plus overrides, or with ``--resume`` a run folder's ``config.yaml`` plus overrides
-    (the run stays in that folder wherever it has moved)."""
-    from qformer.train.config import load_train_config
-
-    path = Path(source)
-    if not path.is_dir():
-        if not path.is_file():
-            raise FileNotFoundError(f"{source} is neither a recipe (YAML) nor a run folder")
-        return load_train_config(path, overrides)
-    if not resume:
-        raise ValueError(f"{source} is a folder: give a recipe (YAML), or add --resume to continue the run in it")
-    if not (path / "config.yaml").is_file():
-        raise FileNotFoundError(f"{source} has no config.yaml: there is no run there to resume")
-    return load_train_config(path / "config.yaml", [*overrides, "--output_dir", str(path)])
-
-
-def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from qformer.train.loop import train
-    from qformer.train.signals import TrainingStopped
-
-    config = _train_config(args.recipe, overrides, args.resume)
-    try:
-        result = train(config, resume=args.resume, overwrite=args.overwrite)
-    except TrainingStopped as stopped:
-        if _is_main_process():
-            print(f"qformer train: {stopped}", file=sys.stderr)
-        return stopped.status
-    _print_result(result)
-    return 0
+from qformer.cli.options import print_result
 
 
 def generation_options(pairs: list[str] | None) -> dict[str, Any]:
@@ -92,18 +50,17 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ValueError(f"{args.target} is a recipe: name the checkpoint with --checkpoint, or give a run folder")
     else:
         result = evaluate_run(args.target, overrides, args.out)
-    _print_result(result)
+    print_result(result)
     return 0
 
 
 def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
     """``qformer eval --model M --task T --data ROOT``: a paper's benchmark on a model."""
-    from qformer.devices import parse_dtype
+    from qformer.devices import default_device, parse_dtype
     from qformer.evaluate.registry import TASKS, check_task
     from qformer.evaluate.runner import evaluate_benchmark, summary_line
-    from qformer.infer_command import default_device
-    from qformer.loading import model_fingerprint, resolve_checkpoint
-    from qformer.pretrained.stage2 import Blip2
+    from qformer.loading import model_fingerprint
+    from qformer.pretrained.auto import find_model, load_pretrained
     from qformer.train.distributed import setup_runtime, teardown_runtime
 
     if overrides:
@@ -128,26 +85,29 @@ def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
         if getattr(args, flag) is not None and args.task not in goes_with[kind]:
             raise ValueError(f"--{flag.replace('_', '-')} goes with {kind}, not {args.task}")
     generation = generation_options(args.generate)  # before the model loads
+    dtype = parse_dtype(args.dtype)
     if not retrieval:
         benchmark, split = check_task(args.task, args.split)
         if args.task in RANKING_TASKS:
             check_prompt(benchmark, args.prompt)
             check_files(benchmark, Path(args.data), split)
-    dtype = parse_dtype(args.dtype)
+    found = find_model(args.model)  # a directory holding no model fails here, as for every command
+    if retrieval and found.kind != "stage1":
+        raise ValueError(f"{args.model} holds {found.described}, not stage 1: --task {args.task} ranks with a "
+                         "stage-1 model")
+    if not retrieval and found.kind == "stage1":
+        raise ValueError(f"{args.model} holds {found.described}: --task {args.task} needs a stage-2 model (BLIP-2, "
+                         "InstructBLIP)")
     runtime = setup_runtime(args.device or default_device())  # under torchrun: one process per device
-    device = runtime.device
-    directory = resolve_checkpoint(args.model)
-    fingerprint, out = model_fingerprint(Path(directory)), Path(args.out or f"eval-{args.task}")
+    fingerprint, out = model_fingerprint(found.directory), Path(args.out or f"eval-{args.task}")
+    model = load_pretrained(found, dtype=dtype, device=runtime.device)
     if retrieval:
         from qformer.evaluate.retrieval_tasks import FEATURE_CHUNK, evaluate_retrieval_task
-        from qformer.pretrained.stage1 import Blip2Stage1
 
-        model = Blip2Stage1.from_pretrained(directory, dtype=dtype, device=device)
         results = evaluate_retrieval_task(model, args.task, args.data, out, k=args.k, batch_size=args.batch_size,
                                           limit=args.limit, fingerprint=fingerprint, features=args.features,
                                           chunk_size=FEATURE_CHUNK if args.chunk_size is None else args.chunk_size)
     else:
-        model = Blip2.from_pretrained(directory, dtype=dtype, device=device)
         results = evaluate_benchmark(model, args.task, args.data, out, split=args.split, prompt=args.prompt,
                                      batch_size=args.batch_size, limit=args.limit, fingerprint=fingerprint,
                                      **generation, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
@@ -157,46 +117,9 @@ def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-RECIPES_EPILOG = """\
-recipes (configs/ in the repository; copy one and edit it for your data):
-  stage1.yaml              BLIP-2 stage 1 (ITC + ITM + ITG): EVA ViT-g frozen, Q-Former from BERT
-  stage2_opt.yaml          stage 2 with a decoder-only LLM (OPT) from a stage-1 final/
-  stage2_t5.yaml           stage 2 with an encoder-decoder LLM (FlanT5), prefix-LM on captions
-  caption_finetune.yaml    a released BLIP-2 fine-tuned for COCO captions at 364 px
-  retrieval_finetune.yaml  stage 1 fine-tuned for image-text retrieval, recall@1/5/10
-  vqa_finetune.yaml        a released BLIP-2 fine-tuned on VQAv2, VQA accuracy
-  instruct.yaml            InstructBLIP instruction tuning on {"image", "instruction", "answer"} lines
-  tiny.yaml                a debug-size stage 1 on built-in scenes: seconds on a CPU
 
-overrides: any recipe value, as --section.key value or --section.key=value, read as YAML:
-  qformer train configs/stage1.yaml --data.path captions.json --optim.lr 1e-4 --data.batch_size=32
-  qformer train configs/stage1.yaml --optim.betas "[0.9, 0.999]" --model.bert /models/bert-base-uncased
-every run ends in OUTPUT_DIR/final/, a model that loads in one call (see qformer export).
-"""
-
-
-def add_train_commands(commands: Any) -> None:
-    """Register ``train`` and ``eval`` on an argparse subparsers object."""
-    train = commands.add_parser(
-        "train", help="train from a YAML recipe; --section.key value overrides it",
-        description="Train from a YAML recipe (--section.key value overrides any of its values), or continue "
-                    "a run with --resume. SIGINT (Ctrl-C), SIGTERM and SIGUSR1 save a checkpoint at the end of "
-                    "the step and stop (exit status 128 + the signal), naming the command that resumes.",
-        epilog=RECIPES_EPILOG)
-    train.add_argument("recipe", metavar="RECIPE_OR_RUN",
-                       help="a YAML recipe, e.g. configs/stage1.yaml; with --resume also a run folder")
-    mode = train.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true",
-                      help="continue the run in the recipe's output_dir (or the run folder given) from its last "
-                           "intact checkpoint, with its config.yaml; only steps, log_every, save_every, eval_every, "
-                           "keep_last, tensorboard, device, parallel, activation_checkpointing, "
-                           "data.num_workers (not with shards), data.eval_batch_size and optim.max_bad_steps "
-                           "may change; after a torchrun restart (--max-restarts) the run resumes by itself "
-                           "(default: off, a new run)")
-    mode.add_argument("--overwrite", action="store_true",
-                      help="clear an earlier run's checkpoints, metrics, plots and config.yaml from output_dir "
-                           "first (default: off; a folder holding a run is refused)")
-    train.set_defaults(run=_train, takes_overrides=True)
+def add_eval_command(commands: Any) -> None:
+    """Register ``eval`` on an argparse subparsers object."""
     evaluate = commands.add_parser(
         "eval", help="evaluate a run's checkpoint on its held-out data, or a model on a paper's benchmark",
         description="Evaluate a run folder (its latest checkpoint), one of its step_XXXXXXX/ checkpoints or its "

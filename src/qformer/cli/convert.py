@@ -1,5 +1,6 @@
-"""The ``qformer convert`` command line: options only (argparse), so that ``qformer --help``
-starts at once; :mod:`qformer.pretrained.conversion` does the work."""
+"""``qformer convert``: options only (argparse) at import, so that ``qformer --help`` starts at
+once; :mod:`qformer.pretrained.conversion` does the work, :mod:`qformer.convert.formats` names the
+layouts."""
 
 from __future__ import annotations
 

@@ -9,16 +9,21 @@ import json
 import sys
 from typing import Any
 
+from qformer.cli.options import add_device_arguments, device_options
 from qformer.data.image_files import batches, expand_images
 
 
-def add_device_arguments(parser: argparse.ArgumentParser, batch_size: int = 8) -> None:
-    """``--device``, ``--dtype`` and ``--batch-size``, read by :func:`device_options`."""
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: a GPU if there is one)")
-    parser.add_argument("--dtype", default="auto",
-                        help="float32, float16, bfloat16 (fp32, fp16, bf16, ...) or auto: the checkpoint's (default: auto)")
-    parser.add_argument("--batch-size", type=int, default=batch_size,
-                        help=f"images per forward pass (default: {batch_size})")
+def add_infer_commands(commands: Any) -> None:
+    """Register ``caption`` and ``vqa`` on an argparse subparsers object."""
+    caption = commands.add_parser("caption", help="caption images with a BLIP-2 model")
+    add_inference_arguments(caption)
+    caption.add_argument("--prompt", default=None, help="text the caption continues (default: none)")
+    caption.set_defaults(run=caption_command)
+    vqa = commands.add_parser("vqa", help="answer a question about each image")
+    add_inference_arguments(vqa)
+    vqa.set_defaults(run=vqa_command)
+    vqa.add_argument("--question", required=True, help="the question asked of every image")
+    vqa.add_argument("--prompt", default="Question: {} Answer:", help="the question's template")
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,52 +37,23 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default: caption 30, vqa 10)")
 
 
-def default_device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def device_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``--batch-size``, ``--dtype``, ``--device`` (and ``--device-map`` where a command has it)
-    checked before anything loads: the keywords of ``from_pretrained``."""
-    from qformer.devices import parse_device, parse_dtype
-
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    options: dict[str, Any] = {"dtype": parse_dtype(args.dtype)}  # bad spellings fail here
-    device_map = getattr(args, "device_map", None)
-    if device_map is not None:
-        if args.device is not None:
-            raise ValueError("pass --device or --device-map, not both")
-        return options | {"device_map": device_map}
-    return options | {"device": parse_device(args.device or default_device())}
-
-
 def load_model(args: argparse.Namespace):
     """A BLIP-2 / InstructBLIP model; for ``qformer caption``, a stage-1 model too (its Q-Former
     captions alone, as LAVIS's ``Blip2Qformer.generate``)."""
-    import json
-
-    from qformer.loading import resolve_checkpoint
-    from qformer.pretrained.stage1 import Blip2Stage1, stage1_layout_of
-    from qformer.pretrained.stage2 import Blip2
+    from qformer.pretrained.auto import find_model, load_pretrained
 
     options = device_options(args)
-    directory = resolve_checkpoint(args.model)
-    config = directory / "config.json"
-    layout = stage1_layout_of(json.loads(config.read_text(encoding="utf-8"))) if config.is_file() else None
-    if layout is None or args.command != "caption":
-        return Blip2.from_pretrained(directory, **options)
-    if layout == "transformers":
+    found = find_model(args.model)  # a directory holding no model fails here, as for every command
+    if found.kind == "stage1" and args.command == "vqa":
+        raise ValueError(f"{args.model} holds {found.described}: vqa answers with a stage-2 model (BLIP-2, "
+                         "InstructBLIP)")
+    if found.layout == "transformers":
         raise ValueError(f"{args.model} is transformers' Blip2ForImageTextRetrieval, which has no Q-Former LM "
                          "head: caption with a stage-1 model in qformer's layout (a training run's final/, or "
                          "LAVIS's blip2_pretrained.pth through qformer convert)")
-    if args.prompt:
+    if found.kind == "stage1" and args.prompt:
         raise ValueError("a stage-1 model captions from [DEC] alone: --prompt needs a BLIP-2 model with an LLM")
-    return Blip2Stage1.from_pretrained(directory, **options)
+    return load_pretrained(found, **options)
 
 
 def run_images(args: argparse.Namespace, answer_batch, result_key: str, extra: dict[str, Any]) -> int:

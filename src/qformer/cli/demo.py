@@ -1,0 +1,19 @@
+"""``qformer demo``: BLIP-2's two stages on built-in drawn scenes (:mod:`qformer.demo` runs it)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_demo_command(commands: Any) -> None:
+    demo = commands.add_parser("demo", help="BLIP-2's two stages on built-in drawn scenes, no download")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the scenes and the weights")
+    demo.add_argument("--out-dir", default="runs/demo", help="where the demo writes its models and figures")
+    demo.set_defaults(run=demo_command)
+
+
+def demo_command(args: argparse.Namespace) -> None:
+    from qformer.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out_dir=args.out_dir, seed=args.seed))
