@@ -14,7 +14,7 @@ from qformer.convert.transformers_instructblip import (
     load_transformers_instructblip,
     save_transformers_instructblip,
 )
-from qformer.models.instructblip import InstructBlipStage2
+from qformer.models.instructblip import InstructBlipStage2Model
 
 pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
 
@@ -80,7 +80,7 @@ def test_config_keeps_the_qformer_text_path(saved):
     with pytest.raises(ValueError, match="not an InstructBLIP config"):
         instructblip_config_from_transformers({**ref.config.to_dict(), "model_type": "blip-2"})
     with pytest.raises(ValueError, match="use_text_input"):
-        InstructBlipStage2(ours.config.replace(qformer=ours.config.qformer.replace(use_text_input=False)))
+        InstructBlipStage2Model(ours.config.replace(qformer=ours.config.qformer.replace(use_text_input=False)))
 
 
 def test_logits_and_loss_match(saved):

@@ -231,10 +231,10 @@ def test_lora_trains_only_adapters_in_the_llm(saved):
 
 
 def test_half_precision_llm_keeps_qformer_fp32(saved):
-    from qformer.models.blip2 import Blip2Stage2
+    from qformer.models.blip2 import Blip2Stage2Model
 
     _, _, _, ours = saved
-    model = Blip2Stage2(ours.config.replace(llm_dtype="bfloat16"))
+    model = Blip2Stage2Model(ours.config.replace(llm_dtype="bfloat16"))
     assert model.language_model.get_input_embeddings().weight.dtype == torch.bfloat16
     assert model.qformer.layers[0].self_attn.query.weight.dtype == torch.float32
     text = ours.tokenizer(PROMPTS, padding=True, return_tensors="pt")

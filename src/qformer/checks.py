@@ -131,7 +131,7 @@ def check_stage2_inputs(
     labels: Tensor | None = None,
     max_new_tokens: int | None = None,
 ) -> None:
-    """What :class:`~qformer.models.blip2.Blip2Stage2`'s forward and generate take (``model``, whose
+    """What :class:`~qformer.models.blip2.Blip2Stage2Model`'s forward and generate take (``model``, whose
     ``num_query_tokens``, ``language_model`` and ``qformer`` bound the lengths): one batch;
     texts with their masks; the queries, text and new tokens within the LLM's position table
     (one position to spare after a prompt: the last new token is never fed back), the

@@ -16,7 +16,7 @@ from qformer.convert.blip2_layouts import LAVIS_VISION, fuse_lavis_qkv_bias, spl
 from qformer.convert.qformer_layouts import BERT_ENCODER
 from qformer.convert.rename import ConversionReport, RenameTable
 from qformer.convert.transformers_blip2 import fill_tied
-from qformer.models.blip2 import Blip2Stage2
+from qformer.models.blip2 import Blip2Stage2Model
 
 VISION_PREFIX = "visual_encoder."
 STAGE1_MARKER = "itm_head.weight"
@@ -83,7 +83,7 @@ class LavisStage2Layout:
         return config.replace(use_text_input=False, use_lm_head=False, bos_token_id=None)
 
     def table(self, vision: bool = True) -> RenameTable:
-        """LAVIS keys <-> :class:`Blip2Stage2` keys; without ``vision``, ``visual_encoder.*`` is dropped."""
+        """LAVIS keys <-> :class:`Blip2Stage2Model` keys; without ``vision``, ``visual_encoder.*`` is dropped."""
         if vision:
             image = LAVIS_VISION.under(VISION_PREFIX, "vision.")
         else:
@@ -144,9 +144,9 @@ def stage2_from_lavis(
     state_dict: Mapping[str, Tensor],
     config: Blip2Config,
     layout: LavisStage2Layout,
-    model_cls: type[Blip2Stage2] = Blip2Stage2,
+    model_cls: type[Blip2Stage2Model] = Blip2Stage2Model,
     **model_kwargs,
-) -> tuple[Blip2Stage2, ConversionReport]:
+) -> tuple[Blip2Stage2Model, ConversionReport]:
     """``model_cls(config, **model_kwargs)`` holding a LAVIS stage-2 state dict (the ``model``
     entry of its ``.pth``): every key must find its place, and every weight of the model must be
     there (LAVIS's released files leave the frozen LLM and image encoder out: add them first)."""
@@ -159,7 +159,7 @@ def stage2_from_lavis(
     return model, report
 
 
-def stage2_to_lavis(model: Blip2Stage2) -> tuple[dict[str, Tensor], ConversionReport]:
+def stage2_to_lavis(model: Blip2Stage2Model) -> tuple[dict[str, Tensor], ConversionReport]:
     """A stage-2 model's weights in the LAVIS layout of its LLM, frozen parts included."""
     layout = layout_for_llm(model.config.text_config["model_type"], model.config.qformer.use_text_input)
     theirs, report = layout.table(vision=model.vision is not None).to_theirs(model.state_dict())

@@ -1,5 +1,5 @@
 """transformers' ``Blip2ForConditionalGeneration`` directories: config, weights, processor
-settings and tokenizer, to and from :class:`~qformer.models.blip2.Blip2Stage2`."""
+settings and tokenizer, to and from :class:`~qformer.models.blip2.Blip2Stage2Model`."""
 
 from __future__ import annotations
 
@@ -244,7 +244,7 @@ def save_transformers_layout(
 
 
 def load_transformers_blip2(directory: str | Path, model_cls: type, **options: Any):
-    """A :class:`Blip2Stage2` (``model_cls``) from a transformers BLIP-2 directory, and the report;
+    """A :class:`Blip2Stage2Model` (``model_cls``) from a transformers BLIP-2 directory, and the report;
     ``options`` are :func:`load_transformers_layout`'s."""
     from transformers import Blip2ForConditionalGeneration
 

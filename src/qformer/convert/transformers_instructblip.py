@@ -1,5 +1,5 @@
 """transformers' ``InstructBlipForConditionalGeneration`` directories: config, weights and
-processor settings, to and from :class:`~qformer.models.instructblip.InstructBlipStage2`.
+processor settings, to and from :class:`~qformer.models.instructblip.InstructBlipStage2Model`.
 
 The layout is BLIP-2's but for the Q-Former (``InstructBlipQFormerModel``: its own embeddings
 with word and position tables, LayerNorm at ``embeddings.layernorm``), so the config
@@ -25,7 +25,7 @@ from qformer.convert.transformers_blip2 import (
     save_transformers_layout,
     stage2_table,
 )
-from qformer.models.instructblip import InstructBlipStage2
+from qformer.models.instructblip import InstructBlipStage2Model
 
 TRANSFORMERS_INSTRUCTBLIP = stage2_table(TRANSFORMERS_INSTRUCTBLIP_QFORMER)
 """``InstructBlipForConditionalGeneration``: vision, Q-Former, projection, the LLM's own keys."""
@@ -64,9 +64,9 @@ def instructblip_config_to_transformers(config: Blip2Config) -> dict[str, Any]:
 
 
 def load_transformers_instructblip(
-    directory: str | Path, model_cls: type = InstructBlipStage2, **options: Any
+    directory: str | Path, model_cls: type = InstructBlipStage2Model, **options: Any
 ) -> tuple[nn.Module, ConversionReport]:
-    """An :class:`InstructBlipStage2` (``model_cls``) from a transformers InstructBLIP directory,
+    """An :class:`InstructBlipStage2Model` (``model_cls``) from a transformers InstructBLIP directory,
     and the report; ``options`` are :func:`load_transformers_layout`'s (dtype, device, ...)."""
     from transformers import InstructBlipForConditionalGeneration
 

@@ -239,7 +239,7 @@ def move_padding(input_ids: Tensor, attention_mask: Tensor, side: str) -> tuple[
     return input_ids.gather(1, order), attention_mask.gather(1, order)
 
 
-class Blip2Stage2(Blip2Base):
+class Blip2Stage2Model(Blip2Base):
     """BLIP-2's second stage: the queries' outputs, projected, in front of a frozen LLM
     (``AutoModelForCausalLM`` or ``AutoModelForSeq2SeqLM``). ``input_ids`` are text only; the
     model puts the queries in front, no image placeholder tokens."""
@@ -261,7 +261,7 @@ class Blip2Stage2(Blip2Base):
         width = language_model.get_input_embeddings().weight.shape[1]
         self.language_projection = nn.Linear(config.qformer.hidden_size, width)
 
-    def train(self, mode: bool = True) -> Blip2Stage2:
+    def train(self, mode: bool = True) -> Blip2Stage2Model:
         """The LLM stays in eval mode unless it has trainable (e.g. LoRA) parameters."""
         super().train(mode)
         if not any(p.requires_grad for p in self.language_model.parameters()):
@@ -274,7 +274,7 @@ class Blip2Stage2(Blip2Base):
         """(B, S, W) image embeddings -> (B, Q, H) projected queries, in the LLM's dtype.
         BLIP-2's Q-Former reads no text (InstructBLIP's does)."""
         if qformer_input_ids is not None:
-            raise ValueError("BLIP-2's Q-Former reads no instruction; use InstructBlipStage2")
+            raise ValueError("BLIP-2's Q-Former reads no instruction; use an InstructBLIP model (qformer.InstructBlip)")
         return self.project(self.query_pass(self.qformer.encoder_key_values(image_embeds)).last_hidden_state)
 
     def project(self, queries: Tensor) -> Tensor:

@@ -16,12 +16,12 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from qformer.config import Blip2Config
-from qformer.models.blip2 import Blip2Stage2, move_padding
+from qformer.models.blip2 import Blip2Stage2Model, move_padding
 
 
-class InstructBlipStage2(Blip2Stage2):
+class InstructBlipStage2Model(Blip2Stage2Model):
     """InstructBLIP (``InstructBlipForConditionalGeneration`` in transformers): the contract of
-    :class:`Blip2Stage2` plus the instruction for the Q-Former, ``qformer_input_ids`` and
+    :class:`Blip2Stage2Model` plus the instruction for the Q-Former, ``qformer_input_ids`` and
     ``qformer_attention_mask`` (B, T), one per image. Without ``qformer_input_ids`` the queries
     run alone, as with an empty instruction.
 

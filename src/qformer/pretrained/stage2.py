@@ -21,8 +21,8 @@ from qformer.data.transforms import eval_transform
 from qformer.devices import DeviceArg, DeviceMapArg, DtypeArg
 from qformer.checks import check_images
 from qformer.loading import resolve_checkpoint
-from qformer.models.blip2 import Blip2Stage1Model, Blip2Stage2
-from qformer.models.instructblip import InstructBlipStage2
+from qformer.models.blip2 import Blip2Stage1Model, Blip2Stage2Model
+from qformer.models.instructblip import InstructBlipStage2Model
 from qformer.models.qformer import QFormerModel
 from qformer.pretrained.qformer import QFormer
 from qformer.pretrained.ranking import candidate_log_likelihoods
@@ -56,7 +56,7 @@ def reserve_image_token(tokenizer: PreTrainedTokenizerBase, language_model: PreT
     return index
 
 
-class Blip2(Blip2Stage2):
+class Blip2(Blip2Stage2Model):
     """BLIP-2 with an LLM, ready to caption and answer. ``Blip2.from_pretrained`` takes a
     transformers-layout directory (``Salesforce/blip2-opt-2.7b``, ``blip2-flan-t5-xl``, ...)."""
 
@@ -273,7 +273,7 @@ class Blip2(Blip2Stage2):
         return self.generate_text(images, prompts, **{**VQA_DEFAULTS, **generation})
 
 
-class InstructBlip(Blip2, InstructBlipStage2):
+class InstructBlip(Blip2, InstructBlipStage2Model):
     """InstructBLIP ready to caption and answer: the prompt goes to the LLM and, through the
     Q-Former's tokenizer (``qformer_tokenizer``, truncating on the left), to the Q-Former too.
     ``Blip2.from_pretrained`` returns one for an ``InstructBlipForConditionalGeneration``
