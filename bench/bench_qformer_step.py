@@ -78,7 +78,7 @@ def qformer_fwd_bwd(quick: bool, device: str, bf16: bool | None = None) -> Resul
     from transformers import Blip2QFormerConfig
     from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings
 
-    from qformer.convert.qformer_layouts import load_transformers_qformer
+    from qformer.pretrained.qformer import load_transformers_qformer
 
     bf16 = torch.device(device).type == "cuda" if bf16 is None else bf16
     layers, batch, text = (2, 4, 32) if quick else (12, 8, 32)

