@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Blip2ForImageTextRetrieval
 
 from qformer.pretrained.conversion import convert
-from qformer.convert.lavis_pth import read_lavis_pth
+from qformer.pretrained.lavis import read_lavis_pth
 from qformer.cli.convert import add_convert_command
 from qformer.convert.transformers_blip2 import blip2_config_from_transformers
 from stage1_helpers import tiny_stage1

@@ -11,10 +11,9 @@ from transformers import InstructBlipConfig, InstructBlipForConditionalGeneratio
 from qformer.convert.transformers_instructblip import (
     instructblip_config_from_transformers,
     instructblip_config_to_transformers,
-    load_transformers_instructblip,
-    save_transformers_instructblip,
 )
 from qformer.models.instructblip import InstructBlipStage2Model
+from qformer.pretrained.transformers import load_transformers_instructblip, save_transformers_instructblip
 
 pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
 

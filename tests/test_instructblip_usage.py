@@ -118,7 +118,7 @@ def test_convert_instructblip_through_lavis_is_exact(llm, tmp_path):
     from transformers import InstructBlipForConditionalGeneration
 
     from qformer.pretrained.conversion import convert
-    from qformer.convert.lavis_pth import read_lavis_pth
+    from qformer.pretrained.lavis import read_lavis_pth
 
     ref = tiny_transformers_instructblip(llm)
     with torch.no_grad():  # EVA's key bias is zero (LAVIS stores q_bias and v_bias only)

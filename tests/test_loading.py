@@ -11,16 +11,13 @@ from transformers import Blip2ForConditionalGeneration, InstructBlipForCondition
 
 from qformer import Blip2Stage1, QFormer
 from qformer.checkpoint import load_state_dict_strict, read_weights
-from qformer.convert.transformers_blip2 import (
-    TRANSFORMERS_BLIP2,
-    blip2_config_from_transformers,
-    fill_tied,
-    image_config_from_directory,
-)
+from qformer.convert.transformers_blip2 import TRANSFORMERS_BLIP2, blip2_config_from_transformers
 from qformer.convert.transformers_instructblip import TRANSFORMERS_INSTRUCTBLIP
 from qformer.devices import dtype_name, parse_device, parse_dtype
 from qformer.loading import tied_parameters
+from qformer.pretrained.lavis import fill_tied
 from qformer.pretrained.stage2 import Blip2, InstructBlip
+from qformer.pretrained.transformers import image_config_from_directory
 from stage2_helpers import IMAGE, save_tiny_blip2, tiny_tokenizer
 from test_instructblip import tiny_transformers_instructblip
 

@@ -5,14 +5,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from qformer.convert.blip2_layouts import (
-    stage1_config_from_transformers,
-    stage1_from_lavis,
-    stage1_from_transformers,
-    stage1_to_lavis,
-    stage1_to_transformers,
-)
+from qformer.convert.blip2_layouts import stage1_config_from_transformers, stage1_to_lavis, stage1_to_transformers
+from qformer.pretrained.lavis import stage1_from_lavis
 from qformer.pretrained.stage1 import Blip2Stage1, extract_features
+from qformer.pretrained.transformers import stage1_from_transformers
 from stage1_helpers import tiny_retrieval_model, tiny_stage1
 
 pytestmark = pytest.mark.numerics  # parity and promised equalities: tests/numerics_sweep.py
@@ -74,7 +70,7 @@ def test_itc_logits_match(pair):
 
 def test_transformers_round_trip_is_exact(pair):
     ref, ours, _ = pair
-    back, report = stage1_to_transformers(ours)
+    back, report = stage1_to_transformers(ours.state_dict())
     state = ref.state_dict()
     assert sorted(back) == sorted(state)
     assert all(torch.equal(back[k], state[k]) for k in state)
@@ -83,7 +79,7 @@ def test_transformers_round_trip_is_exact(pair):
 
 def test_lavis_layout_round_trip_and_names():
     model = tiny_stage1()
-    lavis, _ = stage1_to_lavis(model)
+    lavis, _ = stage1_to_lavis(model.state_dict())
     for key in [
         "visual_encoder.cls_token",
         "visual_encoder.pos_embed",
@@ -116,7 +112,7 @@ def test_lavis_layout_round_trip_and_names():
 
 def test_lavis_without_image_encoder_and_loud_failures():
     model = tiny_stage1()
-    lavis, _ = stage1_to_lavis(model)
+    lavis, _ = stage1_to_lavis(model.state_dict())
     no_vision = model.config.replace(vision=None)
     back, report = stage1_from_lavis(lavis, no_vision)
     assert back.vision is None and "visual_encoder.cls_token" in report.dropped

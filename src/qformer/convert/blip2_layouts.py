@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from qformer.checkpoint import load_state_dict_strict
 from qformer.config import Blip2Stage1Config, VisionConfig
 from qformer.convert.qformer_layouts import (
     BERT_ENCODER,
@@ -21,9 +20,6 @@ from qformer.convert.qformer_layouts import (
     qformer_config_from_transformers,
 )
 from qformer.convert.rename import ConversionReport, RenameTable
-from qformer.models.blip2 import Blip2Stage1Model
-
-M = TypeVar("M", bound=Blip2Stage1Model)  # the class a builder builds: the architecture or what users load
 
 logger = logging.getLogger(__name__)
 
@@ -109,20 +105,21 @@ def split_lavis_qkv_bias(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _load(
-    ours: dict[str, Tensor], report: ConversionReport, config: Blip2Stage1Config, source: str, model_cls: type[M]
-) -> tuple[M, ConversionReport]:
-    report.raise_if_unmatched(source)
-    model = model_cls(config)
-    fresh = model.state_dict()
+TRANSFORMERS_STAGE1_SOURCE = "transformers Blip2ForImageTextRetrieval"
+LAVIS_STAGE1_SOURCE = "LAVIS Blip2Qformer"
+
+
+def fill_fresh_stage1(
+    ours: dict[str, Tensor], report: ConversionReport, fresh: Mapping[str, Tensor], source: str, temperature: float
+) -> None:
+    """The Q-Former LM head and the temperature, where the checkpoint has none, taken from
+    ``fresh`` (a newly built model's state dict) into ``ours``; the report says so."""
     absent = sorted(k for k in fresh if k not in ours and (k.startswith("qformer.lm_head.") or k == "temp"))
     for key in absent:
         ours[key] = fresh[key]
         report.dropped[key] = f"not in the {source} checkpoint: initialised fresh"
     if absent:
-        logger.warning("%s: %s initialised fresh (temperature %.3g)", source, ", ".join(absent), config.temperature)
-    load_state_dict_strict(model, ours)
-    return model, report
+        logger.warning("%s: %s initialised fresh (temperature %.3g)", source, ", ".join(absent), temperature)
 
 
 def stage1_config_from_transformers(config: Any) -> Blip2Stage1Config:
@@ -145,38 +142,40 @@ def stage1_config_from_transformers(config: Any) -> Blip2Stage1Config:
     )
 
 
-def stage1_from_transformers(
-    state_dict: Mapping[str, Tensor], config: Blip2Stage1Config, model_cls: type[M] = Blip2Stage1Model
-) -> tuple[M, ConversionReport]:
-    """A stage-1 model (``model_cls``) from a ``Blip2ForImageTextRetrieval`` state dict. That layout has no
-    Q-Former LM head and no temperature: both start fresh (the temperature at
-    ``config.temperature``) and the report says so."""
+def stage1_state_from_transformers(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], ConversionReport]:
+    """A ``Blip2ForImageTextRetrieval`` state dict under a stage-1 model's names, and the report.
+    That layout has no Q-Former LM head and no temperature (see :func:`fill_fresh_stage1`)."""
     ours, report = TRANSFORMERS_STAGE1.to_ours(state_dict)
-    return _load(ours, report, config, "transformers Blip2ForImageTextRetrieval", model_cls)
+    report.raise_if_unmatched(TRANSFORMERS_STAGE1_SOURCE)
+    return ours, report
 
 
-def stage1_to_transformers(model: Blip2Stage1Model) -> tuple[dict[str, Tensor], ConversionReport]:
-    theirs, report = TRANSFORMERS_STAGE1.to_theirs(model.state_dict())
+def stage1_to_transformers(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], ConversionReport]:
+    """A stage-1 model's state dict in ``Blip2ForImageTextRetrieval``'s layout, and the report."""
+    theirs, report = TRANSFORMERS_STAGE1.to_theirs(state_dict)
     report.raise_if_unmatched("qformer stage-1")
     return theirs, report
 
 
-def stage1_from_lavis(
-    state_dict: Mapping[str, Tensor], config: Blip2Stage1Config, model_cls: type[M] = Blip2Stage1Model
-) -> tuple[M, ConversionReport]:
-    """A stage-1 model (``model_cls``) from a LAVIS ``Blip2Qformer`` state dict (the ``model`` entry of its
-    ``.pth``). Without an image encoder in ``config``, ``visual_encoder.*`` is dropped."""
+def stage1_state_from_lavis(
+    state_dict: Mapping[str, Tensor], config: Blip2Stage1Config
+) -> tuple[dict[str, Tensor], ConversionReport]:
+    """A LAVIS ``Blip2Qformer`` state dict (the ``model`` entry of its ``.pth``) under a stage-1
+    model's names, and the report. Without an image encoder in ``config``, ``visual_encoder.*``
+    is dropped."""
     table = LAVIS_STAGE1
     if config.vision is None:
         dropped = (("visual_encoder.", "config.vision is None: images come as features"),)
         table = _LAVIS_STAGE1_WITHOUT_VISION + RenameTable((), dropped)
     check_tied_decoder(state_dict, prefix="Qformer.")
     ours, report = table.to_ours(fuse_lavis_qkv_bias(state_dict))
-    return _load(ours, report, config, "LAVIS Blip2Qformer", model_cls)
+    report.raise_if_unmatched(LAVIS_STAGE1_SOURCE)
+    return ours, report
 
 
-def stage1_to_lavis(model: Blip2Stage1Model) -> tuple[dict[str, Tensor], ConversionReport]:
-    theirs, report = LAVIS_STAGE1.to_theirs(model.state_dict())
+def stage1_to_lavis(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], ConversionReport]:
+    """A stage-1 model's state dict in LAVIS's ``Blip2Qformer`` layout, and the report."""
+    theirs, report = LAVIS_STAGE1.to_theirs(state_dict)
     report.raise_if_unmatched("qformer stage-1")
     word = theirs["Qformer.bert.embeddings.word_embeddings.weight"]
     theirs["Qformer.cls.predictions.decoder.weight"] = word  # tied in LAVIS's BertLMHeadModel

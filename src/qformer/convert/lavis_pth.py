@@ -1,51 +1,22 @@
-"""LAVIS ``.pth`` checkpoints: read without running pickled code, written atomically, and the
-key layouts of LAVIS's stage-2 models (``Blip2OPT``, ``Blip2T5``)."""
+"""The key layouts of LAVIS's ``.pth`` checkpoints of stage-2 models (``Blip2OPT``, ``Blip2T5``,
+InstructBLIP's): a state dict in, a state dict out. Reading and writing the files is
+:mod:`qformer.pretrained.lavis`'s."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
 from torch import Tensor
 
-from qformer.checkpoint import atomic_write, load_plain, load_state_dict_strict
 from qformer.config import Blip2Config, QFormerConfig
 from qformer.convert.blip2_layouts import LAVIS_VISION, fuse_lavis_qkv_bias, split_lavis_qkv_bias
 from qformer.convert.qformer_layouts import BERT_ENCODER
 from qformer.convert.rename import ConversionReport, RenameTable
-from qformer.convert.transformers_blip2 import fill_tied
-from qformer.models.blip2 import Blip2Stage2Model
 
 VISION_PREFIX = "visual_encoder."
 STAGE1_MARKER = "itm_head.weight"
 """Only LAVIS's stage-1 ``Blip2Qformer`` has an ITM head."""
-
-
-def read_lavis_pth(path: str | Path) -> dict[str, Tensor]:
-    """The state dict of a LAVIS checkpoint: its ``"model"`` entry (the other entries, such as
-    ``optimizer`` or ``epoch``, are ignored), or the whole file when it is a bare state dict.
-    Loaded with ``weights_only=True``: a pickle that would run code is refused."""
-    path = Path(path)
-    content = load_plain(path)
-    state = content.get("model", content) if isinstance(content, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a LAVIS checkpoint, a dict whose 'model' entry maps names to tensors")
-    return state
-
-
-def _compact(tensor: Tensor) -> Tensor:
-    """A view (e.g. one third of a fused qkv bias) copied out, so that torch.save stores only it."""
-    tensor = tensor.detach().cpu().contiguous()
-    return tensor if tensor.untyped_storage().nbytes() == tensor.nbytes else tensor.clone()
-
-
-def save_lavis_pth(state_dict: Mapping[str, Tensor], path: str | Path) -> None:
-    """``{"model": state_dict}`` with ``torch.save``, as LAVIS writes and reads it: a pickle, of
-    plain tensors only. Tied tensors stay shared."""
-    content = {"model": {key: _compact(tensor) for key, tensor in state_dict.items()}}
-    atomic_write(path, lambda tmp: torch.save(content, tmp))
 
 
 _QFORMER_TEXT_PATH = "LAVIS's stage-2 Q-Former does not use its text path (LAVIS sets it to None)"
@@ -83,7 +54,8 @@ class LavisStage2Layout:
         return config.replace(use_text_input=False, use_lm_head=False, bos_token_id=None)
 
     def table(self, vision: bool = True) -> RenameTable:
-        """LAVIS keys <-> :class:`Blip2Stage2Model` keys; without ``vision``, ``visual_encoder.*`` is dropped."""
+        """LAVIS keys <-> :class:`~qformer.models.blip2.Blip2Stage2Model` keys; without ``vision``,
+        ``visual_encoder.*`` is dropped."""
         if vision:
             image = LAVIS_VISION.under(VISION_PREFIX, "vision.")
         else:
@@ -140,28 +112,23 @@ def layout_for_llm(model_type: str, instruct: bool = False) -> LavisStage2Layout
     raise ValueError(f"LAVIS has no BLIP-2 layout for a {model_type!r} LLM; it has one for {known}")
 
 
-def stage2_from_lavis(
-    state_dict: Mapping[str, Tensor],
-    config: Blip2Config,
-    layout: LavisStage2Layout,
-    model_cls: type[Blip2Stage2Model] = Blip2Stage2Model,
-    **model_kwargs,
-) -> tuple[Blip2Stage2Model, ConversionReport]:
-    """``model_cls(config, **model_kwargs)`` holding a LAVIS stage-2 state dict (the ``model``
-    entry of its ``.pth``): every key must find its place, and every weight of the model must be
-    there (LAVIS's released files leave the frozen LLM and image encoder out: add them first)."""
+def stage2_state_from_lavis(
+    state_dict: Mapping[str, Tensor], config: Blip2Config, layout: LavisStage2Layout
+) -> tuple[dict[str, Tensor], ConversionReport]:
+    """A LAVIS stage-2 state dict (the ``model`` entry of its ``.pth``) under the names of a
+    stage-2 model of ``config``, and the report: every key must find its place."""
     table = layout.table(vision=config.vision is not None)
     ours, report = table.to_ours(fuse_lavis_qkv_bias(state_dict))
     report.raise_if_unmatched(f"LAVIS {layout.name}")
-    model = model_cls(config, **model_kwargs)
-    fill_tied(model, ours, report)
-    load_state_dict_strict(model, ours)
-    return model, report
+    return ours, report
 
 
-def stage2_to_lavis(model: Blip2Stage2Model) -> tuple[dict[str, Tensor], ConversionReport]:
-    """A stage-2 model's weights in the LAVIS layout of its LLM, frozen parts included."""
-    layout = layout_for_llm(model.config.text_config["model_type"], model.config.qformer.use_text_input)
-    theirs, report = layout.table(vision=model.vision is not None).to_theirs(model.state_dict())
+def stage2_to_lavis(
+    state_dict: Mapping[str, Tensor], config: Blip2Config
+) -> tuple[dict[str, Tensor], ConversionReport]:
+    """A stage-2 model's weights (its state dict and config) in the LAVIS layout of its LLM, frozen
+    parts included."""
+    layout = layout_for_llm(config.text_config["model_type"], config.qformer.use_text_input)
+    theirs, report = layout.table(vision=config.vision is not None).to_theirs(state_dict)
     report.raise_if_unmatched("qformer BLIP-2")
     return split_lavis_qkv_bias(theirs), report

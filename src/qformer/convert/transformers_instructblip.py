@@ -1,5 +1,5 @@
-"""transformers' ``InstructBlipForConditionalGeneration`` directories: config, weights and
-processor settings, to and from :class:`~qformer.models.instructblip.InstructBlipStage2Model`.
+"""transformers' ``InstructBlipForConditionalGeneration`` layout: its keys and its config as a
+dict, to and from ours (:mod:`qformer.pretrained.transformers` reads and writes its directories).
 
 The layout is BLIP-2's but for the Q-Former (``InstructBlipQFormerModel``: its own embeddings
 with word and position tables, LayerNorm at ``embeddings.layernorm``), so the config
@@ -10,22 +10,15 @@ conversions build on BLIP-2's. The Q-Former tokenizer (transformers' processor k
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
-
-from torch import nn
 
 from qformer.config import Blip2Config, ImageConfig
 from qformer.convert.qformer_layouts import TRANSFORMERS_INSTRUCTBLIP_QFORMER, qformer_config_from_transformers
-from qformer.convert.rename import ConversionReport
 from qformer.convert.transformers_blip2 import (
     blip2_config_from_transformers,
     blip2_config_to_transformers,
-    load_transformers_layout,
-    save_transformers_layout,
     stage2_table,
 )
-from qformer.models.instructblip import InstructBlipStage2Model
 
 TRANSFORMERS_INSTRUCTBLIP = stage2_table(TRANSFORMERS_INSTRUCTBLIP_QFORMER)
 """``InstructBlipForConditionalGeneration``: vision, Q-Former, projection, the LLM's own keys."""
@@ -45,7 +38,8 @@ def instructblip_config_from_transformers(values: Mapping[str, Any], image: Imag
 
 
 def instructblip_config_to_transformers(config: Blip2Config) -> dict[str, Any]:
-    """A transformers ``InstructBlipConfig`` dict for :func:`save_transformers_instructblip`."""
+    """A transformers ``InstructBlipConfig`` dict for
+    :func:`~qformer.pretrained.transformers.save_transformers_instructblip`."""
     from transformers import InstructBlipConfig
 
     if not config.qformer.use_text_input:
@@ -61,20 +55,3 @@ def instructblip_config_to_transformers(config: Blip2Config) -> dict[str, Any]:
         image_token_index=config.image_token_index,
     )
     return tf.to_dict()
-
-
-def load_transformers_instructblip(
-    directory: str | Path, model_cls: type = InstructBlipStage2Model, **options: Any
-) -> tuple[nn.Module, ConversionReport]:
-    """An :class:`InstructBlipStage2Model` (``model_cls``) from a transformers InstructBLIP directory,
-    and the report; ``options`` are :func:`load_transformers_layout`'s (dtype, device, ...)."""
-    from transformers import InstructBlipForConditionalGeneration
-
-    return load_transformers_layout(directory, TRANSFORMERS_INSTRUCTBLIP, instructblip_config_from_transformers,
-                                    model_cls, InstructBlipForConditionalGeneration, **options)
-
-
-def save_transformers_instructblip(model: nn.Module, config: Blip2Config, directory: str | Path) -> ConversionReport:
-    """transformers' ``InstructBlipForConditionalGeneration`` directory, each file atomically."""
-    return save_transformers_layout(model, TRANSFORMERS_INSTRUCTBLIP, instructblip_config_to_transformers(config),
-                                    config.image, directory, "InstructBlipProcessor")

@@ -26,35 +26,25 @@ from qformer.convert.blip2_layouts import (
     fuse_lavis_qkv_bias,
     split_lavis_qkv_bias,
     stage1_config_from_transformers,
-    stage1_from_lavis,
-    stage1_from_transformers,
     stage1_to_lavis,
     stage1_to_transformers,
 )
 from qformer.convert.formats import Format
-from qformer.convert.lavis_pth import (
-    VISION_PREFIX,
-    LavisStage2Layout,
-    lavis_layout,
-    read_lavis_pth,
-    save_lavis_pth,
-    stage2_from_lavis,
-    stage2_to_lavis,
-)
+from qformer.convert.lavis_pth import VISION_PREFIX, LavisStage2Layout, lavis_layout, stage2_to_lavis
 from qformer.convert.qformer_layouts import BERT_FIELDS
 from qformer.convert.rename import ConversionReport, RenameTable
-from qformer.convert.transformers_blip2 import (
-    PREPROCESSOR_NAME,
-    PROCESSOR_NAME,
-    blip2_config_from_transformers,
-    image_config_from_directory,
-    preprocessor_dict,
-    processor_dict,
-)
+from qformer.convert.transformers_blip2 import blip2_config_from_transformers, preprocessor_dict, processor_dict
 from qformer.devices import DTYPES
 from qformer.loading import tied_parameters
+from qformer.pretrained.lavis import read_lavis_pth, save_lavis_pth, stage1_from_lavis, stage2_from_lavis
 from qformer.pretrained.stage1 import Blip2Stage1
 from qformer.pretrained.stage2 import Blip2, InstructBlip
+from qformer.pretrained.transformers import (
+    PREPROCESSOR_NAME,
+    PROCESSOR_NAME,
+    image_config_from_directory,
+    stage1_from_transformers,
+)
 from qformer.tokenizer import directory_tokenizer, save_tokenizer
 
 Model = Blip2Stage1 | Blip2
@@ -289,7 +279,7 @@ def save_transformers_stage1(model: Blip2Stage1, directory: str | Path) -> Conve
     has no place for."""
     directory = Path(directory)
     report = align_ln_vision_eps(model)
-    theirs, dropped = stage1_to_transformers(model)
+    theirs, dropped = stage1_to_transformers(model.state_dict())
     report.dropped.update(dropped.dropped)
     text = json.dumps(stage1_config_to_transformers(model.config), indent=2) + "\n"
     tensors = {key: value.detach().contiguous().cpu() for key, value in theirs.items()}
@@ -320,7 +310,10 @@ def write_checkpoint(model: Model, dst: str | Path, to: Format) -> ConversionRep
     dst = Path(dst)
     _check_target(dst, to)
     if to == "lavis":
-        state, report = stage1_to_lavis(model) if isinstance(model, Blip2Stage1) else stage2_to_lavis(model)
+        if isinstance(model, Blip2Stage1):
+            state, report = stage1_to_lavis(model.state_dict())
+        else:
+            state, report = stage2_to_lavis(model.state_dict(), model.config)
         save_lavis_pth(state, dst)
         return report
     if isinstance(model, Blip2Stage1):

@@ -22,13 +22,13 @@ from transformers import PreTrainedTokenizerBase
 
 from qformer.checkpoint import CONFIG_NAME, read_weights, save_model
 from qformer.config import Blip2Stage1Config, ImageConfig
-from qformer.convert.blip2_layouts import stage1_config_from_transformers, stage1_from_transformers
-from qformer.convert.transformers_blip2 import image_config_from_directory
+from qformer.convert.blip2_layouts import stage1_config_from_transformers
 from qformer.data.transforms import eval_image
 from qformer.devices import DeviceArg, DeviceMapArg, DtypeArg, dtype_name, parse_dtype
 from qformer.loading import auto_dtype, index_checkpoint, load_model, plan_placement, resolve_checkpoint
 from qformer.models.blip2 import Blip2Stage1Model
 from qformer.pretrained.qformer import QFormer
+from qformer.pretrained.transformers import image_config_from_directory, stage1_from_transformers
 from qformer.tokenizer import directory_tokenizer, save_tokenizer, tokenize_texts
 
 TEXT_MAX_LENGTH = 32  # LAVIS's Blip2Qformer / Blip2ITM max_txt_len

@@ -15,8 +15,6 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel, PreTr
 
 from qformer.checkpoint import atomic_write, load_state_dict_strict
 from qformer.config import Blip2Config
-from qformer.convert.transformers_blip2 import load_transformers_blip2, save_transformers_blip2
-from qformer.convert.transformers_instructblip import load_transformers_instructblip, save_transformers_instructblip
 from qformer.data.transforms import eval_transform
 from qformer.devices import DeviceArg, DeviceMapArg, DtypeArg
 from qformer.checks import check_images
@@ -27,6 +25,12 @@ from qformer.models.qformer import QFormerModel
 from qformer.pretrained.qformer import QFormer
 from qformer.pretrained.ranking import candidate_log_likelihoods
 from qformer.pretrained.stage1 import stage1_layout_of
+from qformer.pretrained.transformers import (
+    load_transformers_blip2,
+    load_transformers_instructblip,
+    save_transformers_blip2,
+    save_transformers_instructblip,
+)
 from qformer.tokenizer import directory_tokenizer, save_tokenizer, without_call_state
 
 logger = logging.getLogger(__name__)

@@ -57,7 +57,7 @@ def write_weights() -> None:
     ours = {k: v.contiguous() for k, v in model.state_dict().items() if k.startswith(("qformer.", "query_tokens"))}
     image_embeds = torch.randn(BATCH, 5, model.config.qformer.encoder_hidden_size, generator=torch.Generator().manual_seed(11))
     save_file(ours | {"image_embeds": image_embeds}, HERE / "weights.safetensors")
-    lavis, _ = stage1_to_lavis(model)
+    lavis, _ = stage1_to_lavis(model.state_dict())
     lavis = {k: v.clone() for k, v in lavis.items() if k.startswith(("Qformer.", "query_tokens"))}
     save_file(lavis | {"image_embeds": image_embeds}, HERE / "lavis.safetensors")
 
