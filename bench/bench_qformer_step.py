@@ -35,8 +35,8 @@ from harness import Result, matmul_peak_flops, max_abs_diff, synchronize, time_a
 from qformer import flops  # noqa: E402
 from qformer.config import Blip2Stage1Config, QFormerConfig  # noqa: E402
 from qformer.losses import HardNegatives  # noqa: E402
-from qformer.pretrained.stage1 import Blip2Stage1  # noqa: E402
 from qformer.objective import Stage1Objective  # noqa: E402
+from qformer.pretrained.stage1 import Blip2Stage1  # noqa: E402
 from stage1_helpers import reference_step  # noqa: E402
 
 QUERIES, IMAGE_TOKENS, IMAGE_WIDTH = 32, 257, 1408

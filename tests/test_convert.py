@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Blip2ForImageTextRetrieval
 
-from qformer.pretrained.conversion import convert
-from qformer.pretrained.lavis import read_lavis_pth
 from qformer.cli.convert import add_convert_command
 from qformer.convert.transformers_blip2 import blip2_config_from_transformers
+from qformer.pretrained.conversion import convert
+from qformer.pretrained.lavis import read_lavis_pth
 from stage1_helpers import tiny_stage1
 from stage2_helpers import IMAGE_TOKEN, save_tiny_blip2
 

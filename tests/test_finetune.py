@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torch.testing import assert_close
 
+from qformer.objective import Stage1Objective
 from qformer.pretrained.stage1 import Blip2Stage1
 from qformer.pretrained.stage2 import Blip2, InstructBlip
-from qformer.objective import Stage1Objective
 from qformer.train.config import ModelSpec, OptimSpec, load_train_config
 from qformer.train.image_encoder import prepare_image_encoder
 from qformer.train.loop import train

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from qformer.collectives import Group, gather, gather_with_grad, rank_and_world
 from qformer.checks import check_batch, check_tokens
+from qformer.collectives import Group, gather, gather_with_grad, rank_and_world
 from qformer.losses import (
     IGNORE_INDEX,
     HardNegatives,

@@ -16,9 +16,9 @@ from transformers import (
     PreTrainedModel,
 )
 
+from qformer.checks import check_features, check_generation, check_pixels, check_stage2_inputs
 from qformer.config import Blip2Config, Blip2Stage1Config, QFormerConfig, VisionConfig
 from qformer.devices import DTYPES
-from qformer.checks import check_features, check_generation, check_pixels, check_stage2_inputs
 from qformer.models.qformer import BlockKeyValue, KeyValue, QFormerModel, QFormerOutput
 from qformer.models.vision import EvaViT
 

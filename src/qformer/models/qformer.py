@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
-from qformer.config import QFormerConfig
 from qformer.checks import check_qformer_inputs
+from qformer.config import QFormerConfig
 from qformer.losses import causal_lm_loss
 
 KeyValue = tuple[Tensor, Tensor]  # each (B, nh, T, hs)

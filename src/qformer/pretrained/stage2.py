@@ -14,10 +14,10 @@ from PIL import Image
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from qformer.checkpoint import atomic_write, load_state_dict_strict
+from qformer.checks import check_images
 from qformer.config import Blip2Config
 from qformer.data.transforms import eval_transform
 from qformer.devices import DeviceArg, DeviceMapArg, DtypeArg
-from qformer.checks import check_images
 from qformer.loading import resolve_checkpoint
 from qformer.models.blip2 import Blip2Stage1Model, Blip2Stage2Model
 from qformer.models.instructblip import InstructBlipStage2Model

@@ -12,10 +12,10 @@ from torch.utils.data import Dataset
 from qformer.checkpoint import load_state_dict_strict
 from qformer.config import ImageConfig
 from qformer.data.collate import CaptionCollator
+from qformer.objective import Stage1Objective
 from qformer.pretrained.qformer import QFormer
 from qformer.pretrained.stage1 import Blip2Stage1
 from qformer.retrieval import RERANK_DEPTH, retrieval_recall, retrieval_scores
-from qformer.objective import Stage1Objective
 from qformer.tokenizer import load_tokenizer
 from qformer.train.config import TrainConfig
 from qformer.train.distributed import Runtime
