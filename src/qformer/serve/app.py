@@ -9,9 +9,6 @@ traceback goes to the server's log, never to the client).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
 import json
 import logging
 import threading
@@ -26,86 +23,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
-from PIL import Image
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qformer import __version__
 from qformer.serve.batching import Batcher, QueueFull
-from qformer.serve.metrics import Metrics
 from qformer.serve.limits import Limits
+from qformer.serve.metrics import Metrics
+from qformer.serve.middleware import BodyLimit, Counted
+from qformer.serve.requests import Fields, RequestError, error_response
 from qformer.serve.service import VQA_PROMPT, Generation, Match, Search, ServedModel
 
 logger = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
-
-
-class RequestError(Exception):
-    """A request the server refuses: its status and the one line the client reads."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` answers 413, whether its
-    Content-Length says so up front or a chunked body grows past it while it is read."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            response = _error(413, f"the request body is {int(length):,} bytes, over the limit of "
-                                   f"{self.max_bytes:,} (max_upload_bytes)")
-            return await response(scope, receive, send)
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise RequestError(413, f"the request body is over the limit of {self.max_bytes:,} bytes "
-                                        "(max_upload_bytes)")
-            return message
-
-        await self.app(scope, counted, send)
-
-
-class Counted:
-    """ASGI middleware: each request's route, status and time into the metrics."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500
-        route = scope["path"].strip("/").split("/")[0] or "page"
-        route = route if route in KNOWN_ROUTES else "other"
-
-        async def sent(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sent)
-        finally:
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def _body_schema(fields: dict[str, dict], required: list[str]) -> dict:
@@ -120,115 +49,6 @@ def _body_schema(fields: dict[str, dict], required: list[str]) -> dict:
 
 INT, STR, BOOL = {"type": "integer"}, {"type": "string"}, {"type": "boolean"}
 GENERATION_FIELDS = {"image": {}, "max_new_tokens": INT, "num_beams": INT, "stream": BOOL}
-
-
-class Fields:
-    """A request's fields, from a form or a JSON object, read with the limits."""
-
-    def __init__(self, values: dict[str, Any], limits: Limits) -> None:
-        self.values, self.limits = values, limits
-
-    @classmethod
-    async def read(cls, request: Request, limits: Limits) -> Fields:
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind == "application/json":
-            try:
-                values = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise RequestError(400, f"the body is not valid JSON: {err}") from err
-            if not isinstance(values, dict):
-                raise RequestError(400, "the JSON body must be an object of fields")
-            return cls(values, limits)
-        if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
-            try:
-                form = await request.form(max_files=1, max_fields=limits.max_texts + 16)
-            except RequestError:
-                raise
-            except Exception as err:  # python-multipart's and starlette's parse errors
-                raise RequestError(400, f"cannot read the form: {err}") from err
-            values: dict[str, Any] = {}
-            for key in form:
-                items = form.getlist(key)
-                values[key] = items if key == "texts" else items[0]
-            return cls(values, limits)
-        raise RequestError(415, "send multipart/form-data (an image file and fields) or application/json")
-
-    async def image(self) -> Image.Image:
-        value = self.values.get("image")
-        if value is None:
-            raise RequestError(422, "image: missing (a file in a form, or base64 in JSON)")
-        if isinstance(value, UploadFile):
-            data = await value.read()
-        elif isinstance(value, str):
-            try:
-                data = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
-            except (binascii.Error, ValueError) as err:
-                raise RequestError(400, f"image: not valid base64 ({err})") from err
-        else:
-            raise RequestError(422, f"image: expected a file or a base64 string, got {type(value).__name__}")
-        if not data:
-            raise RequestError(400, "image: the file is empty")
-        return await asyncio.to_thread(_decode, data, self.limits.max_image_pixels)
-
-    def text(self, name: str, required: bool = False) -> str | None:
-        value = self.values.get(name)
-        if value is None or (isinstance(value, str) and not value.strip() and not required):
-            if required:
-                raise RequestError(422, f"{name}: missing")
-            return None
-        if not isinstance(value, str):
-            raise RequestError(422, f"{name}: expected a string, got {type(value).__name__}")
-        if not value.strip():
-            raise RequestError(422, f"{name}: empty")
-        if len(value) > self.limits.max_prompt_chars:
-            raise RequestError(422, f"{name}: {len(value):,} characters, over the limit of "
-                                    f"{self.limits.max_prompt_chars:,} (max_prompt_chars)")
-        return value.strip()
-
-    def integer(self, name: str, low: int, high: int, limit_name: str) -> int | None:
-        value = self.values.get(name)
-        if value is None or value == "":
-            return None
-        if isinstance(value, str):
-            try:
-                value = int(value)
-            except ValueError:
-                raise RequestError(422, f"{name}: expected an integer, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RequestError(422, f"{name}: expected an integer, got {type(value).__name__}")
-        if not low <= value <= high:
-            raise RequestError(422, f"{name}: {value} is outside {low}..{high} ({limit_name} {high})")
-        return value
-
-    def flag(self, name: str) -> bool:
-        value = self.values.get(name, False)
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off", ""):
-            return value.lower() in ("true", "1", "yes", "on")
-        if not isinstance(value, bool):
-            raise RequestError(422, f"{name}: expected true or false, got {value!r}")
-        return value
-
-    def texts(self) -> list[str]:
-        value = self.values.get("texts")
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not items or not all(isinstance(t, str) and t.strip() for t in items):
-            raise RequestError(422, "texts: one or more non-empty strings")
-        if len(items) > self.limits.max_texts:
-            raise RequestError(422, f"texts: {len(items)}, over the limit of {self.limits.max_texts} (max_texts)")
-        for text in items:
-            if len(text) > self.limits.max_prompt_chars:
-                raise RequestError(422, f"texts: one is {len(text):,} characters, over the limit of "
-                                        f"{self.limits.max_prompt_chars:,} (max_prompt_chars)")
-        return [text.strip() for text in items]
-
-
-def _decode(data: bytes, max_pixels: int) -> Image.Image:
-    from qformer.data.transforms import load_image
-
-    try:
-        return load_image(io.BytesIO(data), max_pixels=max_pixels)
-    except ValueError as err:
-        raise RequestError(400, str(err).replace("max_image_pixels", "the server's max_image_pixels")) from err
 
 
 def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
@@ -255,21 +75,21 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, err: RequestError) -> JSONResponse:
-        return _error(err.status, err.message, err.headers)
+        return error_response(err.status, err.message, err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
         where = ".".join(str(part) for part in first.get("loc", ()))
-        return _error(422, f"{where}: {first.get('msg', 'invalid')}")
+        return error_response(422, f"{where}: {first.get('msg', 'invalid')}")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return _error(err.status_code, str(err.detail))
+    async def httperror_response(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return error_response(err.status_code, str(err.detail))
 
     @app.exception_handler(Exception)
     async def failed(request: Request, err: Exception) -> JSONResponse:  # uvicorn logs the traceback
-        return _error(500, "the server failed on this request (see its log)")
+        return error_response(500, "the server failed on this request (see its log)")
 
     def require(route: str) -> None:
         if route not in served.routes:
@@ -418,7 +238,3 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
 
     app.state.batcher, app.state.metrics = batcher, metrics
     return app
-
-
-KNOWN_ROUTES = ("page", "caption", "vqa", "match", "search", "gallery", "info", "healthz", "metrics", "docs",
-                "redoc", "docs-assets", "openapi.json")

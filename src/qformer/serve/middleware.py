@@ -1,0 +1,70 @@
+"""The server's ASGI middleware: the body size limit, and each request counted in the metrics."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from qformer.serve.metrics import Metrics
+from qformer.serve.requests import RequestError, error_response
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` answers 413, whether its
+    Content-Length says so up front or a chunked body grows past it while it is read."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            response = error_response(413, f"the request body is {int(length):,} bytes, over the limit of "
+                                   f"{self.max_bytes:,} (max_upload_bytes)")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise RequestError(413, f"the request body is over the limit of {self.max_bytes:,} bytes "
+                                        "(max_upload_bytes)")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class Counted:
+    """ASGI middleware: each request's route, status and time into the metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+        route = scope["path"].strip("/").split("/")[0] or "page"
+        route = route if route in KNOWN_ROUTES else "other"
+
+        async def sent(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+
+KNOWN_ROUTES = ("page", "caption", "vqa", "match", "search", "gallery", "info", "healthz", "metrics", "docs",
+                "redoc", "docs-assets", "openapi.json")

@@ -1,0 +1,140 @@
+"""A request's inputs, read and checked before it reaches the model: the fields of a form or a
+JSON object, each within the server's limits, and the image decoded. Whatever is wrong with
+them is a :class:`RequestError`: its 4xx status and one line that names the field."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from PIL import Image
+from starlette.datastructures import UploadFile
+
+from qformer.serve.limits import Limits
+
+
+class RequestError(Exception):
+    """A request the server refuses: its status and the one line the client reads."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class Fields:
+    """A request's fields, from a form or a JSON object, read with the limits."""
+
+    def __init__(self, values: dict[str, Any], limits: Limits) -> None:
+        self.values, self.limits = values, limits
+
+    @classmethod
+    async def read(cls, request: Request, limits: Limits) -> Fields:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "application/json":
+            try:
+                values = json.loads(await request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise RequestError(400, f"the body is not valid JSON: {err}") from err
+            if not isinstance(values, dict):
+                raise RequestError(400, "the JSON body must be an object of fields")
+            return cls(values, limits)
+        if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            try:
+                form = await request.form(max_files=1, max_fields=limits.max_texts + 16)
+            except RequestError:
+                raise
+            except Exception as err:  # python-multipart's and starlette's parse errors
+                raise RequestError(400, f"cannot read the form: {err}") from err
+            values: dict[str, Any] = {}
+            for key in form:
+                items = form.getlist(key)
+                values[key] = items if key == "texts" else items[0]
+            return cls(values, limits)
+        raise RequestError(415, "send multipart/form-data (an image file and fields) or application/json")
+
+    async def image(self) -> Image.Image:
+        value = self.values.get("image")
+        if value is None:
+            raise RequestError(422, "image: missing (a file in a form, or base64 in JSON)")
+        if isinstance(value, UploadFile):
+            data = await value.read()
+        elif isinstance(value, str):
+            try:
+                data = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
+            except (binascii.Error, ValueError) as err:
+                raise RequestError(400, f"image: not valid base64 ({err})") from err
+        else:
+            raise RequestError(422, f"image: expected a file or a base64 string, got {type(value).__name__}")
+        if not data:
+            raise RequestError(400, "image: the file is empty")
+        return await asyncio.to_thread(decode_image, data, self.limits.max_image_pixels)
+
+    def text(self, name: str, required: bool = False) -> str | None:
+        value = self.values.get(name)
+        if value is None or (isinstance(value, str) and not value.strip() and not required):
+            if required:
+                raise RequestError(422, f"{name}: missing")
+            return None
+        if not isinstance(value, str):
+            raise RequestError(422, f"{name}: expected a string, got {type(value).__name__}")
+        if not value.strip():
+            raise RequestError(422, f"{name}: empty")
+        if len(value) > self.limits.max_prompt_chars:
+            raise RequestError(422, f"{name}: {len(value):,} characters, over the limit of "
+                                    f"{self.limits.max_prompt_chars:,} (max_prompt_chars)")
+        return value.strip()
+
+    def integer(self, name: str, low: int, high: int, limit_name: str) -> int | None:
+        value = self.values.get(name)
+        if value is None or value == "":
+            return None
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise RequestError(422, f"{name}: expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RequestError(422, f"{name}: expected an integer, got {type(value).__name__}")
+        if not low <= value <= high:
+            raise RequestError(422, f"{name}: {value} is outside {low}..{high} ({limit_name} {high})")
+        return value
+
+    def flag(self, name: str) -> bool:
+        value = self.values.get(name, False)
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off", ""):
+            return value.lower() in ("true", "1", "yes", "on")
+        if not isinstance(value, bool):
+            raise RequestError(422, f"{name}: expected true or false, got {value!r}")
+        return value
+
+    def texts(self) -> list[str]:
+        value = self.values.get("texts")
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or not all(isinstance(t, str) and t.strip() for t in items):
+            raise RequestError(422, "texts: one or more non-empty strings")
+        if len(items) > self.limits.max_texts:
+            raise RequestError(422, f"texts: {len(items)}, over the limit of {self.limits.max_texts} (max_texts)")
+        for text in items:
+            if len(text) > self.limits.max_prompt_chars:
+                raise RequestError(422, f"texts: one is {len(text):,} characters, over the limit of "
+                                        f"{self.limits.max_prompt_chars:,} (max_prompt_chars)")
+        return [text.strip() for text in items]
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    from qformer.data.transforms import load_image
+
+    try:
+        return load_image(io.BytesIO(data), max_pixels=max_pixels)
+    except ValueError as err:
+        raise RequestError(400, str(err).replace("max_image_pixels", "the server's max_image_pixels")) from err
