@@ -35,6 +35,14 @@ from qformer.serve.service import VQA_PROMPT, Generation, Match, Search, ServedM
 
 logger = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
+CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection first
+
+
+async def client_gone(request: Request) -> None:
+    """Return once the client of ``request`` (its body already read) has disconnected: the
+    server's next message for a request whose body is read is ``http.disconnect``."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _body_schema(fields: dict[str, dict], required: list[str]) -> dict:
@@ -103,13 +111,25 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
             raise RequestError(503, f"the server is busy: {err}; retry in {RETRY_AFTER_S} s",
                                {"Retry-After": str(RETRY_AFTER_S)}) from err
 
-    async def answer(key: tuple, payload: Any) -> Any:
+    async def answer(request: Request, key: tuple, payload: Any) -> Any:
+        """The model's answer to ``payload``; the request leaves the queue unrun if its client
+        hangs up first (499 in the metrics: no client reads it) or its time runs out (504)."""
+        future = submit(key, payload)
+        gone = asyncio.ensure_future(client_gone(request))
         try:
-            return await asyncio.wait_for(submit(key, payload), limits.request_timeout_s)
-        except TimeoutError:
-            raise RequestError(504, f"no answer within {limits.request_timeout_s:g} s (request_timeout)") from None
-        except ValueError as err:  # what the model refuses names the input
-            raise RequestError(400, str(err)) from err
+            await asyncio.wait((future, gone), timeout=limits.request_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if future.done():
+            try:
+                return future.result()
+            except ValueError as err:  # what the model refuses names the input
+                raise RequestError(400, str(err)) from err
+        future.cancel()  # still queued: dropped unrun; in a batch already running: its result is dropped
+        if gone.done() and not gone.cancelled():
+            raise RequestError(CLIENT_GONE, "the client closed the connection before its answer")
+        raise RequestError(504, f"no answer within {limits.request_timeout_s:g} s (request_timeout)")
 
     async def generation(route: str, request: Request) -> Response:
         require(route)
@@ -125,9 +145,13 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
             raise RequestError(422, "stream: streaming decodes one beam; pass num_beams 1, or stream false")
         payload = Generation(await fields.image(), prompt)
         settings = served.generation_settings(route, max_new_tokens, 1 if stream else num_beams, limits)
+        try:
+            served.check_generation(payload, settings)
+        except ValueError as err:
+            raise RequestError(400, str(err)) from err
         if stream:
             return await streamed(route, payload, settings)
-        return JSONResponse(await answer((route, tuple(sorted(settings.items()))), payload))
+        return JSONResponse(await answer(request, (route, tuple(sorted(settings.items()))), payload))
 
     async def streamed(route: str, payload: Generation, settings: dict[str, Any]) -> StreamingResponse:
         """Server-sent events: the text so far as the model thread emits it, then the whole
@@ -191,7 +215,7 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
         require("match")
         fields = await Fields.read(request, limits)
         texts = fields.texts()
-        return JSONResponse(await answer(("match",), Match(await fields.image(), texts)))
+        return JSONResponse(await answer(request, ("match",), Match(await fields.image(), texts)))
 
     @app.post("/search", openapi_extra=_body_schema({"text": STR, "image": {}, "top": INT}, []))
     async def search(request: Request) -> Response:
@@ -204,7 +228,7 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
             raise RequestError(422, "search: pass text (to find images) or image (to find texts), one of them")
         top = fields.integer("top", 1, limits.max_top, "max_top") or 5
         image = await fields.image() if has_image else None
-        return JSONResponse(await answer(("search",), Search(text, image, top)))
+        return JSONResponse(await answer(request, ("search",), Search(text, image, top)))
 
     @app.get("/gallery/{name}")
     async def gallery_image(name: str) -> FileResponse:

@@ -5,6 +5,10 @@ Requests wait in one bounded queue. A single worker takes the oldest request, wa
 settings), and runs up to ``max_batch`` of them in one call on the model thread. A full queue
 refuses at once (:class:`QueueFull`, the server's 503), so a client never waits on a server
 that cannot keep up. A request whose client gave up (its future cancelled) is dropped unrun.
+
+Each request gets its own answer or its own error: the batch function returns one result or one
+exception per request, and a batch whose call fails as a whole (a fault no request showed
+alone) runs again one request at a time, so no request fails for another's input.
 """
 
 from __future__ import annotations
@@ -127,14 +131,13 @@ class Batcher:
             return
         if self.on_batch is not None:
             self.on_batch(jobs[0].key, len(jobs))
-        loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._model_thread, self.run, jobs[0].key,
-                                                 [job.payload for job in jobs])
-            if len(results) != len(jobs):
-                raise RuntimeError(f"the batch function gave {len(results)} results for {len(jobs)} requests")
-        except Exception as err:  # the whole batch failed: every request gets the error
-            results = [err] * len(jobs)
+            results = await self._call(jobs)
+        except Exception as err:
+            if len(jobs) == 1:
+                results = [err]
+            else:  # a failure only the batched call shows: each request again alone, for its own answer
+                results = [await self._alone(job) for job in jobs]
         for job, result in zip(jobs, results):
             if job.future.done():
                 continue
@@ -142,3 +145,20 @@ class Batcher:
                 job.future.set_exception(result)
             else:
                 job.future.set_result(result)
+
+    async def _call(self, jobs: list[_Job]) -> Sequence[Any]:
+        """The batch function on the model thread: one result or exception per job."""
+        results = await asyncio.get_running_loop().run_in_executor(
+            self._model_thread, self.run, jobs[0].key, [job.payload for job in jobs])
+        if len(results) != len(jobs):
+            raise RuntimeError(f"the batch function gave {len(results)} results for {len(jobs)} requests")
+        return results
+
+    async def _alone(self, job: _Job) -> Any:
+        """``job`` run as a batch of one: its result or its exception (None if its client left)."""
+        if job.future.done():
+            return None
+        try:
+            return (await self._call([job]))[0]
+        except Exception as err:
+            return err

@@ -43,8 +43,10 @@ class Fields:
         if kind == "application/json":
             try:
                 values = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise RequestError(400, f"the body is not valid JSON: {err}") from err
+            except RecursionError:
+                raise RequestError(400, "the JSON body is nested too deeply: send an object of fields") from None
+            except ValueError as err:  # not JSON, not UTF-8, or an integer past Python's digit limit
+                raise RequestError(400, f"the body is not valid JSON: {_one_line(err)}") from err
             if not isinstance(values, dict):
                 raise RequestError(400, "the JSON body must be an object of fields")
             return cls(values, limits)
@@ -69,10 +71,14 @@ class Fields:
         if isinstance(value, UploadFile):
             data = await value.read()
         elif isinstance(value, str):
+            if value.startswith("data:"):
+                header, comma, value = value.partition(",")
+                if not comma or not header.endswith(";base64"):
+                    raise RequestError(400, "image: a data URL must be data:<type>;base64,<data>")
             try:
-                data = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
+                data = base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError) as err:
-                raise RequestError(400, f"image: not valid base64 ({err})") from err
+                raise RequestError(400, f"image: not valid base64 ({_one_line(err)})") from err
         else:
             raise RequestError(422, f"image: expected a file or a base64 string, got {type(value).__name__}")
         if not data:
@@ -89,9 +95,7 @@ class Fields:
             raise RequestError(422, f"{name}: expected a string, got {type(value).__name__}")
         if not value.strip():
             raise RequestError(422, f"{name}: empty")
-        if len(value) > self.limits.max_prompt_chars:
-            raise RequestError(422, f"{name}: {len(value):,} characters, over the limit of "
-                                    f"{self.limits.max_prompt_chars:,} (max_prompt_chars)")
+        self._check_text(name, value)
         return value.strip()
 
     def integer(self, name: str, low: int, high: int, limit_name: str) -> int | None:
@@ -102,11 +106,13 @@ class Fields:
             try:
                 value = int(value)
             except ValueError:
-                raise RequestError(422, f"{name}: expected an integer, got {value!r}") from None
+                shown = repr(value) if len(value) <= 20 else f"{len(value):,} characters"
+                raise RequestError(422, f"{name}: expected an integer, got {shown}") from None
         if isinstance(value, bool) or not isinstance(value, int):
             raise RequestError(422, f"{name}: expected an integer, got {type(value).__name__}")
         if not low <= value <= high:
-            raise RequestError(422, f"{name}: {value} is outside {low}..{high} ({limit_name} {high})")
+            shown = value if abs(value) < 10**12 else f"a {len(str(abs(value)))}-digit number"
+            raise RequestError(422, f"{name}: {shown} is outside {low}..{high} ({limit_name} {high})")
         return value
 
     def flag(self, name: str) -> bool:
@@ -114,7 +120,7 @@ class Fields:
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off", ""):
             return value.lower() in ("true", "1", "yes", "on")
         if not isinstance(value, bool):
-            raise RequestError(422, f"{name}: expected true or false, got {value!r}")
+            raise RequestError(422, f"{name}: expected true or false, got {type(value).__name__}")
         return value
 
     def texts(self) -> list[str]:
@@ -124,11 +130,21 @@ class Fields:
             raise RequestError(422, "texts: one or more non-empty strings")
         if len(items) > self.limits.max_texts:
             raise RequestError(422, f"texts: {len(items)}, over the limit of {self.limits.max_texts} (max_texts)")
-        for text in items:
-            if len(text) > self.limits.max_prompt_chars:
-                raise RequestError(422, f"texts: one is {len(text):,} characters, over the limit of "
-                                        f"{self.limits.max_prompt_chars:,} (max_prompt_chars)")
+        for number, text in enumerate(items, 1):
+            self._check_text(f"texts[{number}]", text)
         return [text.strip() for text in items]
+
+    def _check_text(self, name: str, value: str) -> None:
+        """Within max_prompt_chars, and text the tokenizer can read: JSON's escapes can carry a
+        lone UTF-16 surrogate ("\\ud800"), which no UTF-8 tokenizer takes."""
+        if len(value) > self.limits.max_prompt_chars:
+            raise RequestError(422, f"{name}: {len(value):,} characters, over the limit of "
+                                    f"{self.limits.max_prompt_chars:,} (max_prompt_chars)")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise RequestError(422, f"{name}: not valid Unicode text (a lone surrogate, "
+                                    f"U+{ord(value[err.start]):04X}, at character {err.start + 1})") from None
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -138,3 +154,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         return load_image(io.BytesIO(data), max_pixels=max_pixels)
     except ValueError as err:
         raise RequestError(400, str(err).replace("max_image_pixels", "the server's max_image_pixels")) from err
+
+
+def _one_line(err: Exception) -> str:
+    """An exception's message on one line (the client's error is one line)."""
+    return " ".join(str(err).split())

@@ -6,6 +6,7 @@ Everything here runs on the model thread (see :mod:`qformer.serve.batching`); th
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from qformer.checks import check_positions, llm_positions
 from qformer.pretrained.stage1 import Blip2Stage1
 from qformer.pretrained.stage2 import CAPTION_DEFAULTS, VQA_DEFAULTS, Blip2
 from qformer.serve.gallery import Gallery, Hit
@@ -55,6 +57,22 @@ class ServedModel:
         if self.kind == "stage2" and gallery is not None:
             raise ValueError("--gallery is searched by a stage-1 model; this is a stage-2 model (captions, questions)")
         self.routes = ("match", "search") if self.kind == "stage1" else ("caption", "vqa")
+        # The request side's own tokenizer: a fast tokenizer is not safe to call from two threads
+        # at once, and the model thread calls the model's.
+        self._checking_tokenizer = copy.deepcopy(model.tokenizer) if self.kind == "stage2" else None
+
+    def check_generation(self, payload: Generation, settings: dict[str, Any]) -> None:
+        """Refuse (ValueError naming the request's numbers) a prompt that, with the queries and
+        ``max_new_tokens``, overflows the LLM's positions. Checked for each request alone before
+        it joins a batch, where the same error would fail every request batched with it."""
+        if self._checking_tokenizer is None:
+            return
+        tokens = len(self._checking_tokenizer(payload.prompt).input_ids)
+        check_positions(f"{self.model.num_query_tokens} queries + the prompt's {tokens} tokens + "
+                        f"max_new_tokens {settings['max_new_tokens']}",
+                        self.model.num_query_tokens + tokens + settings["max_new_tokens"],
+                        llm_positions(self.model.language_model), "this model's LLM (max_position_embeddings)",
+                        "shorten the prompt or ask for fewer new tokens")
 
     def generation_settings(self, route: str, max_new_tokens: int | None, num_beams: int | None,
                             limits: Limits) -> dict[str, Any]:
@@ -67,7 +85,8 @@ class ServedModel:
         return settings
 
     def run_batch(self, key: Hashable, payloads: Sequence[Any]) -> list[Any]:
-        """The model's answers to one batch of requests sharing ``key`` (route, settings)."""
+        """The model's answers to one batch of requests sharing ``key`` (route, settings): one
+        result, or one exception, per request (a search's failure is its own)."""
         route = key[0]
         start = time.perf_counter()
         if route in ("caption", "vqa"):
@@ -77,7 +96,7 @@ class ServedModel:
         if route == "match":
             return self._match(payloads)
         if route == "search":
-            return [self._search(payload) for payload in payloads]
+            return [_result_or_error(self._search, payload) for payload in payloads]
         if route == "stream":  # one request per batch (its key is its own)
             return [self.stream(*payload) for payload in payloads]
         raise ValueError(f"no route {route!r}")
@@ -129,6 +148,14 @@ class ServedModel:
             return {"results": [_image_hit(hit) for hit in hits]}
         hits = self.gallery.search_image(payload.image, payload.top, max(RERANK_K, payload.top))
         return {"results": [{"text": hit.item, "score": hit.score, "itc": hit.itc} for hit in hits]}
+
+
+def _result_or_error(fn: Callable[[Any], Any], payload: Any) -> Any:
+    """``fn(payload)``, or the ValueError it raised: the request's own refusal, not its batch's."""
+    try:
+        return fn(payload)
+    except ValueError as err:
+        return err
 
 
 def _image_hit(hit: Hit) -> dict[str, Any]:

@@ -1,0 +1,205 @@
+"""``qformer serve`` against hostile clients (issue #26): each malformed input answers a 4xx in one
+line, never a 500; one client's bad request never fails, or reaches, the requests batched with
+it; a client that hangs up costs no model time and is counted apart (499)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from PIL import Image
+
+from qformer import load_tokenizer
+from qformer.serve.app import create_app
+from qformer.serve.limits import Limits
+from qformer.serve.service import ServedModel
+from serve_helpers import GatedModel, metric, png_bytes, running, wait_for_queue
+from stage1_helpers import usable_stage1
+
+LIMITS = Limits(max_new_tokens=8, max_num_beams=2, max_wait_ms=20)
+SURROGATE = '"a \\ud800 photo"'  # JSON's escape for a lone UTF-16 surrogate, as a hostile client sends it
+PNG_BASE64 = base64.b64encode(png_bytes()).decode()
+
+
+def picture(seed: int) -> Image.Image:
+    return Image.open(io.BytesIO(png_bytes(seed))).convert("RGB")
+
+
+def raw_json(url: str, path: str, body: str) -> httpx.Response:
+    """POST ``body`` as it is (json= would refuse to encode a lone surrogate)."""
+    return httpx.post(url + path, content=body.encode(), headers={"content-type": "application/json"}, timeout=120)
+
+
+def assert_refused(response: httpx.Response, status: int, words: str) -> None:
+    assert response.status_code == status, (response.status_code, response.text)
+    body = response.json()
+    assert list(body) == ["error"] and words in body["error"], body
+    assert "\n" not in body["error"] and "Traceback" not in response.text
+
+
+@pytest.fixture(scope="module")
+def stage2_url(blip2):
+    with running(create_app(ServedModel(blip2, "tiny-blip2"), LIMITS)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def stage1_url(minilm_path, tmp_path_factory):
+    from qformer.serve.gallery import Gallery
+    from serve_helpers import gallery_folder
+
+    model = usable_stage1(load_tokenizer(minilm_path))
+    gallery = Gallery(model, gallery_folder(tmp_path_factory.mktemp("gallery") / "photos"), fingerprint="tiny")
+    with running(create_app(ServedModel(model, "tiny-stage1", gallery), LIMITS)) as url:
+        yield url
+
+
+def test_every_malformed_input_of_the_report_is_a_4xx(stage2_url, stage1_url):
+    image = f'"image": "{PNG_BASE64}"'
+    cases = [
+        (stage2_url, "/caption", '{"image": "data:image/png;base64"}', 400, "a data URL must be"),
+        (stage2_url, "/caption", '{"image": "data:image/png,' + PNG_BASE64 + '"}', 400, "a data URL must be"),
+        (stage2_url, "/caption", "[" * 100_000 + "]" * 100_000, 400, "nested too deeply"),
+        (stage2_url, "/caption", '{"image": {"a": ' * 50_000 + "1" + "}" * 50_001, 400, "nested too deeply"),
+        (stage2_url, "/caption", "{" + image + ', "max_new_tokens": ' + "9" * 5000 + "}", 400, "not valid JSON"),
+        (stage2_url, "/caption", "{" + image + ', "max_new_tokens": ' + "9" * 4000 + "}", 422, "4000-digit number"),
+        (stage2_url, "/caption", "{" + image + ', "prompt": ' + SURROGATE + "}", 422, "prompt: not valid Unicode"),
+        (stage2_url, "/vqa", "{" + image + ', "question": ' + SURROGATE + "}", 422, "question: not valid Unicode"),
+        (stage1_url, "/match", "{" + image + ', "texts": ["fine", ' + SURROGATE + "]}", 422,
+         "texts[2]: not valid Unicode"),
+        (stage1_url, "/search", '{"text": ' + SURROGATE + "}", 422, "text: not valid Unicode"),
+        (stage2_url, "/caption", "{" + image + ', "prompt": "' + "a " * 60 + '"}', 400, "shorten the prompt"),
+    ]
+    for url, path, body, status, words in cases:
+        assert_refused(raw_json(url, path, body), status, words)
+    form = httpx.post(stage2_url + "/caption", files={"image": ("a.png", png_bytes(), "image/png")},
+                      data={"max_new_tokens": "9" * 5000}, timeout=60)
+    assert_refused(form, 422, "expected an integer, got 5,000 characters")
+    for url in (stage2_url, stage1_url):
+        metrics = httpx.get(url + "/metrics").text
+        assert 'status="500"' not in metrics, metrics
+
+
+class Batched(GatedModel):
+    """The gated tiny model, whose batched call fails as a whole when a request's prompt holds
+    ``POISON``: a fault that only the batch shows (the request alone is refused in its own
+    words), as a tokenizer or a kernel can fail on one row of a batch."""
+
+    POISON = "poison"
+
+    def run_batch(self, key, payloads):
+        if any(self.POISON in getattr(p, "prompt", "") for p in payloads):
+            self.sizes.append(len(payloads))
+            if len(payloads) > 1:
+                raise RuntimeError("the batch failed somewhere")
+            raise ValueError(f"this request's prompt holds {self.POISON}")
+        return super().run_batch(key, payloads)
+
+
+def test_a_bad_request_never_fails_the_requests_batched_with_it(blip2):
+    """While one request holds the model, three normal captions and one attacker's wait together
+    and share a batch, for each kind of attack: the normal ones answer 200 with the caption they
+    get alone, the attacker alone gets an error, and its words reach nobody else."""
+    model = Batched(blip2)
+    limits = Limits(max_batch=8, max_wait_ms=200, max_new_tokens=8)
+    settings = model.generation_settings("caption", 3, 1, limits)
+    alone = [blip2.generate_text([picture(seed)], [""], **settings)[0] for seed in range(3)]
+    normal = [f'{{"image": "{base64.b64encode(png_bytes(seed)).decode()}", "max_new_tokens": 3, "num_beams": 1}}'
+              for seed in range(3)]
+    attacks = [
+        ('{"image": "%s", "max_new_tokens": 3, "num_beams": 1, "prompt": %s}' % (PNG_BASE64, SURROGATE), 422),
+        ('{"image": "%s", "max_new_tokens": 3, "num_beams": 1, "prompt": "%s"}' % (PNG_BASE64, "a " * 60), 400),
+        ('{"image": "%s", "max_new_tokens": 3, "num_beams": 1, "prompt": "%s"}' % (PNG_BASE64, Batched.POISON), 400),
+    ]
+    with running(create_app(model, limits)) as url, ThreadPoolExecutor(5) as pool:
+        holder = pool.submit(raw_json, url, "/caption", normal[0])
+        assert model.entered.wait(300)
+        for attack, status in attacks:
+            queued = [pool.submit(raw_json, url, "/caption", body) for body in normal]
+            attacker = pool.submit(raw_json, url, "/caption", attack)
+            wait_for_queue(url, 4 if status == 400 and Batched.POISON in attack else 3)
+            model.release.set()
+            answers = [future.result() for future in queued]
+            assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
+            assert [a.json()["caption"] for a in answers] == alone
+            refused = attacker.result()
+            assert refused.status_code == status, refused.text
+            assert all(refused.json()["error"] not in a.text for a in answers)
+            model.release.clear()
+            model.entered.clear()
+            pool.submit(raw_json, url, "/caption", normal[0])  # holds the model for the next attack
+            assert model.entered.wait(300)
+        model.release.set()
+        assert holder.result().status_code == 200
+    assert 4 in model.sizes and model.sizes.count(1) >= 1  # the poisoned batch of four, then one by one
+
+
+def send_and_leave_open(url: str, body: bytes) -> socket.socket:
+    """A caption request written on a raw socket, left open: closing it is the client hanging up."""
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    sock = socket.create_connection((host, port))
+    sock.sendall(b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    return sock
+
+
+def test_requests_whose_clients_hang_up_leave_the_queue_unrun_and_count_as_499(blip2):
+    """With the model busy, 16 clients send a caption and hang up: none of them is computed, each
+    is counted under status 499 (not 200), and the next client is answered as usual."""
+    model = GatedModel(blip2)
+    limits = Limits(max_batch=32, max_wait_ms=1, max_new_tokens=8)
+    body = json.dumps({"image": PNG_BASE64, "max_new_tokens": 2, "num_beams": 1}).encode()
+    with running(create_app(model, limits)) as url, ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(raw_json, url, "/caption", body.decode())
+        assert model.entered.wait(300)
+        sockets = [send_and_leave_open(url, body) for _ in range(16)]
+        try:
+            wait_for_queue(url, 16)
+        finally:
+            for sock in sockets:
+                sock.close()
+        deadline = time.monotonic() + 60
+        while metric_or_zero(url, 'qformer_requests_total{route="caption",status="499"}') < 16:
+            assert time.monotonic() < deadline, httpx.get(url + "/metrics").text
+            time.sleep(0.05)
+        model.release.set()
+        assert holder.result().status_code == 200
+        assert raw_json(url, "/caption", body.decode()).status_code == 200
+        metrics = httpx.get(url + "/metrics").text
+    assert model.sizes == [1, 1], model.sizes  # the holder, then the last client: the 16 never ran
+    assert metric(metrics, 'qformer_requests_total{route="caption",status="200"}') == 2
+    assert metric(metrics, 'qformer_requests_total{route="caption",status="499"}') == 16
+    assert "qformer_queue_length 0.0" in metrics
+
+
+def metric_or_zero(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return metric(text, name) if any(line.startswith(name + " ") for line in text.splitlines()) else 0.0
+
+
+def test_a_client_leaving_during_its_batch_lets_the_batch_finish(blip2):
+    """A client that hangs up while its request is on the model: the batch runs to its end and
+    the others in it are answered."""
+    model = GatedModel(blip2)
+    limits = Limits(max_batch=8, max_wait_ms=300, max_new_tokens=8)
+    body = json.dumps({"image": PNG_BASE64, "max_new_tokens": 2, "num_beams": 1}).encode()
+    with running(create_app(model, limits)) as url, ThreadPoolExecutor(2) as pool:
+        leaving = send_and_leave_open(url, body)
+        assert model.entered.wait(300)
+        stays = pool.submit(raw_json, url, "/caption", body.decode())
+        wait_for_queue(url, 1)
+        leaving.close()
+        deadline = time.monotonic() + 60
+        while metric_or_zero(url, 'qformer_requests_total{route="caption",status="499"}') < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        model.release.set()
+        assert stays.result().status_code == 200
+    assert model.sizes == [1, 1]  # the batch of the client that left ran to its end, then the other
