@@ -6,7 +6,7 @@ import math
 import random
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,6 +26,7 @@ _WHITESPACE = re.compile(r"\s+")
 LARGE_IMAGE_PIXELS = 40_000_000  # larger images decode at a reduced scale where the format can (JPEG)
 DRAFT_SIDE = 2048  # ... that keeps both sides at least this long: far more than training's 224-364
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # 16- and 32-bit grey, scaled to 8 bits
+WIDE_TILE_PIXELS = 1 << 16  # ... a tile at a time: its float64 copies take 512 KiB each
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 BACKGROUND = 255  # transparent pixels are composited on white
 EXIF_ORIENTATION = 0x0112
@@ -118,16 +119,64 @@ def _rgb(image: Image.Image) -> Image.Image:
 def _to_8_bit(image: Image.Image) -> Image.Image:
     """A 16-bit or 32-bit grey image as 8-bit "L", its value range scaled, not clipped: 16-bit
     modes and "I" images within 0-65535 by 255/65535, "F" images within 0-1 by 255, any other
-    "I" or "F" image from its minimum to its maximum."""
-    values = np.asarray(image, dtype=np.float64)
-    low, high = float(values.min()), float(values.max())
-    if image.mode.startswith("I;16") or (image.mode == "I" and 0 <= low and high <= 65535):
-        scaled = values * (255 / 65535)
-    elif image.mode == "F" and 0 <= low and high <= 1:
-        scaled = values * 255
-    else:
-        scaled = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
-    return Image.fromarray(np.rint(scaled).astype(np.uint8))  # (H, W) uint8: "L"
+    "I" or "F" image from its minimum to its maximum.
+
+    The work goes one tile of at most :data:`WIDE_TILE_PIXELS` at a time, straight into the 8-bit
+    image, so that it takes that image's byte per pixel and a few float64 copies of one tile:
+    the whole image in float64 took 8 bytes per pixel several times over (a 6000x6000 16-bit PNG
+    of 70 KB cost 0.9 GB). Each pixel goes through the same float64 operations as it did on the
+    whole array, so every value is the same."""
+    boxes = list(_tiles(*image.size))
+    scaling = _scaling(image, boxes)
+    if scaling is None:
+        return Image.new("L", image.size, 0)
+    offset, factor = scaling
+    out = Image.new("L", image.size)
+    for box in boxes:
+        scaled = np.asarray(image.crop(box), dtype=np.float64)  # (h, w), one tile
+        scaled -= offset
+        scaled *= factor
+        out.paste(Image.fromarray(np.rint(scaled, out=scaled).astype(np.uint8)), box[:2])  # (h, w) uint8
+    return out
+
+
+def _scaling(image: Image.Image, boxes: Sequence[tuple[int, int, int, int]]) -> tuple[float, float] | None:
+    """The offset and factor that :func:`_to_8_bit` scales ``image``'s values by, (x - offset) *
+    factor, or None where every value goes to 0: one value throughout, or a NaN somewhere (which
+    fails every comparison). An offset of 0.0 changes no value (x - 0.0 is x, -0.0 and NaN
+    included), so (x - 0.0) * factor is exactly x * factor."""
+    if image.mode.startswith("I;16"):
+        return 0.0, 255 / 65535
+    low, high = _extrema(image, boxes)
+    if image.mode == "I" and 0 <= low and high <= 65535:
+        return 0.0, 255 / 65535
+    if image.mode == "F" and 0 <= low and high <= 1:
+        return 0.0, 255.0
+    return (low, 255 / (high - low)) if high > low else None
+
+
+def _tiles(width: int, height: int) -> Iterator[tuple[int, int, int, int]]:
+    """Boxes (left, top, right, bottom) that cover a ``width x height`` image once, each of at
+    most :data:`WIDE_TILE_PIXELS` pixels: bands of whole rows, or pieces of one row where a row
+    is longer than that (so that no image, however wide, makes a tile larger)."""
+    across = max(1, min(width, WIDE_TILE_PIXELS))
+    down = max(1, WIDE_TILE_PIXELS // across)
+    for top in range(0, height, down):
+        for left in range(0, width, across):
+            yield left, top, min(left + across, width), min(top + down, height)
+
+
+def _extrema(image: Image.Image, boxes: Sequence[tuple[int, int, int, int]]) -> tuple[float, float]:
+    """The smallest and largest value of an "I" or "F" image, read tile by tile in its own
+    32-bit type (exact in float64, as the whole array converted was). Both are NaN if any value
+    is, as NumPy's minimum and maximum of the whole array were: Pillow's ``getextrema`` passes
+    NaNs over (but a first one), which would scale an image that comes out black."""
+    lows, highs = [], []
+    for box in boxes:
+        values = np.asarray(image.crop(box))  # (h, w) int32 or float32
+        lows.append(values.min())
+        highs.append(values.max())
+    return float(np.min(lows)), float(np.max(highs))
 
 
 def _normalise(image: Image.Image, config: ImageConfig,
