@@ -11,17 +11,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import mimetypes
+import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -231,11 +233,28 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
         return JSONResponse(await answer(request, ("search",), Search(text, image, top)))
 
     @app.get("/gallery/{name}")
-    async def gallery_image(name: str) -> FileResponse:
-        """A gallery image, by the name /search gives."""
+    async def gallery_image(name: str) -> StreamingResponse:
+        """A gallery image, by the name /search gives, streamed from the file that
+        :meth:`Gallery.open_file` opened and checked (a regular file inside the folder): serving
+        it by its path again would reopen whatever had been renamed over it since. An image gone
+        or refused since it was indexed answers 404, naming it, not the server's folder."""
         if served.gallery is None or name not in served.gallery.names:
             raise RequestError(404, f"no gallery image {name!r}")
-        return FileResponse(served.gallery.folder / name)
+        try:
+            file = await asyncio.to_thread(served.gallery.open_file, name)
+        except ValueError as err:
+            raise RequestError(404, f"gallery image {err}") from None
+        size = os.fstat(file.fileno()).st_size
+
+        def chunks() -> Iterator[bytes]:  # at most the size sent in Content-Length, if the file grows
+            with file:
+                left = size
+                while left > 0 and (chunk := file.read(min(left, 1 << 16))):
+                    left -= len(chunk)
+                    yield chunk
+
+        media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        return StreamingResponse(chunks(), media_type=media_type, headers={"Content-Length": str(size)})
 
     @app.get("/info")
     async def info() -> dict[str, Any]:

@@ -10,6 +10,12 @@ Another model, or a manifest from another version of this format, rebuilds the i
 Search follows BLIP-2's retrieval: ITC similarity ranks everything, the ``k`` best are
 re-scored with ITM logit + ITC similarity (for text -> images the candidates' images are
 encoded again: the index keeps the small ITC features, not the image encoder's outputs).
+
+The folder may change while it is served, by anyone who can write to it. Every file is read
+through :meth:`Gallery.open_file`, which lets through only regular files that lie, resolved,
+inside the folder; a file gone or refused is skipped (at a refresh: counted as unreadable, with
+why; at a search: dropped from the candidates). Messages name files by their name in the folder,
+never by the server's path, since they reach clients.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from PIL import Image
@@ -26,9 +34,10 @@ from torch import Tensor
 
 from qformer.checkpoint import atomic_write, read_safetensors, write_safetensors
 from qformer.data.image_files import IMAGE_SUFFIXES, batches
+from qformer.data.transforms import eval_image, load_image
 from qformer.models.blip2 import expand_key_values
 from qformer.pretrained.stage1 import Blip2Stage1, extract_features, image_embeds_of, tokenize
-from qformer.retrieval import itm_match_logits, read_pixels
+from qformer.retrieval import itm_match_logits
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +65,7 @@ class Gallery:
         self.model, self.folder, self.fingerprint = model, Path(folder), fingerprint
         if not self.folder.is_dir():
             raise ValueError(f"--gallery {folder}: not a folder")
+        self.root = self.folder.resolve()  # what a file must lie inside, resolved, to be read
         self.index = Path(index) if index is not None else self.folder / INDEX_FOLDER
         self.batch_size = batch_size
         self.names: list[str] = []  # readable images, in the rows of image_features
@@ -69,13 +79,21 @@ class Gallery:
         self._load_index()
 
     def signature(self) -> tuple:
-        """What changes when images are added, removed or rewritten (or the texts change)."""
+        """What changes when images are added, removed or rewritten (or the texts change). An
+        entry that cannot be stat'ed (gone since the scan listed it, a link to nowhere or to
+        itself) is left out: the folder is read as it is, and the next refresh sees it again."""
         entries = []
         with os.scandir(self.folder) as scan:
             for entry in scan:
-                if entry.is_file() and (Path(entry.name).suffix.lower() in IMAGE_SUFFIXES or entry.name == TEXTS_FILE):
-                    stat = entry.stat()
-                    entries.append((entry.name, stat.st_size, stat.st_mtime_ns))
+                if Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES and entry.name != TEXTS_FILE:
+                    continue
+                try:
+                    if not entry.is_file():
+                        continue
+                    status = entry.stat()
+                except OSError:
+                    continue
+                entries.append((entry.name, status.st_size, status.st_mtime_ns))
         return tuple(sorted(entries))
 
     def refresh(self) -> dict[str, int]:
@@ -116,9 +134,13 @@ class Gallery:
 
     def folder_times(self) -> tuple[int, int | None]:
         """The folder's modification time (it changes when a file is added, removed or renamed
-        into it) and texts.txt's: two stats, where :meth:`signature` stats every file."""
-        texts = self.folder / TEXTS_FILE
-        return self.folder.stat().st_mtime_ns, texts.stat().st_mtime_ns if texts.is_file() else None
+        into it) and texts.txt's (None while there is none): two stats, where :meth:`signature`
+        stats every file."""
+        try:
+            texts = (self.folder / TEXTS_FILE).stat().st_mtime_ns
+        except OSError:
+            texts = None
+        return self.folder.stat().st_mtime_ns, texts
 
     def refresh_if_changed(self) -> None:
         """Refresh when files came, went or were renamed in, or texts.txt changed (each search
@@ -128,23 +150,29 @@ class Gallery:
 
     @torch.no_grad()
     def search_text(self, text: str, top: int, k: int) -> list[Hit]:
-        """The gallery's images that best match ``text``."""
+        """The gallery's images that best match ``text``. The ``k`` candidates are the best by
+        ITC among the images still readable now: one gone (or refused) since it was indexed is
+        passed over for the next, so a folder changing under a search costs it nothing but
+        those images (no readable candidate at all: no results)."""
         if not self.names:
-            raise ValueError(f"the gallery {self.folder} holds no readable image")
+            raise ValueError(f"the gallery holds no readable image ({len(self.unreadable)} unreadable)")
         input_ids, attention_mask = tokenize(self.model, [text])
         query = extract_features(self.model, input_ids=input_ids, attention_mask=attention_mask).text.float().cpu()
         itc = self.model.similarity(self.image_features, query)[:, 0]  # (N,)
-        itc_top, rows = itc.topk(min(k, len(self.names)))
-        embeds = image_embeds_of(self.model, [str(self.folder / self.names[row]) for row in rows.tolist()])
+        rows, pixels = self._candidates(itc.argsort(descending=True).tolist(), k)
+        if not rows:
+            return []
+        embeds = image_embeds_of(self.model, torch.stack(pixels))
         kv = self.model.qformer.encoder_key_values(embeds)
         itm = itm_match_logits(self.model, kv, input_ids.expand(len(rows), -1), attention_mask.expand(len(rows), -1))
-        return _ranked([self.names[row] for row in rows.tolist()], itm.float().cpu() + itc_top, itc_top, top)
+        itc_top = itc[rows]
+        return _ranked([self.names[row] for row in rows], itm.float().cpu() + itc_top, itc_top, top)
 
     @torch.no_grad()
     def search_image(self, image: Image.Image, top: int, k: int) -> list[Hit]:
         """The gallery's texts that best match ``image``."""
         if not self.texts:
-            raise ValueError(f"the gallery {self.folder} has no {TEXTS_FILE}: nothing for an image to search")
+            raise ValueError(f"the gallery has no {TEXTS_FILE} (or an empty one): nothing for an image to search")
         embeds = image_embeds_of(self.model, [image])  # (1, S, W)
         kv = self.model.qformer.encoder_key_values(embeds)
         image = self.model.image_features(self.model.query_pass(kv).last_hidden_state).float().cpu()  # (1, Q, E)
@@ -156,19 +184,92 @@ class Gallery:
         itm = itm_match_logits(self.model, expand_key_values(kv, index), input_ids, attention_mask)
         return _ranked(texts, itm.float().cpu() + itc_top, itc_top, top)
 
+    def open_file(self, name: str) -> BinaryIO:
+        """The folder's file ``name``, open for reading, if it is now a regular file that lies,
+        resolved, inside the folder; otherwise ValueError naming it (by its name only).
+
+        The file is opened first and checked after, through what was opened: ``fstat`` of the
+        descriptor must say a regular file, and the path must now resolve inside the folder to
+        that same file (device and inode). Checking the path before opening it would leave a
+        window in which a link to a file outside could be renamed over it; this way a swap at
+        any moment either fails the check or leaves the descriptor on the file that passed it,
+        and every byte read comes from the descriptor. O_NONBLOCK keeps a FIFO put in an image's
+        place from blocking the open (it is then refused as not a regular file), O_NOCTTY keeps
+        a terminal from becoming the server's."""
+        if name in ("", ".", "..") or "/" in name or os.sep in name or "\0" in name:
+            raise ValueError(f"{name!r} is not the name of a file in the gallery")
+        path = self.root / name
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ValueError(f"{name}: gone from the gallery") from None
+        except OSError as err:
+            raise ValueError(f"{name}: {err.strerror}") from None
+        file = os.fdopen(descriptor, "rb")
+        try:
+            opened = os.fstat(descriptor)
+            if not stat.S_ISREG(opened.st_mode):
+                raise ValueError(f"{name}: not a regular file")
+            try:
+                resolved = path.resolve(strict=True)
+                now = resolved.stat()
+            except OSError:
+                raise ValueError(f"{name}: gone from the gallery") from None
+            if not resolved.is_relative_to(self.root):
+                raise ValueError(f"{name}: a link to a file outside the gallery folder")
+            if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+                raise ValueError(f"{name}: replaced while it was opened")
+        except BaseException:
+            file.close()
+            raise
+        return file
+
+    def _pixels(self, name: str) -> Tensor:
+        """The image ``name`` preprocessed for the model (3, S, S), read through :meth:`open_file`;
+        ValueError naming it when it cannot be."""
+        with self.open_file(name) as file:
+            try:
+                return eval_image(load_image(file), self.model.config.image)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+
+    def _candidates(self, order: list[int], k: int) -> tuple[list[int], list[Tensor]]:
+        """The first ``k`` rows of ``order`` whose images can be read now, and their pixels."""
+        rows, pixels = [], []
+        for row in order:
+            if len(rows) == k:
+                break
+            try:
+                pixels.append(self._pixels(self.names[row]))
+            except ValueError as err:
+                logger.info("gallery: %s: left out of this search", err)
+                continue
+            rows.append(row)
+        return rows, pixels
+
     def _read(self, names: list[str], unreadable: dict[str, str]) -> tuple[list[str], Tensor | None]:
         """The readable ``names`` and their pixels; each unreadable one noted with why."""
-        messages: list[str] = []
-        kept, pixels = read_pixels(self.model, [str(self.folder / name) for name in names], messages)
-        readable = {Path(path).name for path in kept}
-        for name, message in zip([n for n in names if n not in readable], messages, strict=True):
-            unreadable[name] = message
-            logger.warning("gallery: %s", message)
-        return [name for name in names if name in readable], pixels
+        kept, pixels = [], []
+        for name in names:
+            try:
+                pixels.append(self._pixels(name))
+            except ValueError as err:
+                unreadable[name] = str(err)
+                logger.warning("gallery: %s", err)
+                continue
+            kept.append(name)
+        return kept, (torch.stack(pixels) if pixels else None)
 
     def _refresh_texts(self) -> None:
-        file = self.folder / TEXTS_FILE
-        lines = file.read_text(encoding="utf-8").splitlines() if file.is_file() else []
+        """The texts from texts.txt, read through :meth:`open_file`: none while there is no such
+        file, or it is refused or not UTF-8 (said in the log), rather than failing the refresh."""
+        lines: list[str] = []
+        if os.path.lexists(self.folder / TEXTS_FILE):
+            try:
+                with self.open_file(TEXTS_FILE) as file:
+                    lines = file.read().decode("utf-8").splitlines()
+            except ValueError as err:  # UnicodeDecodeError is one
+                logger.warning("gallery: %s: no texts to search", err)
         texts = [line.strip() for line in lines if line.strip()]
         if texts == self.texts and len(self.text_features) == len(texts):
             return

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import torch
 from PIL import Image
@@ -159,7 +160,9 @@ def _result_or_error(fn: Callable[[Any], Any], payload: Any) -> Any:
 
 
 def _image_hit(hit: Hit) -> dict[str, Any]:
-    return {"image": hit.item, "url": f"/gallery/{hit.item}", "score": hit.score, "itc": hit.itc}
+    """An image result: its name in the gallery (never the server's path to it) and the URL it is
+    served at, the name percent-encoded there (a file may be named ``a#1.png`` or ``50%.png``)."""
+    return {"image": hit.item, "url": f"/gallery/{quote(hit.item, safe='')}", "score": hit.score, "itc": hit.itc}
 
 
 class _TextStreamer:
