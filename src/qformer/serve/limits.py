@@ -24,6 +24,7 @@ class Limits:
     max_wait_ms: float = 10.0
     max_queue: int = 64
     header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
     max_connections: int = 512
 
     def __post_init__(self) -> None:
