@@ -23,17 +23,22 @@ from fastapi import FastAPI
 from PIL import Image
 
 from qformer.pretrained.stage2 import Blip2
+from qformer.serve.connections import server_options
+from qformer.serve.limits import Limits
 from qformer.serve.service import ServedModel
 
 
 @contextmanager
-def running(app: FastAPI) -> Iterator[str]:
-    """``app`` served on 127.0.0.1 at a free port until the block ends; yields its base URL."""
+def running(app: FastAPI, limits: Limits = Limits()) -> Iterator[str]:
+    """``app`` served on 127.0.0.1 at a free port until the block ends, its connections bounded
+    by ``limits`` as ``qformer serve`` bounds them; yields its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
+    # The requests in flight get 10 s at shutdown, not request_timeout_s: the block waits 30 s for the thread.
+    options = {**server_options(limits), "timeout_graceful_shutdown": 10}
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -20,6 +20,9 @@ LIMIT_HELP = {
     "max_batch": "most requests per model call",
     "max_wait_ms": "how long the first request of a batch waits for others",
     "max_queue": "requests that may wait; more answer 503 with Retry-After",
+    "header_timeout_s": "seconds a client may take to send a request's headers (then 408 and the connection closed)",
+    "body_timeout_s": "seconds the server waits for each next part of a request body (then 408)",
+    "max_connections": "connections open at once; one more answers 503 with Retry-After and is closed",
 }
 
 

@@ -80,7 +80,7 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
     # (under /docs-assets), not from a CDN, so that they work where the server has no internet.
     app = FastAPIOffline(title="qformer", version=__version__, lifespan=lifespan, static_url="/docs-assets",
                          description=f"BLIP-2 model {served.name} ({served.kind}): routes {', '.join(served.routes)}")
-    app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes, timeout_s=limits.body_timeout_s)
     app.add_middleware(Counted, metrics=metrics)  # outermost: it counts the 413s too
 
     @app.exception_handler(RequestError)

@@ -1,5 +1,6 @@
-"""The limits of ``qformer serve``: what one request may ask, and how requests queue. No torch
-here: the command line reads them before anything heavy is imported."""
+"""The limits of ``qformer serve``: what one request may ask, how requests queue, and how long
+and how many connections are kept. No torch here: the command line reads them before anything
+heavy is imported."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask, and how the server queues them (``qformer serve --help``)."""
+    """What one request may ask, how the server queues them, and what a connection may take
+    (``qformer serve --help``)."""
 
     max_upload_bytes: int = 20 * 2**20
     max_image_pixels: int = 40_000_000
@@ -21,6 +23,9 @@ class Limits:
     max_batch: int = 8
     max_wait_ms: float = 10.0
     max_queue: int = 64
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 512
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():

@@ -1,7 +1,9 @@
-"""The server's ASGI middleware: the body size limit, and each request counted in the metrics."""
+"""The server's ASGI middleware: the body's size and pace limits, and each request counted in
+the metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -12,10 +14,12 @@ from qformer.serve.requests import RequestError, error_response
 
 class BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` answers 413, whether its
-    Content-Length says so up front or a chunked body grows past it while it is read."""
+    Content-Length says so up front or a chunked body grows past it while it is read; a body
+    whose next part does not come within ``timeout_s`` answers 408 and the connection closes
+    (a stalled client must not hold a request, and its socket, for ever)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -25,11 +29,19 @@ class BodyLimit:
             response = error_response(413, f"the request body is {int(length):,} bytes, over the limit of "
                                    f"{self.max_bytes:,} (max_upload_bytes)")
             return await response(scope, receive, send)
-        seen = 0
+        seen, finished = 0, False
 
         async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, finished
+            if finished:  # once the body is in, a receive waits for the client to go away: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                # Connection: close, or uvicorn would keep reading the rest of the body after the answer.
+                raise RequestError(408, f"the request body stopped: nothing came for {self.timeout_s:g} s "
+                                        "(body_timeout_s)", {"Connection": "close"}) from None
+            finished = message["type"] != "http.request" or not message.get("more_body", False)
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
                 raise RequestError(413, f"the request body is over the limit of {self.max_bytes:,} bytes "

@@ -1,6 +1,6 @@
 """What ``qformer serve`` runs once its options are read: the model behind a name, ready to
 serve (:func:`load_served`), and the app run with uvicorn until SIGTERM or Ctrl-C (the requests
-in flight finish, then the server exits)."""
+in flight finish, then the server exits), its connections bounded by the limits."""
 
 from __future__ import annotations
 
@@ -47,8 +47,10 @@ def load_served(name: str | ModelDirectory, device: str | None, dtype: str, gall
 
 def run_server(served, limits: Limits, host: str, port: int) -> None:
     """Serve ``served`` (a :class:`~qformer.serve.service.ServedModel`) on ``host:port`` until
-    SIGTERM or Ctrl-C; the requests in flight get ``limits.request_timeout_s`` (and 5 s) to finish."""
+    SIGTERM or Ctrl-C; the requests in flight get ``limits.request_timeout_s`` (and 5 s) to finish.
+    The connections are bounded as :mod:`qformer.serve.connections` says."""
     uvicorn, create_app = server_parts()
+    from qformer.serve.connections import server_options
+
     logger.info("serving %s (%s) on http://%s:%d", served.name, served.kind, host, port)
-    uvicorn.run(create_app(served, limits), host=host, port=port, log_level="info",
-                timeout_graceful_shutdown=int(limits.request_timeout_s) + 5)
+    uvicorn.run(create_app(served, limits), host=host, port=port, log_level="info", **server_options(limits))
