@@ -36,9 +36,11 @@ from stage1_helpers import usable_stage1
 LIMITS = Limits(max_upload_bytes=100_000, max_image_pixels=10_000, max_prompt_chars=40, max_new_tokens=2,
                 max_num_beams=2, max_texts=3, max_top=3, max_wait_ms=5)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-EXAMPLES = 40  # per operation; derandomized, so that each run sends the same requests
-FUZZING = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
-                   phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+# 40 examples per operation, derandomized (a seed fixed by the test's name) so that each run sends
+# the same requests; no shrinking, so that a failure costs no more time than a pass (the failing
+# request is in the report as it was sent); a slow model call or a filtered case is no reason to fail.
+FUZZING = settings(max_examples=40, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
+                   suppress_health_check=list(HealthCheck))
 OPERATIONS = {
     "stage2": [("/caption", "POST"), ("/vqa", "POST")],
     "stage1": [("/match", "POST"), ("/search", "POST"), ("/gallery/{name}", "GET")],
@@ -100,12 +102,17 @@ def test_every_answer_is_described(servers, kind, path, method):
     if method == "POST":
         cases |= operation.as_strategy(GenerationMode.NEGATIVE)
 
+    statuses: set[int] = set()
+
     @FUZZING
     @given(case=cases, real=st.booleans())
     def answered_as_described(case: Case, real: bool) -> None:
-        (with_a_real_image(case) if real else case).call_and_validate(checks=CHECKS, timeout=60)
+        response = (with_a_real_image(case) if real else case).call_and_validate(checks=CHECKS, timeout=60)
+        statuses.add(response.status_code)
 
     answered_as_described()
+    # Some requests reached the model and were answered (a random name is no gallery image's).
+    assert 200 in statuses or path == "/gallery/{name}", statuses
 
 
 def sent(operation: Any, body: dict[str, Any], media_type: str = "multipart/form-data") -> httpx.Response:

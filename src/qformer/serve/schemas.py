@@ -109,7 +109,7 @@ RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying aga
 # Each status a route may send, and why. 499 (the client went away) is only logged: no client reads it.
 WHY = {
     400: "The input cannot be read: not JSON or a form, an image that cannot be decoded, not base64, "
-         "or input the model refuses",
+         "or input the model refuses (a search on a server with no gallery)",
     404: "No such gallery image",
     408: "The request's headers or body did not arrive in time",
     413: "The request body is over max_upload_bytes",
