@@ -16,14 +16,14 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,6 +33,22 @@ from qformer.serve.limits import Limits
 from qformer.serve.metrics import Metrics
 from qformer.serve.middleware import BodyLimit, Counted
 from qformer.serve.requests import Fields, RequestError, error_response
+from qformer.serve.schemas import (
+    EVERY_ROUTE,
+    IMAGE,
+    POSTED,
+    Caption,
+    Health,
+    ImagesFound,
+    Info,
+    MatchScores,
+    TextsFound,
+    VqaAnswer,
+    body_schema,
+    or_events,
+    refusals,
+    request_fields,
+)
 from qformer.serve.service import VQA_PROMPT, Generation, Match, Search, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -47,18 +63,8 @@ async def client_gone(request: Request) -> None:
         pass
 
 
-def _body_schema(fields: dict[str, dict], required: list[str]) -> dict:
-    """OpenAPI request bodies for both forms a POST route takes."""
-    multipart = {k: ({"type": "string", "format": "binary"} if k == "image" else v) for k, v in fields.items()}
-    as_json = {k: ({"type": "string", "format": "byte"} if k == "image" else v) for k, v in fields.items()}
-    return {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "properties": multipart, "required": required}},
-        "application/json": {"schema": {"type": "object", "properties": as_json, "required": required}},
-    }}}
-
-
-INT, STR, BOOL = {"type": "integer"}, {"type": "string"}, {"type": "boolean"}
-GENERATION_FIELDS = {"image": {}, "max_new_tokens": INT, "num_beams": INT, "stream": BOOL}
+Handler = Callable[..., Coroutine[Any, Any, Any]]
+MODEL_ROUTES = ("caption", "vqa", "match", "search", "gallery")  # each served by one kind of model only
 
 
 def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
@@ -93,18 +99,21 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
         where = ".".join(str(part) for part in first.get("loc", ()))
         return error_response(422, f"{where}: {first.get('msg', 'invalid')}")
 
+    # Only the routes the model serves are registered (and described); a request for one of the
+    # other kind's routes still learns in a line which routes this server answers.
+    served_paths = (*served.routes, "gallery") if served.kind == "stage1" else served.routes
+
     @app.exception_handler(StarletteHTTPException)
     async def httperror_response(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        route = request.url.path.strip("/").split("/")[0]
+        if err.status_code == 404 and route in MODEL_ROUTES and route not in served_paths:
+            return error_response(404, f"this {served.kind.replace('stage', 'stage-')} model answers "
+                                       f"{', '.join('/' + r for r in served.routes)}, not /{route}")
         return error_response(err.status_code, str(err.detail))
 
     @app.exception_handler(Exception)
     async def failed(request: Request, err: Exception) -> JSONResponse:  # uvicorn logs the traceback
         return error_response(500, "the server failed on this request (see its log)")
-
-    def require(route: str) -> None:
-        if route not in served.routes:
-            raise RequestError(404, f"this {served.kind.replace('stage', 'stage-')} model answers {', '.join('/' + r for r in served.routes)}, "
-                                    f"not /{route}")
 
     def submit(key: tuple, payload: Any) -> asyncio.Future:
         try:
@@ -133,8 +142,7 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
             raise RequestError(CLIENT_GONE, "the client closed the connection before its answer")
         raise RequestError(504, f"no answer within {limits.request_timeout_s:g} s (request_timeout)")
 
-    async def generation(route: str, request: Request) -> Response:
-        require(route)
+    async def generation(route: str, request: Request) -> Any:
         fields = await Fields.read(request, limits)
         if route == "vqa":
             prompt = VQA_PROMPT.format(fields.text("question", required=True))
@@ -153,7 +161,7 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
             raise RequestError(400, str(err)) from err
         if stream:
             return await streamed(route, payload, settings)
-        return JSONResponse(await answer(request, (route, tuple(sorted(settings.items()))), payload))
+        return await answer(request, (route, tuple(sorted(settings.items()))), payload)
 
     async def streamed(route: str, payload: Generation, settings: dict[str, Any]) -> StreamingResponse:
         """Server-sent events: the text so far as the model thread emits it, then the whole
@@ -200,29 +208,42 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @app.post("/caption", openapi_extra=_body_schema({**GENERATION_FIELDS, "prompt": STR}, ["image"]))
-    async def caption(request: Request) -> Response:
+    field_schemas = request_fields(limits)
+    generating = ("image", "max_new_tokens", "num_beams", "stream")
+
+    def only(kind: str, register: Callable[[Handler], Handler]) -> Callable[[Handler], Handler]:
+        """``register`` on a ``kind`` model's server; on the other kind's the route is left out,
+        so that the description lists only the routes this model serves."""
+        return register if served.kind == kind else lambda handler: handler
+
+    def posted(path: str, kind: str, model: Any, names: tuple[str, ...], required: list[str],
+               extra: dict | None = None) -> Callable[[Handler], Handler]:
+        """POST ``path`` on a ``kind`` model's server: its body's fields, its answer's model,
+        every refusal."""
+        body = body_schema({name: field_schemas[name] for name in names}, required)
+        return only(kind, app.post(path, response_model=model, responses={**(extra or {}), **refusals(*POSTED)},
+                                   openapi_extra=body))
+
+    @posted("/caption", "stage2", Caption, (*generating, "prompt"), ["image"], or_events(Caption))
+    async def caption(request: Request) -> Any:
         """A caption of the image, after an optional prompt."""
         return await generation("caption", request)
 
-    @app.post("/vqa", openapi_extra=_body_schema({**GENERATION_FIELDS, "question": STR}, ["image", "question"]))
-    async def vqa(request: Request) -> Response:
+    @posted("/vqa", "stage2", VqaAnswer, (*generating, "question"), ["image", "question"], or_events(VqaAnswer))
+    async def vqa(request: Request) -> Any:
         """A short answer to a question about the image."""
         return await generation("vqa", request)
 
-    @app.post("/match", openapi_extra=_body_schema({"image": {}, "texts": {"type": "array", "items": STR}},
-                                                    ["image", "texts"]))
-    async def match(request: Request) -> Response:
+    @posted("/match", "stage1", MatchScores, ("image", "texts"), ["image", "texts"])
+    async def match(request: Request) -> Any:
         """ITM probability and ITC similarity of the image with each text."""
-        require("match")
         fields = await Fields.read(request, limits)
         texts = fields.texts()
-        return JSONResponse(await answer(request, ("match",), Match(await fields.image(), texts)))
+        return await answer(request, ("match",), Match(await fields.image(), texts))
 
-    @app.post("/search", openapi_extra=_body_schema({"text": STR, "image": {}, "top": INT}, []))
-    async def search(request: Request) -> Response:
+    @posted("/search", "stage1", ImagesFound | TextsFound, ("text", "image", "top"), [])
+    async def search(request: Request) -> Any:
         """Text -> the gallery's images, or image -> the gallery's texts (texts.txt), best first."""
-        require("search")
         fields = await Fields.read(request, limits)
         text = fields.text("text")
         has_image = fields.values.get("image") is not None
@@ -230,9 +251,10 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
             raise RequestError(422, "search: pass text (to find images) or image (to find texts), one of them")
         top = fields.integer("top", 1, limits.max_top, "max_top") or 5
         image = await fields.image() if has_image else None
-        return JSONResponse(await answer(request, ("search",), Search(text, image, top)))
+        return await answer(request, ("search",), Search(text, image, top))
 
-    @app.get("/gallery/{name}")
+    @only("stage1", app.get("/gallery/{name}", response_class=StreamingResponse,
+                            responses={**IMAGE, **refusals(404, 422, *EVERY_ROUTE)}))
     async def gallery_image(name: str) -> StreamingResponse:
         """A gallery image, by the name /search gives, streamed from the file that
         :meth:`Gallery.open_file` opened and checked (a regular file inside the folder): serving
@@ -256,7 +278,7 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
         media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
         return StreamingResponse(chunks(), media_type=media_type, headers={"Content-Length": str(size)})
 
-    @app.get("/info")
+    @app.get("/info", response_model=Info, responses=refusals(*EVERY_ROUTE))
     async def info() -> dict[str, Any]:
         """The model, its routes, the gallery's size and the limits."""
         gallery = None if served.gallery is None else {"images": len(served.gallery.names),
@@ -264,17 +286,17 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
         return {"model": served.name, "kind": served.kind, "routes": list(served.routes), "gallery": gallery,
                 "limits": limits.public(), "version": __version__}
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health, responses=refusals(*EVERY_ROUTE))
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=refusals(*EVERY_ROUTE))
     async def metrics_text() -> Response:
         """Prometheus text: requests by route and status, latencies, queue length, batch sizes."""
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, responses=refusals(*EVERY_ROUTE))
     async def page() -> HTMLResponse:
         """The web page."""
         return HTMLResponse(resources.files("qformer.serve").joinpath("page.html").read_text(encoding="utf-8"))
