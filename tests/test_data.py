@@ -412,3 +412,22 @@ def test_tar_bad_samples_are_skipped_and_counted(tmp_path: Path, tokenizer) -> N
 
     with pytest.raises(ValueError, match=r"bad\.tar:b"):
         list(TarShardDataset([shard], EVAL, strict=True))
+
+
+@pytest.mark.parametrize("size, mode", [((640, 480), "RGB"), ((17, 300), "RGBA"), ((100, 100), "I;16"), ((224, 224), "RGB")])
+def test_eval_resized_keeps_what_evaluation_would_read(size, mode):
+    """What the server keeps of an upload while it waits (the image at the model's input size)
+    preprocesses to exactly the pixels of the upload itself."""
+    from qformer.data.transforms import eval_image, eval_resized, load_image
+
+    rng = np.random.default_rng(sum(size))
+    if mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65536, size[::-1], dtype=np.uint16))
+    else:
+        image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8), mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    config = ImageConfig()
+    kept = eval_resized(load_image(io.BytesIO(buffer.getvalue())), config)
+    assert kept.size == (config.size, config.size) and kept.mode == "RGB"
+    assert torch.equal(eval_image(kept, config), eval_image(io.BytesIO(buffer.getvalue()), config))

@@ -196,6 +196,14 @@ def eval_image(image: str | Path | Image.Image, config: ImageConfig) -> Tensor:
     return _normalise(load_image(image), config)
 
 
+def eval_resized(image: Image.Image, config: ImageConfig) -> Image.Image:
+    """An image :func:`load_image` gave, resized as evaluation resizes it: bicubic to
+    ``config.size`` square. :func:`eval_image` of the result gives the same pixels as of ``image``
+    itself (Pillow copies an image already at the size asked), so a server can keep this, S*S*3
+    bytes, instead of the upload, up to 4 bytes a pixel of 40 Mpx, while a request waits."""
+    return image.resize((config.size, config.size), Image.Resampling.BICUBIC)
+
+
 def eval_transform(images: Sequence[str | Path | Image.Image], config: ImageConfig) -> Tensor:
     """Bicubic resize to ``config.size`` square, scale to [0, 1], normalise: (B, 3, S, S)."""
     return torch.stack([eval_image(image, config) for image in images])

@@ -153,7 +153,7 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
         stream = fields.flag("stream")
         if stream and (num_beams or 1) > 1:
             raise RequestError(422, "stream: streaming decodes one beam; pass num_beams 1, or stream false")
-        payload = Generation(await fields.image(), prompt)
+        payload = Generation(await fields.image(served.model.config.image), prompt)
         settings = served.generation_settings(route, max_new_tokens, 1 if stream else num_beams, limits)
         try:
             served.check_generation(payload, settings)
@@ -239,7 +239,7 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
         """ITM probability and ITC similarity of the image with each text."""
         fields = await Fields.read(request, limits)
         texts = fields.texts()
-        return await answer(request, ("match",), Match(await fields.image(), texts))
+        return await answer(request, ("match",), Match(await fields.image(served.model.config.image), texts))
 
     @posted("/search", "stage1", ImagesFound | TextsFound, ("text", "image", "top"), [])
     async def search(request: Request) -> Any:
@@ -250,7 +250,7 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
         if (text is None) == (not has_image):
             raise RequestError(422, "search: pass text (to find images) or image (to find texts), one of them")
         top = fields.integer("top", 1, limits.max_top, "max_top") or 5
-        image = await fields.image() if has_image else None
+        image = await fields.image(served.model.config.image) if has_image else None
         return await answer(request, ("search",), Search(text, image, top))
 
     @only("stage1", app.get("/gallery/{name}", response_class=StreamingResponse,

@@ -7,8 +7,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ctypes
+import ctypes.util
+import functools
 import io
 import json
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
@@ -16,6 +20,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.datastructures import UploadFile
 
+from qformer.config import ImageConfig
 from qformer.serve.limits import Limits
 
 
@@ -64,7 +69,10 @@ class Fields:
             return cls(values, limits)
         raise RequestError(415, "send multipart/form-data (an image file and fields) or application/json")
 
-    async def image(self) -> Image.Image:
+    async def image(self, config: ImageConfig) -> Image.Image:
+        """The request's image, decoded and resized for a model whose preprocessing ``config``
+        says (:func:`~qformer.data.transforms.eval_resized`): what waits in the queue is the
+        model's input size, not the upload's."""
         value = self.values.get("image")
         if value is None:
             raise RequestError(422, "image: missing (a file in a form, or base64 in JSON)")
@@ -83,7 +91,7 @@ class Fields:
             raise RequestError(422, f"image: expected a file or a base64 string, got {type(value).__name__}")
         if not data:
             raise RequestError(400, "image: the file is empty")
-        return await asyncio.to_thread(decode_image, data, self.limits.max_image_pixels)
+        return await asyncio.to_thread(decode_image, data, self.limits.max_image_pixels, config)
 
     def text(self, name: str, required: bool = False) -> str | None:
         value = self.values.get(name)
@@ -147,13 +155,43 @@ class Fields:
                                     f"U+{ord(value[err.start]):04X}, at character {err.start + 1})") from None
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    from qformer.data.transforms import load_image
+def decode_image(data: bytes, max_pixels: int, config: ImageConfig) -> Image.Image:
+    """The upload ``data`` decoded and resized for the model (``config``); after a large image,
+    the memory its decoding freed goes back to the system (:func:`_return_freed_memory`)."""
+    from qformer.data.transforms import eval_resized, load_image
 
     try:
-        return load_image(io.BytesIO(data), max_pixels=max_pixels)
+        image = load_image(io.BytesIO(data), max_pixels=max_pixels)
     except ValueError as err:
         raise RequestError(400, str(err).replace("max_image_pixels", "the server's max_image_pixels")) from err
+    pixels = image.width * image.height
+    resized = eval_resized(image, config)
+    del image
+    if pixels >= LARGE_IMAGE_PIXELS:
+        _return_freed_memory()
+    return resized
+
+
+LARGE_IMAGE_PIXELS = 4_000_000  # 16 MB as RGBA: decodes from here on give their memory back at once
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl, Windows)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Release the pages that freed allocations left in glibc's arenas. Each decoding thread
+    allocates from an arena of its own, and glibc keeps what is freed there for reuse: three
+    6000x6000 images decoded at once left the server 210-260 MB larger for good, measured; after
+    ``malloc_trim(0)`` it is back within a few MB. Elsewhere nothing is done."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _one_line(err: Exception) -> str:
