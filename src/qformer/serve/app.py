@@ -104,12 +104,12 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
     served_paths = (*served.routes, "gallery") if served.kind == "stage1" else served.routes
 
     @app.exception_handler(StarletteHTTPException)
-    async def httperror_response(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         route = request.url.path.strip("/").split("/")[0]
         if err.status_code == 404 and route in MODEL_ROUTES and route not in served_paths:
             return error_response(404, f"this {served.kind.replace('stage', 'stage-')} model answers "
                                        f"{', '.join('/' + r for r in served.routes)}, not /{route}")
-        return error_response(err.status_code, str(err.detail))
+        return error_response(err.status_code, str(err.detail), err.headers)  # a 405's Allow, for one
 
     @app.exception_handler(Exception)
     async def failed(request: Request, err: Exception) -> JSONResponse:  # uvicorn logs the traceback

@@ -51,7 +51,8 @@ class Fields:
             except RecursionError:
                 raise RequestError(400, "the JSON body is nested too deeply: send an object of fields") from None
             except ValueError as err:  # not JSON, not UTF-8, or an integer past Python's digit limit
-                raise RequestError(400, f"the body is not valid JSON: {_one_line(err)}") from err
+                why = "a number of over 4,300 digits" if "integer string conversion" in str(err) else _one_line(err)
+                raise RequestError(400, f"the body is not valid JSON: {why}") from err
             if not isinstance(values, dict):
                 raise RequestError(400, "the JSON body must be an object of fields")
             return cls(values, limits)

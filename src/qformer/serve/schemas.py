@@ -160,8 +160,11 @@ IMAGE = {200: {"description": "The image file, as stored in the gallery",
 def body_schema(fields: dict[str, dict[str, Any]], required: list[str]) -> dict[str, Any]:
     """The request body of a POST route, in both forms it takes: ``image`` is a file in a form
     and base64 (or a data URL) in JSON."""
-    multipart = {k: ({"type": "string", "format": "binary"} if k == "image" else v) for k, v in fields.items()}
-    as_json = {k: ({"type": "string", "format": "byte"} if k == "image" else v) for k, v in fields.items()}
+    # an image is never empty: the least a schema can say of "bytes that decode as an image"
+    multipart = {k: ({"type": "string", "format": "binary", "minLength": 1} if k == "image" else v)
+                 for k, v in fields.items()}
+    as_json = {k: ({"type": "string", "format": "byte", "minLength": 1} if k == "image" else v)
+               for k, v in fields.items()}
     return {"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "properties": multipart, "required": required}},
         "application/json": {"schema": {"type": "object", "properties": as_json, "required": required}},
