@@ -14,13 +14,16 @@ from qformer.cli.options import is_main_process, print_result
 def _train_config(source: str, overrides: list[str], resume: bool):
     """A recipe plus overrides, or with ``--resume`` a run folder's ``config.yaml`` plus overrides
     (the run stays in that folder wherever it has moved)."""
-    from qformer.train.config import load_train_config
+    from qformer.train.config import fit_workers, load_train_config
 
     path = Path(source)
     if not path.is_dir():
         if not path.is_file():
             raise FileNotFoundError(f"{source} is neither a recipe (YAML) nor a run folder")
-        return load_train_config(path, overrides)
+        config = load_train_config(path, overrides)
+        if not resume:  # a resumed run keeps the value its config.yaml recorded, fitted when it started
+            fit_workers(config, overrides)
+        return config
     if not resume:
         raise ValueError(f"{source} is a folder: give a recipe (YAML), or add --resume to continue the run in it")
     if not (path / "config.yaml").is_file():
@@ -53,6 +56,7 @@ recipes (configs/ in the repository; copy one and edit it for your data):
   vqa_finetune.yaml        a released BLIP-2 fine-tuned on VQAv2, VQA accuracy
   instruct.yaml            InstructBLIP instruction tuning on {"image", "instruction", "answer"} lines
   tiny.yaml                a debug-size stage 1 on built-in scenes: seconds on a CPU
+  tiny_stage2.yaml         a debug-size stage 2 from tiny.yaml's runs/tiny/final: seconds on a CPU
 
 overrides: any recipe value, as --section.key value or --section.key=value, read as YAML:
   qformer train configs/stage1.yaml --data.path captions.json --optim.lr 1e-4 --data.batch_size=32
@@ -67,7 +71,9 @@ def add_train_command(commands: Any) -> None:
         "train", help="train from a YAML recipe; --section.key value overrides it",
         description="Train from a YAML recipe (--section.key value overrides any of its values), or continue "
                     "a run with --resume. SIGINT (Ctrl-C), SIGTERM and SIGUSR1 save a checkpoint at the end of "
-                    "the step and stop (exit status 128 + the signal), naming the command that resumes.",
+                    "the step and stop (exit status 128 + the signal), naming the command that resumes; a second Ctrl-C "
+                    "stops at once without saving. A recipe's data.num_workers is lowered to the CPUs there are "
+                    "(one given on the command line is kept).",
         epilog=RECIPES_EPILOG)
     train.add_argument("recipe", metavar="RECIPE_OR_RUN",
                        help="a YAML recipe, e.g. configs/stage1.yaml; with --resume also a run folder")
@@ -76,7 +82,8 @@ def add_train_command(commands: Any) -> None:
                       help="continue the run in the recipe's output_dir (or the run folder given) from its last "
                            "intact checkpoint, with its config.yaml; only steps, log_every, save_every, eval_every, "
                            "keep_last, tensorboard, device, parallel, activation_checkpointing, "
-                           "data.num_workers (not with shards), data.eval_batch_size and optim.max_bad_steps "
+                           "model.vit_grad_checkpoint, data.num_workers (not with shards), data.prefetch_factor, "
+                           "data.eval_batch_size, data.max_unreadable and optim.max_bad_steps "
                            "may change; after a torchrun restart (--max-restarts) the run resumes by itself "
                            "(default: off, a new run)")
     mode.add_argument("--overwrite", action="store_true",

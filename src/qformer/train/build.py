@@ -11,18 +11,36 @@ from torch import nn
 
 from qformer.config import ImageConfig
 from qformer.train.config import TrainConfig
-from qformer.train.data import MixedSets, RefillSkipped, TrainImages, TrainShards, file_sets, scene_sets, shard_sets
+from qformer.train.data import (
+    MixedSets,
+    RefillSkipped,
+    TrainImages,
+    TrainShards,
+    check_data_files,
+    file_sets,
+    scene_sets,
+    shard_sets,
+)
 from qformer.train.distributed import Runtime
-from qformer.train.job import Job
+from qformer.train.job import Job, check_sources
 from qformer.train.state import load_trainable
+
+
+def check_recipe(config: TrainConfig) -> None:
+    """What can be checked of a recipe without loading anything (its data files, its model paths,
+    whether its data fits its stage), so that a run refuses a mistake before it writes into its
+    folder: a run that fails there leaves nothing behind that refuses the corrected command."""
+    if config.data.source in ("instructions", "vqa") and config.model.stage != "stage2":
+        raise ValueError(f"data.source {config.data.source} trains stage 2 (model.stage: stage2)")
+    check_data_files(config.data)
+    check_sources(config.model)
 
 
 def build_job(config: TrainConfig, runtime: Runtime) -> Job:
     from qformer.train import stage1_job, stage2_job
 
+    check_recipe(config)
     source = config.data.source
-    if source in ("instructions", "vqa") and config.model.stage != "stage2":
-        raise ValueError(f"data.source {source} trains stage 2 (model.stage: stage2)")
     image = ImageConfig(size=config.data.image_size)
     mixture = None
     if source == "shards":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ import yaml
 
 from qformer.config import Blip2Stage1Config, ConfigBase
 from qformer.data.image_files import MAX_IMAGE_PIXELS
+
+logger = logging.getLogger(__name__)
 
 
 def _physical_memory() -> int | None:
@@ -314,13 +317,24 @@ class TrainConfig(ConfigBase):
                                  f"{memory / 2**30:.3g} GiB of memory")
 
 
-def parse_override_value(text: str) -> Any:
-    """A command-line value as YAML reads it: numbers, booleans, null, lists."""
-    return yaml.safe_load(text)
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where, without PyYAML's quoted excerpt."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return problem if mark is None else f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``["--optim.lr", "1e-4", "--data.batch_size=8"]`` on top of a nested dict."""
+def parse_override_value(text: str, key: str = "") -> Any:
+    """A command-line value as YAML reads it: numbers, booleans, null, lists. A value YAML cannot
+    read is one line naming the override and its text, not the parser's traceback."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"override --{key} {text!r} is not a YAML value ({_yaml_problem(err)})") from None
+
+
+def _override_items(overrides: list[str]) -> list[tuple[str, str]]:
+    """``["--optim.lr", "1e-4", "--data.batch_size=8"]`` -> ``[("optim.lr", "1e-4"), ("data.batch_size", "8")]``."""
     items: list[tuple[str, str]] = []
     pending = list(overrides)
     while pending:
@@ -333,22 +347,57 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             if not pending:
                 raise ValueError(f"override {token!r} has no value")
             key, value = token[2:], pending.pop(0)
-        items.append((key, value))
+        items.append((key.replace("-", "_"), value))
+    return items
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["--optim.lr", "1e-4", "--data.batch_size=8"]`` on top of a nested dict."""
     out = dict(values)
-    for key, value in items:
+    for key, value in _override_items(overrides):
         node = out
-        parts = key.replace("-", "_").split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node[part] = dict(node.get(part) or {})
             node = node[part]
-        node[parts[-1]] = parse_override_value(value)
+        node[parts[-1]] = parse_override_value(value, key)
     return out
 
 
+def _read_recipe(path: Path) -> dict[str, Any]:
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a recipe is a YAML mapping (model:, data:, ...), got a {type(values).__name__}")
+    return values
+
+
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """A recipe (YAML) plus overrides -> a checked :class:`TrainConfig`."""
-    values = {} if path is None else yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    """A recipe (YAML) plus overrides -> a checked :class:`TrainConfig`. A recipe that is not
+    valid YAML, or not a mapping, is one line naming the file (and the line and column)."""
+    values = {} if path is None else _read_recipe(Path(path))
     return TrainConfig.from_dict(apply_overrides(values, list(overrides)), where="")
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which containers and taskset narrow), else
+    the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def fit_workers(config: TrainConfig, overrides: list[str]) -> None:
+    """A recipe's ``data.num_workers`` lowered to the CPUs there are, saying so in one line: a
+    recipe written for a large machine should not start 8 loader processes on 2 cores (torch then
+    warns, and they only compete). A value given on the command line is the user's and is kept."""
+    cpus = available_cpus()
+    if config.data.num_workers > cpus and "data.num_workers" not in dict(_override_items(overrides)):
+        logger.warning("data.num_workers %d -> %d: this process may use %d CPU(s) (--data.num_workers N keeps N)",
+                       config.data.num_workers, cpus, cpus)
+        config.data.num_workers = cpus
 
 
 def dump_yaml(config: ConfigBase) -> str:

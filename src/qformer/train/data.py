@@ -163,6 +163,30 @@ def scene_sets(data: DataSpec, seed: int) -> tuple[Dataset, dict[str, Dataset]]:
     return ConcatDataset([scenes, PhotoDataset(data.photographs, seed, size, first_id)]), evaluation
 
 
+def _check_file(path: str, key: str, root: str, root_key: str) -> None:
+    """A data file and the folder its images are under, each named by its recipe key when missing."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{key}: {path} is not a file")
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{root_key}: {root} is not a directory")
+
+
+def check_data_files(data: DataSpec) -> None:
+    """The recipe's data files and image folders, checked before a run writes anything into its
+    folder: a mistyped path then leaves no half-made run behind to refuse the corrected command.
+    Scenes need no files; shard patterns are expanded only when the run reads them."""
+    if data.source in ("scenes", "shards"):
+        return
+    for index, entry in enumerate(data.sets or []):
+        key = f"data.sets[{index}]"
+        root = (entry.image_root, f"{key}.image_root") if entry.image_root else (data.image_root, "data.image_root")
+        _check_file(entry.path, f"{key}.path", *root)
+    if data.path:
+        _check_file(data.path, "data.path", data.image_root, "data.image_root")
+    if data.eval_path:
+        _check_file(data.eval_path, "data.eval_path", data.image_root, "data.image_root")
+
+
 def file_sets(data: DataSpec) -> tuple[Dataset, dict[str, Dataset]]:
     """Captions, instruction data or VQA questions from files; ``eval_path`` in the same format.
     VQA trains on (image, ``vqa_prompt`` with the question -> its most frequent answer). Several
@@ -181,10 +205,7 @@ def file_sets(data: DataSpec) -> tuple[Dataset, dict[str, Dataset]]:
     dataset, read = kinds[data.source]
 
     def load(path: str, key: str, root: str = data.image_root, root_key: str = "data.image_root") -> Dataset:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{key}: {path} is not a file")
-        if not Path(root).is_dir():
-            raise FileNotFoundError(f"{root_key}: {root} is not a directory")
+        _check_file(path, key, root, root_key)
         return dataset(read(path), root, strict=data.strict, max_image_pixels=data.max_image_pixels)
 
     if data.sets:

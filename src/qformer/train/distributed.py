@@ -66,10 +66,9 @@ def setup_runtime(device: str = "auto") -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        target = parse_device(f"cuda:{local_rank}" if device == "cuda" else device)
-    except ValueError as err:
-        raise ValueError(f"device: {err}") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():  # said once, naming the option and this torch
+        raise ValueError(f"device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+    target = parse_device(f"cuda:{local_rank}" if device == "cuda" else device)
     if target.type == "cuda":
         torch.cuda.set_device(target)
     if world > 1 and not dist.is_initialized():

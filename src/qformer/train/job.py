@@ -38,12 +38,20 @@ def resolve_bert(path: str) -> str:
     return path
 
 
-def check_sources(spec: ModelSpec, keys: tuple[str, ...]) -> None:
-    """Each of the recipe's model paths ``keys`` that is set: local, or a hub id that can be had
-    (:func:`~qformer.loading.check_source`), before anything loads."""
+# the model paths each stage reads from the recipe
+SOURCE_KEYS = {"stage1": ("init_from", "bert", "tokenizer", "vision_weights"),
+               "stage2": ("blip2", "init_from", "language_model", "tokenizer", "bert")}
+
+
+def check_sources(spec: ModelSpec) -> None:
+    """Each of the stage's model paths that is set: local, or a hub id that can be had
+    (:func:`~qformer.loading.check_source`), and stage 2's models all named, before anything
+    loads ("minilm" is shipped in a package and needs no check)."""
     from qformer.loading import check_source
 
-    for key in keys:
+    if spec.stage == "stage2" and not (spec.blip2 or (spec.init_from and spec.language_model)):
+        raise ValueError("stage 2 needs model.blip2, or model.init_from (stage 1) and model.language_model")
+    for key in SOURCE_KEYS[spec.stage]:
         value = getattr(spec, key)
         if value and value != MINILM:
             check_source(value, f"model.{key}")

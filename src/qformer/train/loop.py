@@ -16,7 +16,7 @@ from torch import nn
 
 from qformer.checkpoint import atomic_write
 from qformer.train.batches import data_batches
-from qformer.train.build import build_job, build_trained_model
+from qformer.train.build import build_job, build_trained_model, check_recipe
 from qformer.train.config import TrainConfig, dump_yaml, load_train_config, resume_changes
 from qformer.train.data import TrainShards
 from qformer.train.distributed import Runtime, setup_runtime, teardown_runtime
@@ -85,7 +85,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         raise ValueError("--resume continues the run in the folder and --overwrite replaces it: choose one")
     runtime = setup_runtime(config.device)
     try:
-        with StopRequests() as stops, ExitStack() as cleanup:
+        with StopRequests(announce=runtime.is_main) as stops, ExitStack() as cleanup:
             return _train(config, resume, overwrite, runtime, stops, cleanup)
     finally:
         teardown_runtime(runtime)
@@ -117,6 +117,14 @@ def _opened_by_this_launch(run_dir: Path, runtime: Runtime) -> bool:
     own run, never one its first start was refused."""
     marker = run_dir / LAUNCH_NAME
     return marker.is_file() and marker.read_text(encoding="utf-8") == runtime.launch
+
+
+def _never_stepped(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds only what a run writes before its first step (its config.yaml and
+    torchrun's launch marker): a run that failed while it was built, say on data it could not read,
+    has nothing to protect, and its corrected rerun should not need --overwrite."""
+    found = {path.name for path in run_files(run_dir)}
+    return "config.yaml" in found and found <= {"config.yaml", LAUNCH_NAME}
 
 
 def _open_run(config: TrainConfig, resume: bool, overwrite: bool, runtime: Runtime) -> Path | None:
@@ -154,6 +162,10 @@ def _open_run(config: TrainConfig, resume: bool, overwrite: bool, runtime: Runti
         changes = resume_changes(load_train_config(run_dir / "config.yaml"), config)
         if config.steps < checkpoint_step(checkpoint):
             raise ValueError(f"steps {config.steps} is before the checkpoint {checkpoint} to resume from")
+    elif not overwrite and _never_stepped(run_dir):
+        overwrite = True
+        if runtime.is_main:
+            logger.warning("%s holds only the config.yaml of a run that never trained a step: replacing it", run_dir)
     elif not overwrite and run_files(run_dir):
         found = ", ".join(p.name for p in run_files(run_dir)[:3])
         raise ValueError(
@@ -204,7 +216,10 @@ def _train(
 ) -> dict[str, Any]:
     run_dir = Path(config.output_dir)
     metrics_file = run_dir / "metrics.jsonl"
+    check_recipe(config)  # a mistake found before the run folder is touched
     checkpoint = _open_run(config, resume, overwrite, runtime)
+    if checkpoint is not None and checkpoint_step(checkpoint) >= config.steps and (run_dir / "final").is_dir():
+        return _finished(run_dir, config.steps, runtime)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     job = build_job(config, runtime)
     torch.manual_seed(config.seed * 1_000_003 + runtime.rank)  # then each rank its own dropout
@@ -300,10 +315,8 @@ def _train(
                 logger.info("saved %s", saved)
         if stop:
             progress.close()
-            stopped = TrainingStopped(stop, step, run_dir / f"step_{step:07d}", _resume_command(run_dir, runtime))
-            if runtime.is_main:
-                logger.info("%s", stopped)
-            raise stopped
+            # said once, by whoever catches it (qformer train prints it on rank 0)
+            raise TrainingStopped(stop, step, run_dir / f"step_{step:07d}", _resume_command(run_dir, runtime))
 
         if job.evaluate is not None and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
             last.update(_evaluate(job, model, objective, step, run_dir, runtime, metrics_file))
@@ -319,6 +332,17 @@ def _train(
         logger.info("final model: %s (qformer.%s.from_pretrained loads it)", final, loader)
     _barrier(runtime)
     return last
+
+
+def _finished(run_dir: Path, steps: int, runtime: Runtime) -> dict[str, Any]:
+    """A resumed run that has already reached ``steps`` and saved ``final/``: said in one line
+    (with how to go on), and its last logged metrics returned, rather than an empty result."""
+    if runtime.is_main:
+        logger.warning("%s is finished at step %d: nothing to do (--steps N with a larger N trains on)", run_dir, steps)
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.is_file() else []
+    logged = [json.loads(line) for line in lines if _logged_step(line) == steps]
+    return {"finished": True, **next((record for record in logged if "loss" in record), {"step": steps})}
 
 
 def _count_skipped(batch: dict, skipped: int, runtime: Runtime) -> int:

@@ -5,6 +5,7 @@ torchrun every rank learns at each step whether any rank was asked (in the step'
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -28,15 +29,22 @@ class TrainingStopped(Exception):
 class StopRequests:
     """A context that turns the stop signals into a request the loop polls once a step
     (:meth:`flags`, then :meth:`agreed`); a second Ctrl-C stops at once (KeyboardInterrupt). The
-    previous handlers come back on exit. Outside the main thread (where Python allows no handlers) it does nothing."""
+    previous handlers come back on exit. Outside the main thread (where Python allows no handlers) it does nothing.
+    With ``announce`` (rank 0), the first signal says at once that a save is pending and what a
+    second Ctrl-C would do, since a step may take long and the save is otherwise silent until done."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.signum = 0
+        self.announce = announce
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.announce and not self.signum:
+            # os.write: a signal handler may run in the middle of a print to the same stream
+            os.write(2, f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
+                        "(Ctrl-C again stops at once without saving)\n".encode())
         self.signum = signum
 
     def __enter__(self) -> StopRequests:

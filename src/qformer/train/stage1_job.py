@@ -29,7 +29,7 @@ def build_model(config: TrainConfig) -> tuple[Blip2Stage1, Any]:
     """The stage-1 model: from ``model.init_from``, or new, its Q-Former from BERT when
     ``model.bert`` is set (as BLIP-2), the image encoder from ``model.vision_weights`` when set;
     the image encoder trained with ``model.freeze_vit: false``."""
-    check_sources(config.model, ("init_from", "bert", "tokenizer", "vision_weights"))
+    check_sources(config.model)
     model, tokenizer = _from_stage1(config) if config.model.init_from else _new_stage1(config)
     prepare_image_encoder(model, config.model)
     return model, tokenizer

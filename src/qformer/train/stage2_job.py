@@ -36,7 +36,7 @@ def build_model(config: TrainConfig) -> Blip2:
     LLM; a Q-Former that reads the prompt (``model.instruct``, ``model.question_to_qformer``) is
     InstructBLIP's; the image encoder trained with ``model.freeze_vit: false``."""
     spec = config.model
-    check_sources(spec, ("blip2", "init_from", "language_model", "tokenizer", "bert"))
+    check_sources(spec)
     if spec.blip2:
         # trained parts in fp32 whatever the file stores; the frozen LLM in model.llm_dtype
         model = Blip2.from_pretrained(spec.blip2, dtype="float32")
@@ -51,12 +51,11 @@ def build_model(config: TrainConfig) -> Blip2:
             raise ValueError("model.init_from: with model.blip2, a stage-1 model only gives the Q-Former a text path "
                              "(model.question_to_qformer or model.instruct): set one of those or leave it unset")
     else:
-        if not (spec.init_from and spec.language_model):
-            raise ValueError("stage 2 needs model.blip2, or model.init_from (stage 1) and model.language_model")
-        llm_config = AutoConfig.from_pretrained(spec.language_model)
+        language_model = resolve_bert(spec.language_model)  # "minilm": a BERT read left to right, for tiny runs
+        llm_config = AutoConfig.from_pretrained(language_model)
         auto = AutoModelForSeq2SeqLM if llm_config.is_encoder_decoder else AutoModelForCausalLM
-        llm = auto.from_pretrained(spec.language_model)
-        tokenizer = AutoTokenizer.from_pretrained(spec.language_model)
+        llm = auto.from_pretrained(language_model)
+        tokenizer = AutoTokenizer.from_pretrained(language_model)
         stage1 = Blip2Stage1.from_pretrained(spec.init_from)
         kind = InstructBlip if spec.reads_prompt else Blip2
         model = kind.from_stage1(stage1, llm, tokenizer, llm_dtype=spec.llm_dtype)
