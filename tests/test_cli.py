@@ -75,7 +75,7 @@ def test_offline_hub_id_fails_at_once_naming_the_recipe_key(tmp_path):
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["train", "configs/tiny.yaml", "--device", "cuda"], "device: device 'cuda:0': CUDA is not available"),
+    (["train", "configs/tiny.yaml", "--device", "cuda"], "device cuda: CUDA is not available on this machine"),
     (["train", "configs/tiny.yaml", "--device", "tpu"], "unknown device 'tpu'"),
     (["train", "configs/tiny.yaml", "--data.source", "captions", "--data.path", "nope.json"],
      "data.path: nope.json is not a file"),
