@@ -159,7 +159,7 @@ def test_recall_refuses_a_k_below_the_largest_recall_reported():
     order of ties, so it is refused; k at least 10, or every item a candidate, is fine."""
     i2t, t2i = torch.randn(20, 20), torch.randn(20, 20)
     text_to_image = torch.arange(20)
-    with pytest.raises(ValueError, match=r"recall@10 needs the re-ranking depth k >= 10, got k = 8"):
+    with pytest.raises(ValueError, match=r"k = 8 is too shallow: recall@10 ranks the top 10 texts \(of 20\), so it needs k >= 10"):
         retrieval_recall(i2t, t2i, text_to_image, k=8)
     assert retrieval_recall(i2t, t2i, text_to_image, k=10) == retrieval_recall(i2t, t2i, text_to_image)
     small = retrieval_recall(i2t[:6, :6], t2i[:6, :6], torch.arange(6), k=6)  # 6 items, all candidates

@@ -148,6 +148,18 @@ def retrieval_scores(
     return reranked_scores(candidates, itm)
 
 
+def check_rerank_depth(k: int, texts: int, images: int, ks: tuple[int, ...] = (1, 5, 10)) -> None:
+    """Refuse a re-ranking depth ``k`` too shallow for recall@max(ks) over ``texts`` captions and
+    ``images`` images; callers check it before computing anything. Recall@K needs the top K
+    ranked (or every candidate, when there are fewer than K); below rank k the scores tie."""
+    for name, count in (("texts", texts), ("images", images)):
+        need = min(max(ks), count)
+        if k < need:
+            raise ValueError(f"k = {k} is too shallow: recall@{max(ks)} ranks the top {need} {name} (of {count}), "
+                             f"so it needs k >= {need}; below rank k the {name} tie at -100 (BLIP-2 uses "
+                             f"k = {RERANK_DEPTH})")
+
+
 def retrieval_recall(
     i2t: Tensor, t2i: Tensor, text_to_image: Tensor, ks: tuple[int, ...] = (1, 5, 10), k: int | None = None
 ) -> dict[str, float]:
@@ -156,10 +168,7 @@ def retrieval_recall(
     :func:`retrieval_scores`, whose scores below rank k all tie at -100; a K above it would
     depend on the order of those ties, so it is refused."""
     if k is not None:
-        for name, count in (("texts", i2t.shape[1]), ("images", t2i.shape[1])):
-            if k < min(max(ks), count):
-                raise ValueError(f"recall@{max(ks)} needs the re-ranking depth k >= {min(max(ks), count)}, got "
-                                 f"k = {k}: below rank k the {name} tie at -100 (BLIP-2 uses k = {RERANK_DEPTH})")
+        check_rerank_depth(k, i2t.shape[1], t2i.shape[1], ks)
     images = torch.arange(i2t.shape[0], device=i2t.device)
     text_to_image = text_to_image.to(i2t.device)
     hits_i2t = text_to_image[i2t.argsort(dim=1, descending=True)] == images[:, None]  # (Ni, Nt)

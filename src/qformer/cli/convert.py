@@ -17,10 +17,18 @@ def _run_convert(args: argparse.Namespace) -> None:
 
     to = args.to or default_target(args.dst)
     try:
-        read, written = convert(args.src, args.dst, to, args.config, args.llm, args.vision)
+        read, written = convert(args.src, args.dst, to, args.config, args.llm, args.vision, args.tokenizer)
     except KeyError as err:  # a key with no place: ConversionReport.raise_if_unmatched names them
         raise ValueError(err.args[0]) from None
-    print(f"read {args.src}\n{read.summary()}\nwrote {args.dst} ({to})\n{written.summary()}")
+    # One report: what reading and what writing left out, in that order (a key fails the
+    # conversion before this when it has no place, so nothing here is unmatched).
+    dropped = [*sorted(read.dropped.items()), *sorted(written.dropped.items())]
+    print(f"read {args.src}\nwrote {args.dst} ({to})\ndropped {len(dropped)} key(s) on purpose")
+    for key, why in dropped:
+        print(f"  {key}: {why}")
+    if to != "lavis" and not (args.dst / "tokenizer_config.json").is_file():
+        print(f"note: {args.dst} holds no tokenizer (a LAVIS file has none), which caption, retrieve and serve "
+              "need: convert again with --tokenizer (e.g. bert-base-uncased, LAVIS's, or a local copy of it)")
 
 
 _EPILOG = """\
@@ -62,4 +70,8 @@ def add_convert_command(subparsers: Any) -> None:
     parser.add_argument("--vision", type=Path, metavar="SRC", help=(
         "LAVIS sources without visual_encoder.* weights: where the image encoder comes from (LAVIS's "
         "eva_vit_g.pth, or a LAVIS, transformers or qformer checkpoint that has it)"))
+    parser.add_argument("--tokenizer", metavar="DIR_OR_HUB_ID", help=(
+        "stage-1 models: the Q-Former's BERT tokenizer, saved with the model ([DEC] added); LAVIS's .pth holds "
+        "none, and caption, retrieve and serve need it (LAVIS's is bert-base-uncased). Default: the source's, if "
+        "it has one"))
     parser.set_defaults(run=_run_convert)

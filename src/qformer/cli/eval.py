@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from qformer.cli.options import print_result
+from qformer.cli.options import print_result, require_tokenizer
 
 
 def generation_options(pairs: list[str] | None) -> dict[str, Any]:
@@ -45,13 +45,25 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
         if getattr(args, flag) is not None:
             raise ValueError(f"--{flag.replace('_', '-')} goes with --model (a benchmark), not with a run")
     if args.checkpoint is not None:
-        result = evaluate_checkpoint(load_train_config(args.target, overrides), args.checkpoint, args.out)
+        config = load_train_config(args.target, overrides)
+        result = evaluate_checkpoint(config, args.checkpoint, args.out or results_file(Path(args.checkpoint)))
     elif Path(args.target).is_file():
         raise ValueError(f"{args.target} is a recipe: name the checkpoint with --checkpoint, or give a run folder")
     else:
-        result = evaluate_run(args.target, overrides, args.out)
+        result = evaluate_run(args.target, overrides, args.out or results_file(Path(args.target)))
     print_result(result)
     return 0
+
+
+def results_file(checkpoint: Path) -> Path | None:
+    """Where the evaluation of the folder named (``checkpoint``) goes by default. A model folder
+    (a run's final/, or any folder with a config.json) stays as it was exported, so that what is
+    served, copied or uploaded from it is the model alone: its results go beside it, as
+    ``eval-final.json`` in the run folder. A step_XXXXXXX/ checkpoint, or a run folder (its latest
+    step), keeps the evaluation's own default, eval.json in the step (None)."""
+    if (checkpoint / "config.json").is_file():
+        return checkpoint.parent / f"eval-{checkpoint.name}.json"
+    return None
 
 
 def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -86,7 +98,11 @@ def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} goes with {kind}, not {args.task}")
     generation = generation_options(args.generate)  # before the model loads
     dtype = parse_dtype(args.dtype)
-    if not retrieval:
+    if retrieval:  # --k against the test split's size, before the model loads and features are computed
+        from qformer.evaluate.retrieval_tasks import check_retrieval_test
+
+        check_retrieval_test(args.task, args.data, args.k, args.limit)
+    else:
         benchmark, split = check_task(args.task, args.split)
         if args.task in RANKING_TASKS:
             check_prompt(benchmark, args.prompt)
@@ -98,6 +114,7 @@ def _eval_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
     if not retrieval and found.kind == "stage1":
         raise ValueError(f"{args.model} holds {found.described}: --task {args.task} needs a stage-2 model (BLIP-2, "
                          "InstructBLIP)")
+    require_tokenizer(found, "eval")
     runtime = setup_runtime(args.device or default_device())  # under torchrun: one process per device
     fingerprint, out = model_fingerprint(found.directory), Path(args.out or f"eval-{args.task}")
     model = load_pretrained(found, dtype=dtype, device=runtime.device)
@@ -132,8 +149,9 @@ def add_eval_command(commands: Any) -> None:
                           help="with a recipe: the step_XXXXXXX/ or final/ folder to evaluate (default: none, "
                                "the target is a run folder)")
     evaluate.add_argument("--out", default=None,
-                          help="where to write the results: a run's JSON (default: eval.json in the evaluated "
-                               "folder), or with --model a folder (default: eval-TASK)")
+                          help="where to write the results: a run's JSON (default: eval.json in a "
+                               "step_XXXXXXX/ folder; for a model folder such as final/, eval-final.json beside it, "
+                               "the model folder left as exported), or with --model a folder (default: eval-TASK)")
     paper = evaluate.add_argument_group("a paper's benchmark on a model (see the table in docs/evaluation.md)")
     paper.add_argument("--model", default=None, help="a BLIP-2 or InstructBLIP directory or hub id")
     paper.add_argument("--task", default=None,

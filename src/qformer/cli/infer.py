@@ -9,13 +9,17 @@ import json
 import sys
 from typing import Any
 
-from qformer.cli.options import add_device_arguments, device_options
+from qformer.cli.options import add_device_arguments, device_options, require_tokenizer
 from qformer.data.image_files import batches, expand_images
 
 
 def add_infer_commands(commands: Any) -> None:
     """Register ``caption`` and ``vqa`` on an argparse subparsers object."""
-    caption = commands.add_parser("caption", help="caption images with a BLIP-2 model")
+    caption = commands.add_parser(
+        "caption", help="caption images with a BLIP-2 model (or a stage-1 model's Q-Former)",
+        description="Caption images with a stage-2 model (BLIP-2, InstructBLIP: its LLM writes the caption) or "
+                    "a stage-1 model (its Q-Former alone writes it, as LAVIS's Blip2Qformer.generate; no --prompt). "
+                    "qformer serve answers /caption the same way for either.")
     add_inference_arguments(caption)
     caption.add_argument("--prompt", default=None, help="text the caption continues (default: none)")
     caption.set_defaults(run=caption_command)
@@ -27,7 +31,9 @@ def add_infer_commands(commands: Any) -> None:
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a transformers-layout BLIP-2 / InstructBLIP directory or hub id")
+    stage1 = ", or a stage-1 model in qformer's layout" if parser.prog.endswith("caption") else ""
+    parser.add_argument("--model", required=True, help=f"a BLIP-2 / InstructBLIP directory or hub id{stage1}; a "
+                        "training run folder means its final/")
     parser.add_argument("images", nargs="+", help="image files, folders or globs (quote a glob: 'photos/**/*.jpg')")
     parser.add_argument("--json", action="store_true", help="one JSON object per line, as results come")
     add_device_arguments(parser)
@@ -53,6 +59,7 @@ def load_model(args: argparse.Namespace):
                          "LAVIS's blip2_pretrained.pth through qformer convert)")
     if found.kind == "stage1" and args.prompt:
         raise ValueError("a stage-1 model captions from [DEC] alone: --prompt needs a BLIP-2 model with an LLM")
+    require_tokenizer(found, args.command)
     return load_pretrained(found, **options)
 
 

@@ -33,6 +33,17 @@ def device_options(args: argparse.Namespace) -> dict[str, Any]:
     return options | {"device": parse_device(args.device or default_device())}
 
 
+def require_tokenizer(found: Any, command: str) -> None:
+    """Refuse, before it loads, a stage-1 model saved without its tokenizer (what ``qformer
+    convert`` writes from a LAVIS file when not given one), in the command line's words: the
+    library's own message would say to set ``model.tokenizer`` in Python. ``found`` is what
+    :func:`qformer.pretrained.auto.find_model` found."""
+    if found.kind == "stage1" and not (found.directory / "tokenizer_config.json").is_file():
+        raise ValueError(f"{found.name} holds no tokenizer, which {command} needs (a LAVIS file has none): convert "
+                         f"it again with qformer convert SRC.pth {found.name} --tokenizer bert-base-uncased (LAVIS's "
+                         "Q-Former tokenizer, or a local copy of it)")
+
+
 def is_main_process() -> bool:
     """Rank 0 of torchrun's processes (or the only process)."""
     return os.environ.get("RANK", "0") == "0"

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from qformer.cli.options import add_device_arguments, device_options
+from qformer.cli.options import add_device_arguments, device_options, require_tokenizer
 
 _EPILOG = """\
 Prints one JSON object per line and result: {"query", "rank", "image", "score"}, best first for
@@ -50,6 +50,7 @@ def retrieve_command(args: argparse.Namespace) -> int:
     if found.kind != "stage1":
         raise ValueError(f"{args.model} holds {found.described}, not stage 1: retrieve ranks images with a stage-1 "
                          "model")
+    require_tokenizer(found, "retrieve")
     model = load_pretrained(found, **options)
     result = search(model, args.images, args.query, top=args.top, k=args.k, batch_size=args.batch_size)
     for message in result.skipped:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from qformer.cli.options import require_tokenizer
 from qformer.serve.limits import Limits
 
 LIMIT_HELP = {
     "max_upload_bytes": "largest request body in bytes",
-    "max_image_pixels": "largest image in pixels (decompression bombs are refused before decoding)",
+    "max_image_pixels": "largest image in pixels (decompression bombs are refused before decoding); lower than "
+                        "the 64,000,000 of caption, vqa, retrieve and training, because a server decodes images "
+                        "that anyone who reaches it sends, several at once",
     "max_prompt_chars": "longest prompt, question or text in characters",
     "max_new_tokens": "most new tokens a request may ask for",
     "max_num_beams": "widest beam search a request may ask for",
@@ -29,9 +32,10 @@ LIMIT_HELP = {
 def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser(
         "serve", help="an HTTP API and a web page for a model (captions, questions, image search)",
-        description="Serve a stage-2 model (BLIP-2, InstructBLIP: /caption, /vqa) or a stage-1 model (/match, "
-                    "/search over --gallery) with a web page at /, OpenAPI at /docs, /healthz and /metrics.")
-    serve.add_argument("--model", required=True, help="a model directory or hub id")
+        description="Serve a stage-2 model (BLIP-2, InstructBLIP: /caption, /vqa) or a stage-1 model (/caption "
+                    "by the Q-Former alone, as qformer caption; /match, /search over --gallery) with a web page at /, "
+                    "OpenAPI at /docs, /healthz and /metrics.")
+    serve.add_argument("--model", required=True, help="a model directory or hub id, or a training run (its final/)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: a GPU if there is one)")
@@ -56,6 +60,7 @@ def serve_command(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be within 1..65535, got {args.port}")
     found = find_model(args.model)  # a directory holding no model fails here, as for every command
+    require_tokenizer(found, "serve")
     server_parts()  # what to install, said before the model loads
     served = load_served(found, args.device, args.dtype, args.gallery, args.gallery_index)
     run_server(served, limits, args.host, args.port)

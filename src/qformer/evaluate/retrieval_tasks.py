@@ -22,6 +22,7 @@ from qformer.pretrained.stage1 import TEXT_MAX_LENGTH, extract_features, tokeniz
 from qformer.retrieval import (
     RERANK_DEPTH,
     Candidates,
+    check_rerank_depth,
     itm_of_images,
     rerank_candidates,
     reranked_scores,
@@ -106,6 +107,17 @@ class Chunks:
         return tensor
 
 
+def check_retrieval_test(task: str, data: str | Path, k: int, limit: int | None) -> RetrievalTest:
+    """The test split, read (its annotations only) and checked against ``k`` before anything is
+    computed: ``qformer eval`` calls it before the model loads, so that a refused ``--k`` costs
+    neither the features nor the re-ranking."""
+    test = read_retrieval_test(Path(data), task, limit)
+    if not test.names:
+        raise ValueError(f"{Path(data) / RETRIEVAL_TASKS[task]}: no images to retrieve")
+    check_rerank_depth(k, len(test.captions), len(test.names))
+    return test
+
+
 @torch.no_grad()
 def evaluate_retrieval_task(model: Any, task: str, data: str | Path, out: str | Path, k: int = RERANK_DEPTH,
                             batch_size: int = 32, limit: int | None = None, fingerprint: str | None = None,
@@ -119,9 +131,7 @@ def evaluate_retrieval_task(model: Any, task: str, data: str | Path, out: str | 
                         ("limit", 1 if limit is None else limit)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
-    test = read_retrieval_test(Path(data), task, limit)
-    if not test.names:
-        raise ValueError(f"{Path(data) / RETRIEVAL_TASKS[task]}: no images to retrieve")
+    test = check_retrieval_test(task, data, k, limit)
     out = Path(out)
     folder = Path(features) if features is not None else out / "features"
     folder = folder / "features" if (folder / "features").is_dir() else folder  # an earlier OUT names its features

@@ -21,6 +21,7 @@ from qformer.pretrained.stage2 import Blip2, InstructBlip
 Kind = Literal["stage1", "blip2", "instructblip"]
 MODEL_DIRECTORIES = ("a training run's final/, qformer export's or save_pretrained's output, transformers' BLIP-2, "
                      "InstructBLIP or Blip2ForImageTextRetrieval")
+RUN_RECIPE = "config.yaml"  # what marks a training run's folder (qformer train writes its recipe there)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def find_model(path_or_hub_id: str | Path | ModelDirectory) -> ModelDirectory:
     if isinstance(path_or_hub_id, ModelDirectory):
         return path_or_hub_id
     name = str(path_or_hub_id)
-    directory = Path(resolve_checkpoint(path_or_hub_id))
+    directory = training_output(name, Path(resolve_checkpoint(path_or_hub_id)))
     file = directory / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{name} holds no config.json: expected a model directory ({MODEL_DIRECTORIES})")
@@ -71,6 +72,26 @@ def find_model(path_or_hub_id: str | Path | ModelDirectory) -> ModelDirectory:
         raise ValueError(f"{name}: config.json ({what}) is not a stage-1 BLIP-2 model, a BLIP-2 or an "
                          f"InstructBLIP: expected a model directory ({MODEL_DIRECTORIES})")
     return ModelDirectory(name, directory, kind, layout, model_type, architectures)
+
+
+def training_output(name: str, directory: Path) -> Path:
+    """The model a training run's folder stands for, so that every command that takes a model
+    takes a run as ``qformer eval`` and ``qformer export`` do: a run folder means its ``final/``.
+    A run that has not finished, or one of its ``step_XXXXXXX/`` checkpoints (trainable weights
+    and optimizer state, not a model), fails in one line that names ``qformer export``, which
+    writes such a checkpoint as a model; any other directory is returned as it is."""
+    if (directory / CONFIG_NAME).is_file():
+        return directory
+    if (directory / RUN_RECIPE).is_file():
+        final = directory / "final"
+        if (final / CONFIG_NAME).is_file():
+            return final
+        raise FileNotFoundError(f"{name} is a training run with no final/ yet (written when training ends): write "
+                                f"its last checkpoint as a model with qformer export {name} OUT, and pass OUT")
+    if (directory.parent / RUN_RECIPE).is_file():
+        raise ValueError(f"{name} is a training checkpoint, not a model: pass the run's final/, or write this "
+                         f"checkpoint as a model with qformer export {name} OUT and pass OUT")
+    return directory
 
 
 def load_pretrained(

@@ -45,7 +45,7 @@ from qformer.pretrained.transformers import (
     image_config_from_directory,
     stage1_from_transformers,
 )
-from qformer.tokenizer import directory_tokenizer, save_tokenizer
+from qformer.tokenizer import directory_tokenizer, load_tokenizer, save_tokenizer
 
 Model = Blip2Stage1 | Blip2
 PTH_SUFFIXES = (".pth", ".pt")
@@ -205,8 +205,13 @@ def _read_lavis(
     except StateDictMismatchError as err:
         if config is not None:
             raise
-        hint = "without --config, BLIP-2's official shapes are assumed (EVA ViT-g, BERT-base Q-Former, 32 queries)"
-        raise StateDictMismatchError(f"{hint}; pass --config for others. The {err}") from None
+        # Every key of a smaller model then misses or mis-fits (hundreds of lines): the counts say
+        # enough, and the one thing to do is to pass the architecture.
+        counts = ", ".join(f"{n} {what}" for n, what in re.findall(r"^  (\d+) ([\w-]+):$", str(err), re.MULTILINE))
+        raise StateDictMismatchError(
+            f"{path} does not have BLIP-2's official shapes (EVA ViT-g, BERT-base Q-Former, 32 queries), which are "
+            f"assumed without --config ({counts} key(s)): pass --config JSON, the model's architecture (qformer's "
+            "config.json, or a transformers BLIP-2 config.json)") from None
     report.dropped.update(supplied.dropped)
     return model, report
 
@@ -335,13 +340,20 @@ def convert(
     config: Path | None = None,
     llm: Path | None = None,
     vision: Path | None = None,
+    tokenizer: str | Path | None = None,
 ) -> tuple[ConversionReport, ConversionReport]:
     """Read ``src`` (layout detected), write ``dst`` in layout ``to`` (default: lavis for a
     ``.pth``/``.pt`` path, else qformer). Returns what reading and what writing left out; a key
-    with no place anywhere fails the conversion."""
+    with no place anywhere fails the conversion. ``tokenizer``: a stage-1 model's BERT tokenizer
+    (a directory or hub id, ``[DEC]`` added), saved with it: a LAVIS file holds none, and
+    captions, retrieval and serving need one."""
     dst = Path(dst)
     to = to or default_target(dst)
     _check_target(dst, to)
     model, read = read_checkpoint(src, config, llm, vision)
+    if tokenizer is not None:
+        if not isinstance(model, Blip2Stage1):
+            raise ValueError(f"--tokenizer: {src} is a stage-2 model, which keeps its LLM's tokenizer (--llm DIR)")
+        model.tokenizer = load_tokenizer(tokenizer)
     return read, write_checkpoint(model, dst, to)
 

@@ -27,11 +27,24 @@ def read_lavis_pth(path: str | Path) -> dict[str, Tensor]:
     ``optimizer`` or ``epoch``, are ignored), or the whole file when it is a bare state dict.
     Loaded with ``weights_only=True``: a pickle that would run code is refused."""
     path = Path(path)
+    check_torch_file(path)
     content = load_plain(path)
     state = content.get("model", content) if isinstance(content, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a LAVIS checkpoint, a dict whose 'model' entry maps names to tensors")
     return state
+
+
+def check_torch_file(path: Path) -> None:
+    """Refuse, in one line, a file that ``torch.save`` did not write, before torch reads it: torch's
+    reader would fail on a text or an image file with a bare KeyError (the byte it did not expect,
+    e.g. ``101``). ``torch.save`` writes a zip archive (``PK``), or before torch 1.6 a pickle
+    (protocol 2 and above start with ``0x80``). Nothing is unpickled here."""
+    with path.open("rb") as file:
+        head = file.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise ValueError(f"{path} is not a torch checkpoint (neither the zip archive nor the pickle that torch.save "
+                         "writes): expected a LAVIS .pth file, or a model directory")
 
 
 def _compact(tensor: Tensor) -> Tensor:

@@ -229,6 +229,16 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
         """A caption of the image, after an optional prompt."""
         return await generation("caption", request)
 
+    @posted("/caption", "stage1", Caption, ("image", "max_new_tokens", "num_beams"), ["image"])
+    async def qformer_caption(request: Request) -> Any:
+        """A caption of the image by the Q-Former alone (a stage-1 model has no LLM), as qformer
+        caption writes it: LAVIS's decoding unless the request sets beams or length."""
+        fields = await Fields.read(request, limits)
+        settings = {"max_new_tokens": fields.integer("max_new_tokens", 1, limits.max_new_tokens, "max_new_tokens"),
+                    "num_beams": fields.integer("num_beams", 1, limits.max_num_beams, "max_num_beams")}
+        payload = Generation(await fields.image(served.model.config.image), "")
+        return await answer(request, ("caption", tuple(sorted((k, v) for k, v in settings.items() if v))), payload)
+
     @posted("/vqa", "stage2", VqaAnswer, (*generating, "question"), ["image", "question"], or_events(VqaAnswer))
     async def vqa(request: Request) -> Any:
         """A short answer to a question about the image."""

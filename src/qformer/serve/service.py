@@ -50,14 +50,15 @@ class Search:
 
 class ServedModel:
     """A loaded model and the routes it answers: ``caption`` and ``vqa`` for a stage-2 model
-    (BLIP-2, InstructBLIP), ``match`` and ``search`` for a stage-1 one."""
+    (BLIP-2, InstructBLIP), ``caption`` (the Q-Former's), ``match`` and ``search`` for a stage-1 one."""
 
     def __init__(self, model: Blip2 | Blip2Stage1, name: str, gallery: Gallery | None = None) -> None:
         self.model, self.name, self.gallery = model, name, gallery
         self.kind = "stage1" if isinstance(model, Blip2Stage1) else "stage2"
         if self.kind == "stage2" and gallery is not None:
             raise ValueError("--gallery is searched by a stage-1 model; this is a stage-2 model (captions, questions)")
-        self.routes = ("match", "search") if self.kind == "stage1" else ("caption", "vqa")
+        # A stage-1 model captions too, with its Q-Former alone, as ``qformer caption`` does.
+        self.routes = ("caption", "match", "search") if self.kind == "stage1" else ("caption", "vqa")
         # The request side's own tokenizer: a fast tokenizer is not safe to call from two threads
         # at once, and the model thread calls the model's.
         self._checking_tokenizer = copy.deepcopy(model.tokenizer) if self.kind == "stage2" else None
@@ -90,6 +91,12 @@ class ServedModel:
         result, or one exception, per request (a search's failure is its own)."""
         route = key[0]
         start = time.perf_counter()
+        if route == "caption" and self.kind == "stage1":
+            from qformer.retrieval import caption_texts
+
+            texts = caption_texts(self.model, [p.image for p in payloads], **dict(key[1]))
+            seconds = time.perf_counter() - start
+            return [{"caption": text, "seconds": seconds} for text in texts]
         if route in ("caption", "vqa"):
             texts = self.model.generate_text([p.image for p in payloads], [p.prompt for p in payloads], **dict(key[1]))
             seconds = time.perf_counter() - start
