@@ -19,7 +19,7 @@ def _train_config(source: str, overrides: list[str], resume: bool):
     path = Path(source)
     if not path.is_dir():
         if not path.is_file():
-            raise FileNotFoundError(f"{source} is neither a recipe (YAML) nor a run folder")
+            raise FileNotFoundError(f"{source} not found: give a recipe (YAML), or with --resume a run folder")
         return load_train_config(path, overrides)
     if not resume:
         raise ValueError(f"{source} is a folder: give a recipe (YAML), or add --resume to continue the run in it")
