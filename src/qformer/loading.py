@@ -39,7 +39,8 @@ class StoredTensor:
 
 
 def hub_offline() -> bool:
-    """``HF_HUB_OFFLINE`` as huggingface_hub reads it (the ``qformer`` command sets it unless told 0)."""
+    """``HF_HUB_OFFLINE`` as huggingface_hub reads it: unset, the hub is online, from Python and
+    from the ``qformer`` command alike (the tests and CI set it)."""
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("0", "", "false", "no", "off")
 
 
@@ -60,7 +61,10 @@ def check_source(value: str, key: str) -> str:
 
 
 def resolve_checkpoint(path_or_hub_id: str | Path) -> Path:
-    """A local directory as is; otherwise a hub id, downloaded unless the hub is offline."""
+    """A local directory as is; otherwise a hub id, downloaded unless the hub is offline. A
+    download that fails is one line naming what was asked for and what to do, in place of
+    huggingface_hub's paragraph about the network (the hub is online by default, as in
+    transformers, so a mistyped path is most often reported from here)."""
     path = Path(path_or_hub_id)
     if path.is_dir():
         return path
@@ -70,8 +74,22 @@ def resolve_checkpoint(path_or_hub_id: str | Path) -> Path:
             "config.json and the weights, or set HF_HUB_OFFLINE=0 to download a hub id"
         )
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    return Path(snapshot_download(str(path_or_hub_id)))
+    try:
+        return Path(snapshot_download(str(path_or_hub_id)))
+    except HFValidationError as err:
+        raise FileNotFoundError(f"{path_or_hub_id} is not a local directory, nor a hub id (owner/name)") from err
+    except RepositoryNotFoundError as err:
+        raise FileNotFoundError(
+            f"{path_or_hub_id} is not a local directory, nor a model on the hub that this machine may read: check "
+            "the name (a private or gated model needs `hf auth login`)"
+        ) from err
+    except LocalEntryNotFoundError as err:
+        raise FileNotFoundError(
+            f"{path_or_hub_id} is not a local directory, and as a hub id it could not be downloaded (the hub did not "
+            "answer) nor found in the local cache: check the connection, or point to a local directory"
+        ) from err
 
 
 def weight_files(directory: Path) -> list[Path]:

@@ -19,7 +19,7 @@ def _train_config(source: str, overrides: list[str], resume: bool):
     path = Path(source)
     if not path.is_dir():
         if not path.is_file():
-            raise FileNotFoundError(f"{source} is neither a recipe (YAML) nor a run folder")
+            raise FileNotFoundError(f"{source} not found: give a recipe (YAML), or with --resume a run folder")
         config = load_train_config(path, overrides)
         if not resume:  # a resumed run keeps the value its config.yaml recorded, fitted when it started
             fit_workers(config, overrides)
