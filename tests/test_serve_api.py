@@ -294,7 +294,7 @@ def test_stage1_match_equals_the_library(stage1, stage1_model):
                    "texts: one or more")
     assert_refused(stage1.post("/match", json={"image": base64.b64encode(png_bytes()).decode(),
                                                "texts": ["t"] * 5}), 422, "max_texts")
-    assert_refused(stage1.post("/caption", files=image_file()), 404, "answers /match, /search")
+    assert_refused(stage1.post("/vqa", files=image_file()), 404, "answers /caption, /match, /search, not /vqa")
 
 
 def test_stage1_search_ranks_as_the_library_and_serves_the_images(stage1, stage1_model, gallery):

@@ -43,7 +43,7 @@ FUZZING = settings(max_examples=40, derandomize=True, database=None, deadline=No
                    suppress_health_check=list(HealthCheck))
 OPERATIONS = {
     "stage2": [("/caption", "POST"), ("/vqa", "POST")],
-    "stage1": [("/match", "POST"), ("/search", "POST"), ("/gallery/{name}", "GET")],
+    "stage1": [("/caption", "POST"), ("/match", "POST"), ("/search", "POST"), ("/gallery/{name}", "GET")],
 }
 EVERY_SERVER = [("/info", "GET"), ("/healthz", "GET"), ("/metrics", "GET"), ("/", "GET")]
 
@@ -79,9 +79,9 @@ def test_each_server_describes_only_the_routes_it_serves(servers):
     other = httpx.post(f"{servers['stage2']}/match", json={})
     assert other.status_code == 404 and other.json() == {"error": "this stage-2 model answers /caption, /vqa, "
                                                                   "not /match"}
-    other = httpx.get(f"{servers['stage1']}/caption")
-    assert other.status_code == 404 and other.json() == {"error": "this stage-1 model answers /match, /search, "
-                                                                  "not /caption"}
+    other = httpx.post(f"{servers['stage1']}/vqa", json={})
+    assert other.status_code == 404 and other.json() == {"error": "this stage-1 model answers /caption, /match, "
+                                                                  "/search, not /vqa"}
     assert httpx.get(f"{servers['stage2']}/gallery/0.png").json()["error"].endswith("not /gallery")
     spec = httpx.get(f"{servers['stage2']}/openapi.json").json()
     caption = spec["paths"]["/caption"]["post"]["responses"]

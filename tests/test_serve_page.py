@@ -325,8 +325,13 @@ def test_search_the_gallery(browser, stage1_url, shots, capsys):
     open_page(browser, stage1_url, "search-panel")
     assert browser.find_element(By.ID, "match-panel").is_displayed()
     assert browser.find_element(By.ID, "image-panel").is_displayed()
-    for stage2_only in ("caption-panel", "vqa-panel"):
-        assert not browser.find_element(By.ID, stage2_only).is_displayed(), stage2_only
+    assert not browser.find_element(By.ID, "vqa-panel").is_displayed()
+    # a stage-1 model captions with its Q-Former: no prompt to continue, no stream
+    assert browser.find_element(By.ID, "caption-panel").is_displayed()
+    assert not browser.find_element(By.ID, "stream").is_displayed()
+    browser.find_element(By.CSS_SELECTOR, "#caption-form summary").click()
+    assert browser.find_element(By.ID, "num-beams").is_displayed()
+    assert not browser.find_element(By.ID, "prompt").is_displayed()
 
     query = "a red picture"
     expected = httpx.post(stage1_url + "/search", json={"text": query, "top": 3}, timeout=60)
