@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from qformer.train.config import SAFE_ON_RESUME, load_train_config
 from test_train import ROOT, TINY
@@ -75,6 +76,10 @@ def test_tiny_stage2_recipe_runs_from_the_tiny_stage1(tiny_runs):
     run = cwd / "runs" / "tiny_stage2"
     assert (run / "final" / "config.json").is_file() and (run / "step_0000002").is_dir()
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["language_model"] == "minilm"
+    Image.new("RGB", (40, 30), "red").save(cwd / "red.png")
+    for command in (["caption"], ["vqa", "--question", "what colour is it?"]):  # the model it leaves works
+        used = qformer_in(cwd, *command, "--model", "runs/tiny_stage2", "--max-new-tokens", "3", "red.png")
+        assert used.returncode == 0 and used.stdout.startswith("red.png\t"), used.stderr[-2000:]
 
 
 def test_resuming_a_finished_run_says_so(tiny_runs):

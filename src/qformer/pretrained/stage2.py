@@ -203,7 +203,8 @@ class Blip2(Blip2Stage2Model):
 
     def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase | None = None) -> list[int]:
         """Where generation stops: the LLM config's ``eos_token_id`` (one id or a list, as
-        transformers reads it; the tokenizer's eos where the config names none) and, for a
+        transformers reads it; the tokenizer's eos, or else its separator, where the config names
+        none) and, for a
         decoder-only LLM, the last token of ``config.text_suffix``: "\\n" for OPT, which BLIP-2
         appends to every caption it trains on and the released OPT models name as their eos.
         A directory whose config omits it still stops there here; :meth:`save_pretrained` writes
@@ -218,6 +219,8 @@ class Blip2(Blip2Stage2Model):
             return ids
         if not ids and tokenizer.eos_token_id is not None:
             ids = [tokenizer.eos_token_id]
+        if not ids and tokenizer.sep_token_id is not None:  # a BERT's: its texts end in [SEP], it names no eos
+            ids = [tokenizer.sep_token_id]
         if self.config.text_suffix and not self.is_encoder_decoder:
             suffix = tokenizer(self.config.text_suffix, add_special_tokens=False).input_ids
             ids += [i for i in suffix[-1:] if i not in ids]

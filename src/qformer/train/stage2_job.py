@@ -54,7 +54,10 @@ def build_model(config: TrainConfig) -> Blip2:
         language_model = resolve_bert(spec.language_model)  # "minilm": a BERT read left to right, for tiny runs
         llm_config = AutoConfig.from_pretrained(language_model)
         auto = AutoModelForSeq2SeqLM if llm_config.is_encoder_decoder else AutoModelForCausalLM
-        llm = auto.from_pretrained(language_model)
+        # A BERT reads left to right only as a decoder: without is_decoder it attends both ways
+        # and keeps no cache, so that its stage-2 model could not generate.
+        as_decoder = {"is_decoder": True} if llm_config.model_type == "bert" else {}
+        llm = auto.from_pretrained(language_model, **as_decoder)
         tokenizer = AutoTokenizer.from_pretrained(language_model)
         stage1 = Blip2Stage1.from_pretrained(spec.init_from)
         kind = InstructBlip if spec.reads_prompt else Blip2
