@@ -69,7 +69,8 @@ def test_offline_hub_id_fails_at_once_naming_the_recipe_key(tmp_path):
     env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache
     env["HF_HUB_OFFLINE"] = "1"
     out = qformer("train", str(ROOT / "configs" / "stage1.yaml"), "--data.path", "captions.json",
-                  "--data.image_root", "images/", "--output_dir", "run", env=env, cwd=tmp_path)
+                  "--data.image_root", "images/", "--data.num_workers", "0", "--output_dir", "run",
+                  env=env, cwd=tmp_path)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     line = out.stderr.strip()
     assert "\n" not in line and line.startswith("qformer train: model.bert: 'bert-base-uncased'")
