@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qformer import __version__
 from qformer.serve.batching import Batcher, QueueFull
-from qformer.serve.limits import Limits
+from qformer.serve.limits import RETRY_AFTER_S, Limits
 from qformer.serve.metrics import Metrics
 from qformer.serve.middleware import BodyLimit, Counted
 from qformer.serve.requests import Fields, RequestError, error_response
@@ -52,7 +52,6 @@ from qformer.serve.schemas import (
 from qformer.serve.service import VQA_PROMPT, Generation, Match, Search, ServedModel
 
 logger = logging.getLogger(__name__)
-RETRY_AFTER_S = 1
 CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection first
 
 

@@ -23,10 +23,9 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from qformer.serve.limits import Limits
+from qformer.serve.limits import RETRY_AFTER_S, Limits
 
 logger = logging.getLogger(__name__)
-RETRY_AFTER_S = 1  # as the app's 503 for a full queue
 
 
 class GuardedH11Protocol(H11Protocol):

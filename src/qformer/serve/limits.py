@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+RETRY_AFTER_S = 1  # what a 503 (a full queue, the connection cap) tells the client to wait, in seconds
+
 
 @dataclass(frozen=True)
 class Limits:
