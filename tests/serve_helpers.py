@@ -55,37 +55,52 @@ def running(app: FastAPI, limits: Limits = Limits()) -> Iterator[str]:
 
 
 @contextmanager
-def serve_process(arguments: list[str], start_s: float = 120) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+def serve_process(arguments: list[str], start_s: float = 120,
+                  env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen, Path]]:
     """``qformer serve ARGUMENTS --port N`` in a child process on a free port, up (``/healthz``
     answers) until the block ends; yields its base URL, the process and the file its output goes
     to (a file, not a pipe: a pipe nobody reads would stall the server once it filled)."""
-    port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    with tempfile.NamedTemporaryFile("w+", prefix="qformer-serve-", suffix=".log", delete=False) as log:
-        process = subprocess.Popen([sys.executable, "-m", "qformer", "serve", *arguments, "--port", str(port)],
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
-    log_path = Path(log.name)
-    url = f"http://127.0.0.1:{port}"
+    with serve_processes([arguments], start_s, env) as (server,):
+        yield server
+
+
+@contextmanager
+def serve_processes(argument_lists: list[list[str]], start_s: float = 120, env: dict[str, str] | None = None
+                    ) -> Iterator[list[tuple[str, subprocess.Popen, Path]]]:
+    """:func:`serve_process` for several servers, started together (each pays its imports at
+    the same time as the others)."""
+    env = dict(os.environ, **(env or {}), HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    servers = []
     try:
+        for arguments in argument_lists:
+            port = free_port()
+            with tempfile.NamedTemporaryFile("w+", prefix="qformer-serve-", suffix=".log", delete=False) as log:
+                process = subprocess.Popen([sys.executable, "-m", "qformer", "serve", *arguments, "--port", str(port)],
+                                           env=env, stdout=log, stderr=subprocess.STDOUT)
+            servers.append((f"http://127.0.0.1:{port}", process, Path(log.name)))
         deadline = time.monotonic() + start_s
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"qformer serve did not start:\n{log_path.read_text()}")
-            time.sleep(0.2)
-        yield url, process, log_path
+        for url, process, log_path in servers:
+            while True:
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"qformer serve did not start:\n{log_path.read_text()}")
+                time.sleep(0.2)
+        yield servers
     finally:
-        if process.poll() is None:
-            process.terminate()
+        for _, process, log_path in servers:
+            if process.poll() is None:
+                process.terminate()
+        for _, process, log_path in servers:
             try:
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
-        log_path.unlink(missing_ok=True)
+            log_path.unlink(missing_ok=True)
 
 
 def free_port() -> int:

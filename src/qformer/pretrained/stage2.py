@@ -242,6 +242,13 @@ class Blip2(Blip2Stage2Model):
 
     def generate_text(self, images: Sequence[ImageInput], prompts: Sequence[str], **generation: Any) -> list[str]:
         """One prompt per image; returns the decoded new text."""
+        tokens = self.generate_ids(images, prompts, **generation)
+        return [t.strip() for t in self._tokenizer().batch_decode(tokens, skip_special_tokens=True)]
+
+    def generate_ids(self, images: Sequence[ImageInput], prompts: Sequence[str], **generation: Any) -> Any:
+        """One prompt per image; the new tokens (B x num_return_sequences, N), padded after each
+        row's end, or with ``return_dict_in_generate=True`` transformers' output (see
+        :meth:`generate`). Stops at :meth:`stop_token_ids` unless ``eos_token_id`` is given."""
         check_images(images)
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
@@ -250,8 +257,7 @@ class Blip2(Blip2Stage2Model):
         generation.setdefault("eos_token_id", self.stop_token_ids())
         generation.setdefault("pad_token_id", tokenizer.pad_token_id)
         pixels = self.preprocess(images)
-        tokens = self.generate(pixels, text.input_ids, text.attention_mask, **self.instruction(prompts), **generation)
-        return [t.strip() for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        return self.generate(pixels, text.input_ids, text.attention_mask, **self.instruction(prompts), **generation)
 
     def rank_candidates(self, images: Sequence[ImageInput], prompts: Sequence[str],
                         candidates: Sequence[Sequence[str]]) -> list[list[float]]:

@@ -32,7 +32,8 @@ from qformer.serve.batching import Batcher, QueueFull
 from qformer.serve.limits import RETRY_AFTER_S, Limits
 from qformer.serve.metrics import Metrics
 from qformer.serve.middleware import BodyLimit, Counted
-from qformer.serve.requests import Fields, RequestError, error_response
+from qformer.serve.openai_routes import add_openai_routes
+from qformer.serve.requests import Fields, RequestError, error_response, is_openai_path
 from qformer.serve.schemas import (
     EVERY_ROUTE,
     IMAGE,
@@ -49,6 +50,7 @@ from qformer.serve.schemas import (
     refusals,
     request_fields,
 )
+from qformer.serve.chat import OpenAIOptions
 from qformer.serve.service import VQA_PROMPT, Generation, Match, Search, ServedModel
 
 logger = logging.getLogger(__name__)
@@ -63,11 +65,12 @@ async def client_gone(request: Request) -> None:
 
 
 Handler = Callable[..., Coroutine[Any, Any, Any]]
-MODEL_ROUTES = ("caption", "vqa", "match", "search", "gallery")  # each served by one kind of model only
+MODEL_ROUTES = ("caption", "vqa", "match", "search", "gallery", "v1")  # each served by one kind of model only
 
 
-def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
-    """The app serving ``served`` within ``limits``."""
+def create_app(served: ServedModel, limits: Limits = Limits(), openai: OpenAIOptions | None = None) -> FastAPI:
+    """The app serving ``served`` within ``limits``; a stage-2 model also on the OpenAI routes,
+    as ``openai`` says (default: under the model's name, no API key, images as data URLs only)."""
     metrics = Metrics()
     batcher = Batcher(served.run_batch, limits.max_batch, limits.max_wait_ms / 1000, limits.max_queue,
                       on_batch=lambda key, size: metrics.batch_sizes.labels(key[0]).observe(size))
@@ -90,7 +93,8 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, err: RequestError) -> JSONResponse:
-        return error_response(err.status, err.message, err.headers)
+        return error_response(err.status, err.message, err.headers, openai=is_openai_path(request.url.path),
+                              param=err.param, code=err.code)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -100,19 +104,25 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
 
     # Only the routes the model serves are registered (and described); a request for one of the
     # other kind's routes still learns in a line which routes this server answers.
-    served_paths = (*served.routes, "gallery") if served.kind == "stage1" else served.routes
+    served_paths = (*served.routes, "gallery") if served.kind == "stage1" else (*served.routes, "v1")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         route = request.url.path.strip("/").split("/")[0]
+        openai_path = is_openai_path(request.url.path)
         if err.status_code == 404 and route in MODEL_ROUTES and route not in served_paths:
             return error_response(404, f"this {served.kind.replace('stage', 'stage-')} model answers "
-                                       f"{', '.join('/' + r for r in served.routes)}, not /{route}")
-        return error_response(err.status_code, str(err.detail), err.headers)  # a 405's Allow, for one
+                                       f"{', '.join('/' + r for r in served.routes)}, not /{route}", openai=openai_path)
+        if err.status_code == 404 and openai_path:
+            return error_response(404, f"no route {request.url.path}: the OpenAI routes here are "
+                                       "/v1/chat/completions and /v1/models", openai=True)
+        # a 405's Allow, for one
+        return error_response(err.status_code, str(err.detail), err.headers, openai=openai_path)
 
     @app.exception_handler(Exception)
     async def failed(request: Request, err: Exception) -> JSONResponse:  # uvicorn logs the traceback
-        return error_response(500, "the server failed on this request (see its log)")
+        return error_response(500, "the server failed on this request (see its log)",
+                              openai=is_openai_path(request.url.path))
 
     def submit(key: tuple, payload: Any) -> asyncio.Future:
         try:
@@ -155,7 +165,7 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
         payload = Generation(await fields.image(served.model.config.image), prompt)
         settings = served.generation_settings(route, max_new_tokens, 1 if stream else num_beams, limits)
         try:
-            served.check_generation(payload, settings)
+            served.check_generation(payload.prompt, settings["max_new_tokens"])
         except ValueError as err:
             raise RequestError(400, str(err)) from err
         if stream:
@@ -310,5 +320,7 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:
         """The web page."""
         return HTMLResponse(resources.files("qformer.serve").joinpath("page.html").read_text(encoding="utf-8"))
 
+    if served.kind == "stage2":
+        add_openai_routes(app, served, limits, openai or OpenAIOptions(served.name), submit, answer)
     app.state.batcher, app.state.metrics = batcher, metrics
     return app

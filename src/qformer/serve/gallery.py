@@ -198,31 +198,7 @@ class Gallery:
         a terminal from becoming the server's."""
         if name in ("", ".", "..") or "/" in name or os.sep in name or "\0" in name:
             raise ValueError(f"{name!r} is not the name of a file in the gallery")
-        path = self.root / name
-        try:
-            descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ValueError(f"{name}: gone from the gallery") from None
-        except OSError as err:
-            raise ValueError(f"{name}: {err.strerror}") from None
-        file = os.fdopen(descriptor, "rb")
-        try:
-            opened = os.fstat(descriptor)
-            if not stat.S_ISREG(opened.st_mode):
-                raise ValueError(f"{name}: not a regular file")
-            try:
-                resolved = path.resolve(strict=True)
-                now = resolved.stat()
-            except OSError:
-                raise ValueError(f"{name}: gone from the gallery") from None
-            if not resolved.is_relative_to(self.root):
-                raise ValueError(f"{name}: a link to a file outside the gallery folder")
-            if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
-                raise ValueError(f"{name}: replaced while it was opened")
-        except BaseException:
-            file.close()
-            raise
-        return file
+        return open_inside(self.root, self.root / name, name, "the gallery")
 
     def _pixels(self, name: str) -> Tensor:
         """The image ``name`` preprocessed for the model (3, S, S), read through :meth:`open_file`;
@@ -312,3 +288,34 @@ class Gallery:
 def _ranked(items: list[str], scores: Tensor, itc: Tensor, top: int) -> list[Hit]:
     order = scores.argsort(descending=True)[:top].tolist()
     return [Hit(items[i], float(scores[i]), float(itc[i])) for i in order]
+
+
+def open_inside(root: Path, path: Path, shown: str, place: str) -> BinaryIO:
+    """The file at ``path``, open for reading, if it is a regular file that lies, resolved,
+    inside ``root`` (itself resolved); otherwise ValueError naming it as ``shown``, and the
+    folder as ``place`` (never the server's paths). :meth:`Gallery.open_file` says why it is
+    opened first and checked after."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ValueError(f"{shown}: gone from {place}") from None
+    except OSError as err:
+        raise ValueError(f"{shown}: {err.strerror}") from None
+    file = os.fdopen(descriptor, "rb")
+    try:
+        opened = os.fstat(descriptor)
+        if not stat.S_ISREG(opened.st_mode):
+            raise ValueError(f"{shown}: not a regular file")
+        try:
+            resolved = path.resolve(strict=True)
+            now = resolved.stat()
+        except OSError:
+            raise ValueError(f"{shown}: gone from {place}") from None
+        if not resolved.is_relative_to(root):
+            raise ValueError(f"{shown}: a link to a file outside {place} folder")
+        if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+            raise ValueError(f"{shown}: replaced while it was opened")
+    except BaseException:
+        file.close()
+        raise
+    return file

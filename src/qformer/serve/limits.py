@@ -19,6 +19,7 @@ class Limits:
     max_prompt_chars: int = 1000
     max_new_tokens: int = 60
     max_num_beams: int = 5
+    max_choices: int = 8
     max_texts: int = 32
     max_top: int = 50
     request_timeout_s: float = 60.0
@@ -37,5 +38,5 @@ class Limits:
     def public(self) -> dict[str, int]:
         """The limits a client can act on (``/info``)."""
         keys = ("max_upload_bytes", "max_image_pixels", "max_prompt_chars", "max_new_tokens", "max_num_beams",
-                "max_texts", "max_top")
+                "max_choices", "max_texts", "max_top")
         return {key: getattr(self, key) for key in keys}

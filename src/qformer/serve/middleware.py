@@ -9,7 +9,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qformer.serve.metrics import Metrics
-from qformer.serve.requests import RequestError, error_response
+from qformer.serve.requests import RequestError, error_response, is_openai_path
 
 
 class BodyLimit:
@@ -27,7 +27,7 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             response = error_response(413, f"the request body is {int(length):,} bytes, over the limit of "
-                                   f"{self.max_bytes:,} (max_upload_bytes)")
+                                           f"{self.max_bytes:,} (max_upload_bytes)", openai=is_openai_path(scope["path"]))
             return await response(scope, receive, send)
         seen, finished = 0, False
 
@@ -78,5 +78,5 @@ class Counted:
 
 
 
-KNOWN_ROUTES = ("page", "caption", "vqa", "match", "search", "gallery", "info", "healthz", "metrics", "docs",
+KNOWN_ROUTES = ("page", "caption", "vqa", "match", "search", "gallery", "v1", "info", "healthz", "metrics", "docs",
                 "redoc", "docs-assets", "openapi.json")

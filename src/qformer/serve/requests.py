@@ -25,15 +25,63 @@ from qformer.serve.limits import Limits
 
 
 class RequestError(Exception):
-    """A request the server refuses: its status and the one line the client reads."""
+    """A request the server refuses: its status and the one line the client reads; ``param``
+    (the field at fault) and ``code`` go into OpenAI's error shape on the ``/v1`` routes."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
+                 param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
+        self.status, self.message, self.headers, self.param, self.code = status, message, headers, param, code
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+# OpenAI's error types by status: its client raises BadRequestError, AuthenticationError, ... by status.
+OPENAI_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 408: "timeout_error",
+                      429: "rate_limit_error", 500: "server_error", 503: "server_busy", 504: "timeout_error"}
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None, *, openai: bool = False,
+                   param: str | None = None, code: str | None = None) -> JSONResponse:
+    """``{"error": message}``, or on the OpenAI routes (``openai``) OpenAI's
+    ``{"error": {"message", "type", "param", "code"}}``."""
+    if not openai:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    status = 400 if status == 422 else status  # OpenAI's API answers a field's bad value with 400, never 422
+    kind = OPENAI_ERROR_TYPES.get(status, "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether ``path`` is one of the OpenAI-compatible routes, whose errors take OpenAI's shape."""
+    return path == "/v1" or path.startswith("/v1/")
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    """The request's JSON body, an object; a body that is not one is a 400 naming why (nested
+    too deeply for the parser, an integer past Python's digit limit, not UTF-8, ...)."""
+    try:
+        values = json.loads(await request.body())
+    except RecursionError:
+        raise RequestError(400, "the JSON body is nested too deeply: send an object of fields") from None
+    except ValueError as err:  # not JSON, not UTF-8, or an integer past Python's digit limit
+        why = "a number of over 4,300 digits" if "integer string conversion" in str(err) else _one_line(err)
+        raise RequestError(400, f"the body is not valid JSON: {why}") from err
+    if not isinstance(values, dict):
+        raise RequestError(400, "the JSON body must be an object of fields")
+    return values
+
+
+def check_text(name: str, value: str, limits: Limits) -> None:
+    """Within max_prompt_chars, and text the tokenizer can read: JSON's escapes can carry a
+    lone UTF-16 surrogate ("\\ud800"), which no UTF-8 tokenizer takes."""
+    if len(value) > limits.max_prompt_chars:
+        raise RequestError(422, f"{name}: {len(value):,} characters, over the limit of "
+                                f"{limits.max_prompt_chars:,} (max_prompt_chars)", param=name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(422, f"{name}: not valid Unicode text (a lone surrogate, "
+                                f"U+{ord(value[err.start]):04X}, at character {err.start + 1})", param=name) from None
 
 
 class Fields:
@@ -46,16 +94,7 @@ class Fields:
     async def read(cls, request: Request, limits: Limits) -> Fields:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "application/json":
-            try:
-                values = json.loads(await request.body())
-            except RecursionError:
-                raise RequestError(400, "the JSON body is nested too deeply: send an object of fields") from None
-            except ValueError as err:  # not JSON, not UTF-8, or an integer past Python's digit limit
-                why = "a number of over 4,300 digits" if "integer string conversion" in str(err) else _one_line(err)
-                raise RequestError(400, f"the body is not valid JSON: {why}") from err
-            if not isinstance(values, dict):
-                raise RequestError(400, "the JSON body must be an object of fields")
-            return cls(values, limits)
+            return cls(await read_json_object(request), limits)
         if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
             try:
                 form = await request.form(max_files=1, max_fields=limits.max_texts + 16)
@@ -80,19 +119,10 @@ class Fields:
         if isinstance(value, UploadFile):
             data = await value.read()
         elif isinstance(value, str):
-            if value.startswith("data:"):
-                header, comma, value = value.partition(",")
-                if not comma or not header.endswith(";base64"):
-                    raise RequestError(400, "image: a data URL must be data:<type>;base64,<data>")
-            try:
-                data = base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError) as err:
-                raise RequestError(400, f"image: not valid base64 ({_one_line(err)})") from err
+            data = base64_image(value, "image")
         else:
             raise RequestError(422, f"image: expected a file or a base64 string, got {type(value).__name__}")
-        if not data:
-            raise RequestError(400, "image: the file is empty")
-        return await asyncio.to_thread(decode_image, data, self.limits.max_image_pixels, config)
+        return await decoded(data, "image", self.limits, config)
 
     def text(self, name: str, required: bool = False) -> str | None:
         value = self.values.get(name)
@@ -104,7 +134,7 @@ class Fields:
             raise RequestError(422, f"{name}: expected a string, got {type(value).__name__}")
         if not value.strip():
             raise RequestError(422, f"{name}: empty")
-        self._check_text(name, value)
+        check_text(name, value, self.limits)
         return value.strip()
 
     def integer(self, name: str, low: int, high: int, limit_name: str) -> int | None:
@@ -140,20 +170,27 @@ class Fields:
         if len(items) > self.limits.max_texts:
             raise RequestError(422, f"texts: {len(items)}, over the limit of {self.limits.max_texts} (max_texts)")
         for number, text in enumerate(items, 1):
-            self._check_text(f"texts[{number}]", text)
+            check_text(f"texts[{number}]", text, self.limits)
         return [text.strip() for text in items]
 
-    def _check_text(self, name: str, value: str) -> None:
-        """Within max_prompt_chars, and text the tokenizer can read: JSON's escapes can carry a
-        lone UTF-16 surrogate ("\\ud800"), which no UTF-8 tokenizer takes."""
-        if len(value) > self.limits.max_prompt_chars:
-            raise RequestError(422, f"{name}: {len(value):,} characters, over the limit of "
-                                    f"{self.limits.max_prompt_chars:,} (max_prompt_chars)")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise RequestError(422, f"{name}: not valid Unicode text (a lone surrogate, "
-                                    f"U+{ord(value[err.start]):04X}, at character {err.start + 1})") from None
+
+def base64_image(value: str, name: str) -> bytes:
+    """The bytes of an image sent as base64 or as a data URL (``data:<type>;base64,<data>``)."""
+    if value.startswith("data:"):
+        header, comma, value = value.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise RequestError(400, f"{name}: a data URL must be data:<type>;base64,<data>", param=name)
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise RequestError(400, f"{name}: not valid base64 ({_one_line(err)})", param=name) from err
+
+
+async def decoded(data: bytes, name: str, limits: Limits, config: ImageConfig) -> Image.Image:
+    """``data`` decoded off the event loop, within the limits, at the model's size (:func:`decode_image`)."""
+    if not data:
+        raise RequestError(400, f"{name}: the file is empty", param=name)
+    return await asyncio.to_thread(decode_image, data, limits.max_image_pixels, config)
 
 
 def decode_image(data: bytes, max_pixels: int, config: ImageConfig) -> Image.Image:

@@ -87,6 +87,7 @@ class PublicLimits(Answer):
     max_prompt_chars: int
     max_new_tokens: int
     max_num_beams: int
+    max_choices: int
     max_texts: int
     max_top: int
 

@@ -45,12 +45,28 @@ def load_served(name: str | ModelDirectory, device: str | None, dtype: str, gall
     return ServedModel(model, found.name, index)
 
 
-def run_server(served, limits: Limits, host: str, port: int) -> None:
+def run_server(served, limits: Limits, host: str, port: int, openai=None) -> None:
     """Serve ``served`` (a :class:`~qformer.serve.service.ServedModel`) on ``host:port`` until
     SIGTERM or Ctrl-C; the requests in flight get ``limits.request_timeout_s`` (and 5 s) to finish.
-    The connections are bounded as :mod:`qformer.serve.connections` says."""
+    The connections are bounded as :mod:`qformer.serve.connections` says; ``openai`` (a
+    :class:`~qformer.serve.chat.OpenAIOptions`) sets the OpenAI routes of a stage-2 model."""
     uvicorn, create_app = server_parts()
     from qformer.serve.connections import server_options
 
     logger.info("serving %s (%s) on http://%s:%d", served.name, served.kind, host, port)
-    uvicorn.run(create_app(served, limits), host=host, port=port, log_level="info", **server_options(limits))
+    if served.kind == "stage2" and (openai is None or openai.api_key is None) and not is_loopback(host):
+        logger.warning("the /v1 routes ask for no API key, and %s is reachable from other machines: anyone who "
+                       "reaches it can use the model; set --api-key (or QFORMER_API_KEY)", host)
+    uvicorn.run(create_app(served, limits, openai), host=host, port=port, log_level="info", **server_options(limits))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine alone (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -16,10 +16,12 @@ from urllib.parse import quote
 
 import torch
 from PIL import Image
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from qformer.checks import check_positions, llm_positions
 from qformer.pretrained.stage1 import Blip2Stage1
 from qformer.pretrained.stage2 import CAPTION_DEFAULTS, VQA_DEFAULTS, Blip2
+from qformer.serve.completions import ChatSettings, Completion, complete
 from qformer.serve.gallery import Gallery, Hit
 from qformer.serve.limits import Limits
 
@@ -63,16 +65,15 @@ class ServedModel:
         # at once, and the model thread calls the model's.
         self._checking_tokenizer = copy.deepcopy(model.tokenizer) if self.kind == "stage2" else None
 
-    def check_generation(self, payload: Generation, settings: dict[str, Any]) -> None:
+    def check_generation(self, prompt: str, max_new_tokens: int) -> None:
         """Refuse (ValueError naming the request's numbers) a prompt that, with the queries and
         ``max_new_tokens``, overflows the LLM's positions. Checked for each request alone before
         it joins a batch, where the same error would fail every request batched with it."""
         if self._checking_tokenizer is None:
             return
-        tokens = len(self._checking_tokenizer(payload.prompt).input_ids)
+        tokens = len(self._checking_tokenizer(prompt).input_ids)
         check_positions(f"{self.model.num_query_tokens} queries + the prompt's {tokens} tokens + "
-                        f"max_new_tokens {settings['max_new_tokens']}",
-                        self.model.num_query_tokens + tokens + settings["max_new_tokens"],
+                        f"max_new_tokens {max_new_tokens}", self.model.num_query_tokens + tokens + max_new_tokens,
                         llm_positions(self.model.language_model), "this model's LLM (max_position_embeddings)",
                         "shorten the prompt or ask for fewer new tokens")
 
@@ -105,23 +106,46 @@ class ServedModel:
             return self._match(payloads)
         if route == "search":
             return [_result_or_error(self._search, payload) for payload in payloads]
+        if route == "chat":
+            return complete(self.model, [p.image for p in payloads], [p.prompt for p in payloads], key[1])
         if route == "stream":  # one request per batch (its key is its own)
             return [self.stream(*payload) for payload in payloads]
+        if route == "chat-stream":
+            return [self.chat_stream(*payload) for payload in payloads]
         raise ValueError(f"no route {route!r}")
 
     def stream(self, payload: Generation, settings: dict[str, Any], emit: Callable[[str], None],
                abandoned: threading.Event) -> str:
         """One generation, greedy, calling ``emit(text so far)`` as tokens come; the final text.
         It stops at the next token once ``abandoned`` is set (the client went away)."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        class Abandoned(StoppingCriteria):
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-                return torch.full((input_ids.shape[0],), abandoned.is_set(), dtype=torch.bool, device=input_ids.device)
-
         streamer = _TextStreamer(self.model.tokenizer, emit)
         return self.model.generate_text([payload.image], [payload.prompt], streamer=streamer,
-                                        stopping_criteria=StoppingCriteriaList([Abandoned()]), **settings)[0]
+                                        stopping_criteria=StoppingCriteriaList([Abandoned(abandoned)]), **settings)[0]
+
+    def chat_stream(self, payload: Generation, settings: ChatSettings, emit: Callable[[str], None],
+                    abandoned: threading.Event) -> list[Completion]:
+        """One chat completion, as :meth:`stream` streams a caption: ``emit(text so far)`` as
+        tokens come (stop strings included: the HTTP side holds them back)."""
+        return complete(self.model, [payload.image], [payload.prompt], settings,
+                        streamer=_TextStreamer(self.model.tokenizer, emit),
+                        stopping_criteria=[Abandoned(abandoned)])[0]
+
+    def render_chat(self, messages: list[dict[str, str]], template: str) -> str:
+        """The conversation as the model's prompt, by ``template`` (Jinja, rendered by transformers'
+        ``apply_chat_template`` with the tokenizer's special tokens at hand)."""
+        return self._checking_tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                            add_generation_prompt=True)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """What ``prompt`` puts in front of the new tokens: the queries and its tokens."""
+        return self.model.num_query_tokens + len(self._checking_tokenizer(prompt).input_ids)
+
+    def room_for_new_tokens(self, prompt: str, limits: Limits) -> int:
+        """The most new tokens the LLM's positions leave after ``prompt``, within ``max_new_tokens``."""
+        positions = llm_positions(self.model.language_model)
+        if positions is None:
+            return limits.max_new_tokens
+        return max(1, min(limits.max_new_tokens, positions - self.prompt_tokens(prompt)))
 
     @torch.no_grad()
     def _match(self, payloads: Sequence[Match]) -> list[dict[str, Any]]:
@@ -156,6 +180,16 @@ class ServedModel:
             return {"results": [_image_hit(hit) for hit in hits]}
         hits = self.gallery.search_image(payload.image, payload.top, max(RERANK_K, payload.top))
         return {"results": [{"text": hit.item, "score": hit.score, "itc": hit.itc} for hit in hits]}
+
+
+class Abandoned(StoppingCriteria):
+    """Every row is done once ``event`` is set: the client went away."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def _result_or_error(fn: Callable[[Any], Any], payload: Any) -> Any:
