@@ -259,3 +259,34 @@ def test_the_hostile_cases_leave_the_servers_memory_within_a_bound(blip2_dir):
     assert 'status="500"' not in metrics
     assert after - before <= RSS_BOUND, f"RSS grew by {(after - before) / 2**20:.0f} MiB"
     print(f"server RSS: {before / 2**20:.0f} MiB before the hostile cases, {after / 2**20:.0f} MiB after")
+
+
+@pytest.mark.parametrize("route", ["caption", "v1"])
+def test_a_stream_left_half_read_counts_as_499_and_stops_generating(blip2, route):
+    """A client that reads the start of a stream and hangs up: counted under 499, not 200 (no
+    client read the answer), for the native stream and OpenAI's alike; the generation it asked
+    for stops at its next token (the model is free for the next request)."""
+    model = GatedModel(blip2)
+    if route == "caption":
+        path, body = "/caption", {"image": PNG_BASE64, "max_new_tokens": 8, "stream": True}
+    else:
+        path, body = "/v1/chat/completions", {"model": "gated", "max_tokens": 8, "stream": True, "messages": [
+            {"role": "user", "content": [{"type": "image_url",
+                                          "image_url": {"url": "data:image/png;base64," + PNG_BASE64}}]}]}
+    with running(create_app(model, Limits(max_new_tokens=8))) as url:
+        with httpx.stream("POST", url + path, json=body, timeout=60) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()  # kept: the iterator, once collected, closes the response
+            if route == "v1":  # OpenAI's stream names the role before the model runs
+                assert '"role": "assistant"' in next(lines)
+            assert model.entered.wait(300)
+        model.release.set()  # the client has gone: the generation stops at its next token
+        label = f'qformer_requests_total{{route="{route}",status="499"}}'
+        deadline = time.monotonic() + 60
+        while metric_or_zero(url, label) < 1:
+            assert time.monotonic() < deadline, httpx.get(url + "/metrics").text
+            time.sleep(0.05)
+        metrics = httpx.get(url + "/metrics").text
+        assert f'route="{route}",status="200"' not in metrics
+        assert raw_json(url, "/caption", json.dumps({"image": PNG_BASE64, "max_new_tokens": 2,
+                                                     "num_beams": 1})).status_code == 200

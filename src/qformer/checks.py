@@ -18,6 +18,12 @@ RAW_PIXELS = 20.0
 NORMALISE = "normalise them with qformer.data.transforms.eval_transform (the model's preprocessing)"
 
 
+def one_line(value: object) -> str:
+    """``str(value)`` (a text, an exception) with every run of whitespace, line breaks included,
+    made one space: what a message to a user, a client or a metric's tokenizer holds."""
+    return " ".join(str(value).split())
+
+
 def check_pixels(pixel_values: Tensor, image_size: int | None, check_range: bool = True,
                  name: str = "pixel_values") -> None:
     """Normalised float pixels (B, 3, S, S), S the encoder's ``image_size`` (None: any H, W).

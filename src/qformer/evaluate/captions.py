@@ -17,6 +17,8 @@ import shutil
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
+from qformer.checks import one_line
+
 DEFAULT_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 KNOWN_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 
@@ -51,11 +53,6 @@ def _check_ids(predictions: Mapping[Hashable, object], references: Mapping[Hasha
     empty = [key for key, captions in references.items() if not captions]
     if empty:
         raise ValueError(f"{len(empty)} ids have no reference captions, e.g. {empty[:5]!r}")
-
-
-def _one_line(text: str) -> str:
-    """``text`` with every run of whitespace, line breaks included, made one space."""
-    return " ".join(text.split())
 
 
 def caption_metrics(
@@ -103,9 +100,9 @@ def caption_metrics(
     # The tokenizer pairs its output lines with the captions in order, so no caption may hold a
     # line break of any kind (pycocoevalcap replaces only "\n"): all whitespace becomes one space.
     tokenizer = PTBTokenizer()
-    candidates = tokenizer.tokenize({key: [{"caption": _one_line(text)}] for key, text in predictions.items()})
+    candidates = tokenizer.tokenize({key: [{"caption": one_line(text)}] for key, text in predictions.items()})
     truths = tokenizer.tokenize(
-        {key: [{"caption": _one_line(text)} for text in references[key]] for key in predictions}
+        {key: [{"caption": one_line(text)} for text in references[key]] for key in predictions}
     )
 
     scores: dict[str, float] = {}
@@ -135,7 +132,7 @@ def exact_match(predictions: Mapping[Hashable, str], references: Mapping[Hashabl
     """
     _check_ids(predictions, references)
     hits = sum(
-        any(_one_line(prediction.lower()) == _one_line(reference.lower()) for reference in references[key])
+        any(one_line(prediction.lower()) == one_line(reference.lower()) for reference in references[key])
         for key, prediction in predictions.items()
     )
     return 100.0 * hits / len(predictions)

@@ -33,7 +33,7 @@ from qformer.serve.limits import RETRY_AFTER_S, Limits
 from qformer.serve.metrics import Metrics
 from qformer.serve.middleware import BodyLimit, Counted
 from qformer.serve.openai_routes import add_openai_routes
-from qformer.serve.requests import Fields, RequestError, error_response, is_openai_path
+from qformer.serve.requests import CLIENT_GONE, Fields, RequestError, error_response, is_openai_path
 from qformer.serve.schemas import (
     EVERY_ROUTE,
     IMAGE,
@@ -54,7 +54,6 @@ from qformer.serve.chat import OpenAIOptions
 from qformer.serve.service import VQA_PROMPT, Generation, Match, Search, ServedModel
 
 logger = logging.getLogger(__name__)
-CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection first
 
 
 async def client_gone(request: Request) -> None:

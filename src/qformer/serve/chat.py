@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 from PIL import Image
 
+from qformer.checks import one_line
 from qformer.config import ImageConfig
 from qformer.serve.completions import ChatSettings
 from qformer.serve.gallery import open_inside
@@ -93,7 +94,7 @@ def check_template(template: str, shown: str) -> None:
     try:
         render_jinja_template(conversations=[sample], chat_template=template, add_generation_prompt=True)
     except Exception as err:
-        raise ValueError(f"{shown} does not render a conversation: {' '.join(str(err).split())}") from err
+        raise ValueError(f"{shown} does not render a conversation: {one_line(err)}") from err
 
 
 def read_chat_request(body: dict[str, Any], served_name: str, limits: Limits,
@@ -116,7 +117,7 @@ def read_chat_request(body: dict[str, Any], served_name: str, limits: Limits,
     try:
         prompt = render(messages)
     except Exception as err:  # the template's own raise_exception, or a template that fails on this input
-        raise RequestError(400, f"messages: the chat template refused them: {' '.join(str(err).split())}",
+        raise RequestError(400, f"messages: the chat template refused them: {one_line(err)}",
                            param="messages") from err
     check_text("the prompt made from messages", prompt, limits)
     settings, stream, include_usage = _settings(fields, limits, default_max_tokens(prompt))

@@ -9,7 +9,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qformer.serve.metrics import Metrics
-from qformer.serve.requests import RequestError, error_response, is_openai_path
+from qformer.serve.requests import CLIENT_GONE, RequestError, error_response, is_openai_path
 
 
 class BodyLimit:
@@ -52,7 +52,9 @@ class BodyLimit:
 
 
 class Counted:
-    """ASGI middleware: each request's route, status and time into the metrics."""
+    """ASGI middleware: each request's route, status and time into the metrics. A response
+    whose client went away before its end (a stream left half read) counts as 499, whatever
+    status it started with: no client read it."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -63,17 +65,25 @@ class Counted:
         start, status = time.perf_counter(), 500
         route = scope["path"].strip("/").split("/")[0] or "page"
         route = route if route in KNOWN_ROUTES else "other"
+        answered = gone = False
+
+        async def received() -> Message:
+            nonlocal gone
+            message = await receive()
+            gone = gone or (message["type"] == "http.disconnect" and not answered)
+            return message
 
         async def sent(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
                 status = message["status"]
+            answered = answered or (message["type"] == "http.response.body" and not message.get("more_body", False))
             await send(message)
 
         try:
-            await self.app(scope, receive, sent)
+            await self.app(scope, received, sent)
         finally:
-            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.requests.labels(route, str(CLIENT_GONE if gone else status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 

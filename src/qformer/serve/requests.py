@@ -20,8 +20,12 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.datastructures import UploadFile
 
+from qformer.checks import one_line
 from qformer.config import ImageConfig
 from qformer.serve.limits import Limits
+
+
+CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection first
 
 
 class RequestError(Exception):
@@ -64,7 +68,7 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     except RecursionError:
         raise RequestError(400, "the JSON body is nested too deeply: send an object of fields") from None
     except ValueError as err:  # not JSON, not UTF-8, or an integer past Python's digit limit
-        why = "a number of over 4,300 digits" if "integer string conversion" in str(err) else _one_line(err)
+        why = "a number of over 4,300 digits" if "integer string conversion" in str(err) else one_line(err)
         raise RequestError(400, f"the body is not valid JSON: {why}") from err
     if not isinstance(values, dict):
         raise RequestError(400, "the JSON body must be an object of fields")
@@ -183,7 +187,7 @@ def base64_image(value: str, name: str) -> bytes:
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as err:
-        raise RequestError(400, f"{name}: not valid base64 ({_one_line(err)})", param=name) from err
+        raise RequestError(400, f"{name}: not valid base64 ({one_line(err)})", param=name) from err
 
 
 async def decoded(data: bytes, name: str, limits: Limits, config: ImageConfig) -> Image.Image:
@@ -230,8 +234,3 @@ def _return_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-def _one_line(err: Exception) -> str:
-    """An exception's message on one line (the client's error is one line)."""
-    return " ".join(str(err).split())
