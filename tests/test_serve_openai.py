@@ -378,3 +378,20 @@ def test_penalties_subtract_as_openai_defines_them():
     expected[0, 1], expected[0, 2] = -(0.5 + 2 * 0.25), -(0.5 + 0.25)
     expected[1, 3], expected[1, 4] = -(0.5 + 0.25), -(0.5 + 2 * 0.25)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reads_instruction, conversation, prompt", [
+    (False, [("user", "what is it")], "Question: what is it Answer:"),
+    (False, [("user", "")], ""),  # an image alone: the empty prompt, a caption
+    (False, [("system", "be brief"), ("user", "what is it")], "be brief Question: what is it Answer:"),
+    (False, [("user", "what is it"), ("assistant", "a ball"), ("user", "what colour")],
+     "Question: what is it Answer: a ball Question: what colour Answer:"),
+    (True, [("user", "what is it")], "what is it"),
+    (True, [("system", "be brief"), ("user", ""), ("user", "describe it")], "be brief describe it"),
+])
+def test_the_default_templates_write_blip2s_prompts(blip2, reads_instruction, conversation, prompt):
+    from qformer.serve.chat import default_template
+    from qformer.serve.service import ServedModel
+
+    messages = [{"role": role, "content": text} for role, text in conversation]
+    assert ServedModel(blip2, "tiny").render_chat(messages, default_template(reads_instruction)) == prompt
