@@ -39,9 +39,11 @@ class StoredTensor:
 
 
 def hub_offline() -> bool:
-    """``HF_HUB_OFFLINE`` as huggingface_hub reads it: unset, the hub is online, from Python and
-    from the ``qformer`` command alike (the tests and CI set it)."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("0", "", "false", "no", "off")
+    """``HF_HUB_OFFLINE`` as huggingface_hub reads it (``TRANSFORMERS_OFFLINE`` where it is
+    unset): unset, the hub is online, from Python and from the ``qformer`` command alike (the
+    tests and CI set it)."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "0"
+    return value.strip().lower() not in ("0", "", "false", "no", "off")
 
 
 def check_source(value: str, key: str) -> str:
@@ -61,21 +63,24 @@ def check_source(value: str, key: str) -> str:
 
 
 def resolve_checkpoint(path_or_hub_id: str | Path) -> Path:
-    """A local directory as is; otherwise a hub id, downloaded unless the hub is offline. A
-    download that fails is one line naming what was asked for and what to do, in place of
-    huggingface_hub's paragraph about the network (the hub is online by default, as in
-    transformers, so a mistyped path is most often reported from here)."""
+    """A local directory as is; otherwise a hub id, downloaded unless the hub is offline, when
+    the local Hugging Face cache is read alone. A download that fails is one line naming what
+    was asked for and what to do, in place of huggingface_hub's paragraph about the network (the
+    hub is online by default, as in transformers, so a mistyped path is most often reported from here)."""
     path = Path(path_or_hub_id)
     if path.is_dir():
         return path
-    if hub_offline():
-        raise FileNotFoundError(
-            f"{path_or_hub_id} is not a local directory and HF_HUB_OFFLINE is set: point to a directory holding "
-            "config.json and the weights, or set HF_HUB_OFFLINE=0 to download a hub id"
-        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    if hub_offline():
+        try:
+            return Path(snapshot_download(str(path_or_hub_id), local_files_only=True))
+        except (HFValidationError, LocalEntryNotFoundError) as err:
+            raise FileNotFoundError(
+                f"{path_or_hub_id} is not a local directory, nor a hub id in the local cache, and HF_HUB_OFFLINE is "
+                "set: point to a directory holding config.json and the weights, or set HF_HUB_OFFLINE=0 to download "
+                "a hub id") from err
     try:
         return Path(snapshot_download(str(path_or_hub_id)))
     except HFValidationError as err:
