@@ -104,6 +104,7 @@ def export_graph(model: nn.Module, graph: Graph, folder: Path, format: str) -> d
             TEXT: torch.export.Dim(TEXT, min=1, max=model.config.qformer.max_position_embeddings)}
     shapes = {name: {axis: dims[axis_name] for axis, axis_name in axes.items()} for name, axes in graph.dynamic.items()}
     args = tuple(graph.inputs.values())
+    graph.module.eval()  # a wrapper starts in training mode; the model is in eval already
     path = folder / f"{graph.name}{SUFFIX[format]}"
     started = time.perf_counter()
     with torch.no_grad():
