@@ -22,7 +22,8 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "tests")]
 from harness import machine  # noqa: E402
 
-MODULES = ("qformer_step", "retrieval_and_captions", "stage2_generate", "data_pipeline", "loading", "serve")
+MODULES = ("qformer_step", "retrieval_and_captions", "stage2_generate", "data_pipeline", "loading", "serve",
+           "onnx_export")
 
 
 def benchmarks() -> dict:

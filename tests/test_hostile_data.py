@@ -29,7 +29,7 @@ from hostile_data import (
     transparent_png,
     write_hostile_set,
 )
-from qformer.data import transforms
+from qformer.data import pixels as decoding
 from qformer.data.datasets import CaptionDataset, CaptionRecord, Skipped
 from qformer.data.shards import ShardEnd, TarShardDataset, write_tar_shard
 from qformer.data.transforms import load_image
@@ -131,8 +131,8 @@ def test_a_bomb_in_a_dataset_is_skipped_with_its_reason_and_strict_names_it(tmp_
 def test_a_large_jpeg_decodes_at_a_reduced_scale(monkeypatch: pytest.MonkeyPatch) -> None:
     """Over LARGE_IMAGE_PIXELS, a JPEG decodes at the smallest of 1/2, 1/4, 1/8 scale that
     keeps both sides at least DRAFT_SIDE long, and the pixel limit applies to that."""
-    monkeypatch.setattr(transforms, "LARGE_IMAGE_PIXELS", 1000)
-    monkeypatch.setattr(transforms, "DRAFT_SIDE", 16)
+    monkeypatch.setattr(decoding, "LARGE_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(decoding, "DRAFT_SIDE", 16)
     data = image_bytes(picture(2, (128, 64)), "JPEG")
     assert load_image(io.BytesIO(data), max_pixels=2000).size == (32, 16)  # 1/4: 8192 pixels read as 512
     assert load_image(io.BytesIO(image_bytes(picture(2, (128, 64)), "PNG")), max_pixels=None).size == (128, 64)

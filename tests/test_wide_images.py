@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qformer.data import transforms
-from qformer.data.transforms import _tiles, _to_8_bit, load_image
+from qformer.data import pixels
+from qformer.data.pixels import _tiles, _to_8_bit, load_image
 
 SIXTEEN_BIT = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I;16N": "=u2"}
 # numpy and Python bytes per pixel the conversion may allocate at its peak, on top of Pillow's
@@ -40,10 +40,10 @@ def sixteen_bit(mode: str, values: np.ndarray) -> Image.Image:
     return Image.frombytes(mode, (width, height), values.astype(SIXTEEN_BIT[mode]).tobytes())
 
 
-@pytest.fixture(params=[transforms.WIDE_TILE_PIXELS, 37], ids=["default-tiles", "small-tiles"])
+@pytest.fixture(params=[pixels.WIDE_TILE_PIXELS, 37], ids=["default-tiles", "small-tiles"])
 def tile_pixels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
     """Each test at the module's tile size and at one that cuts rows and leaves ragged edges."""
-    monkeypatch.setattr(transforms, "WIDE_TILE_PIXELS", request.param)
+    monkeypatch.setattr(pixels, "WIDE_TILE_PIXELS", request.param)
     return request.param
 
 

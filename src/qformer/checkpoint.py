@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -62,6 +63,32 @@ def atomic_write(path: str | Path, write: Callable[[str], None], mode: int | Non
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_directory(directory: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write(folder)`` fills a staging folder beside ``directory``, which is then renamed into
+    place: a reader finds the whole directory or none (an older ``directory`` is replaced only once
+    the new one is complete). A failed ``write`` leaves neither a staging folder nor a half one."""
+    directory = Path(directory)
+    staging = directory.with_name(f".staging_{directory.name}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        write(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if directory.exists():
+        old = directory.with_name(f".old_{directory.name}")
+        if old.exists():
+            shutil.rmtree(old)
+        directory.rename(old)
+        staging.rename(directory)
+        shutil.rmtree(old)
+    else:
+        staging.rename(directory)
+    return directory
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:

@@ -72,9 +72,11 @@ def check_positions(name: str, length: int, table: int | None, where: str, fix: 
 
 
 def check_batch(**tensors: Tensor | None) -> None:
-    """One batch size (the first dimension) for every tensor given."""
+    """One batch size (the first dimension) for every tensor given. Compared pairwise, not in a
+    set: under torch.export a dynamic batch is a SymInt, which cannot be hashed."""
     sizes = {name: t.shape[0] for name, t in tensors.items() if t is not None and t.dim() > 0}
-    if len(set(sizes.values())) > 1:
+    first = next(iter(sizes.values()), None)
+    if any(size != first for size in sizes.values()):
         given = ", ".join(f"{name} {size}" for name, size in sizes.items())
         raise ValueError(f"batch sizes differ ({given}): pass one row per example")
 

@@ -233,9 +233,14 @@ def build_language_model(text_config: dict) -> PreTrainedModel:
 
 
 def move_padding(input_ids: Tensor, attention_mask: Tensor, side: str) -> tuple[Tensor, Tensor]:
-    """Move each row's padding to the ``left`` or ``right`` keeping the token order: (B, T)."""
-    key = attention_mask if side == "left" else 1 - attention_mask
-    order = torch.sort(key.long(), dim=1, stable=True).indices
+    """Move each row's padding to the ``left`` or ``right`` keeping the token order: (B, T).
+    A stable sort of a 0/1 key, computed by counting (ONNX has no stable sort): each position
+    whose key is 0 goes to the number of 0s before it, each 1 after all the 0s."""
+    key = attention_mask.long() if side == "left" else 1 - attention_mask.long()  # (B, T): 0 goes first
+    zeros = 1 - key
+    target = torch.where(key == 0, zeros.cumsum(1) - 1, zeros.sum(1, keepdim=True) + key.cumsum(1) - 1)  # (B, T)
+    positions = torch.arange(key.shape[1], device=key.device).expand_as(key)
+    order = torch.zeros_like(target).scatter(1, target, positions)  # order[target[j]] = j
     return input_ids.gather(1, order), attention_mask.gather(1, order)
 
 

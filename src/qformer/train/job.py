@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from qformer.checkpoint import write_directory
 from qformer.config import ImageConfig
 from qformer.data.transforms import eval_image
 from qformer.train.config import ModelSpec
@@ -136,20 +136,5 @@ def _write_model(model: nn.Module, directory: Path) -> None:
 
 
 def save_final(model: nn.Module, directory: str | Path) -> Path:
-    """``model`` written into ``directory`` whole or not at all: into a staging folder beside it,
-    then renamed into place (an older ``directory`` is replaced only once the new one is complete)."""
-    directory = Path(directory)
-    staging = directory.with_name(f".staging_{directory.name}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    _write_model(model, staging)
-    if directory.exists():
-        old = directory.with_name(f".old_{directory.name}")
-        if old.exists():
-            shutil.rmtree(old)
-        directory.rename(old)
-        staging.rename(directory)
-        shutil.rmtree(old)
-    else:
-        staging.rename(directory)
-    return directory
+    """``model`` written into ``directory`` whole or not at all (:func:`~qformer.checkpoint.write_directory`)."""
+    return write_directory(directory, lambda staging: _write_model(model, staging))
