@@ -78,3 +78,32 @@ def tiny_config(**overrides) -> QFormerConfig:
 
 def tiny_qformer(**overrides) -> QFormer:
     return QFormer(tiny_config(**overrides)).eval()
+
+
+@pytest.fixture(scope="session")
+def _meteor_jars():
+    """The METEOR jar one_meteor_jar shares, stopped at the end of the session."""
+    jars: list = []
+    yield jars
+    jars.clear()  # pycocoevalcap's Meteor stops its jar when it is freed
+
+
+@pytest.fixture
+def one_meteor_jar(monkeypatch, _meteor_jars) -> None:
+    """pycocoevalcap's METEOR started once for the session: each ``Meteor()`` starts a JVM that
+    loads the jar's paraphrase tables (about 25 s on 2 cores) before its first score, and the
+    caption metrics start a new one per call. Every call gets that one running jar instead. Its
+    scores are the same: each EVAL line the jar answers carries all the statistics it aggregates,
+    and a SCORE line depends on its own hypothesis and references only."""
+    try:
+        from pycocoevalcap.meteor import meteor
+    except ImportError:
+        return  # the tests that need it skip or fail on their own
+
+    def shared() -> object:
+        if not _meteor_jars:
+            _meteor_jars.append(real())
+        return _meteor_jars[0]
+
+    real = meteor.Meteor
+    monkeypatch.setattr(meteor, "Meteor", shared)

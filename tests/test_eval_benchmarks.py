@@ -342,6 +342,7 @@ CAPTIONS = [["a red ball on the grass", "a ball that is red"], ["two dogs play",
 
 
 @pytest.mark.skipif(__import__("shutil").which("java") is None, reason="pycocoevalcap's tokenizer runs on Java")
+@pytest.mark.usefixtures("one_meteor_jar")  # the evaluations' METEOR and the expected one from one running jar
 def test_coco_and_nocaps_captions_score_as_pycocoevalcap(blip2, blip2_dir, tmp_path):
     from qformer.evaluate.benchmarks import CAPTION_GENERATION
     from qformer.evaluate.captions import caption_metrics, spice_unavailable

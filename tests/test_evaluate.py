@@ -109,6 +109,7 @@ REFERENCES = {
 
 
 @needs_java
+@pytest.mark.usefixtures("one_meteor_jar")
 def test_identical_captions_score_perfectly() -> None:
     references = {key: captions[:1] for key, captions in REFERENCES.items()}
     predictions = {key: captions[0] for key, captions in references.items()}

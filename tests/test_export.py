@@ -3,8 +3,6 @@
 ``qformer export`` writes any checkpoint the same way."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -123,13 +121,13 @@ def test_final_and_export_tokenizers_carry_no_call_state(stage1_run, stage2_run,
 
 
 @pytest.mark.parametrize("stage2_run", ["blip2"], indirect=True)
-def test_cli_captions_with_the_final_model(stage2_run, tmp_path):
+def test_cli_captions_with_the_final_model(stage2_run, tmp_path, capsys):
     _, run = stage2_run
-    out = subprocess.run([sys.executable, "-m", "qformer", "caption", "--model", str(run / "final"), "--device", "cpu",
-                          "--json", "--max-new-tokens", "3", str(photo(tmp_path))],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    row = json.loads(out.stdout)
+    image = photo(tmp_path)
+    capsys.readouterr()
+    main(["caption", "--model", str(run / "final"), "--device", "cpu", "--json", "--max-new-tokens", "3",
+          str(image)])  # returns: exit status 0
+    row = json.loads(capsys.readouterr().out)
     assert row["image"].endswith("photo.png") and isinstance(row["caption"], str)
 
 

@@ -1,14 +1,13 @@
 """InstructBLIP through qformer.Blip2.from_pretrained, answer() and `qformer vqa`."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from qformer.cli import main
 from qformer.pretrained.stage2 import Blip2, InstructBlip
 from stage2_helpers import tiny_tokenizer, with_image_tokens
 from test_instructblip import tiny_transformers_instructblip
@@ -68,13 +67,13 @@ def test_save_and_reload_keeps_both_tokenizers(saved, tmp_path):
         assert torch.equal(again.state_dict()[key], value), key
 
 
-def test_cli_vqa_with_an_instruction_model(saved, tmp_path):
+def test_cli_vqa_with_an_instruction_model(saved, tmp_path, capsys):
     directory, _ = saved
     image = images(tmp_path)[0]
-    out = subprocess.run([sys.executable, "-m", "qformer", "vqa", "--model", str(directory), "--question",
-                          "what colour is it", "--json", "--max-new-tokens", "3", str(image)],
-                         capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout.splitlines()[0])["question"] == "what colour is it"
+    capsys.readouterr()
+    main(["vqa", "--model", str(directory), "--question", "what colour is it", "--json", "--max-new-tokens", "3",
+          str(image)])  # returns: exit status 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["question"] == "what colour is it"
 
 
 def test_instruction_tuning_run(saved, tmp_path):
