@@ -10,9 +10,12 @@ complete."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +110,7 @@ def export_graph(model: nn.Module, graph: Graph, folder: Path, format: str) -> d
     graph.module.eval()  # a wrapper starts in training mode; the model is in eval already
     path = folder / f"{graph.name}{SUFFIX[format]}"
     started = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), quiet_exporters():
         try:
             if format == "onnx":
                 program = torch.onnx.export(graph.module, args, dynamo=True, input_names=list(graph.inputs),
@@ -130,6 +133,28 @@ def export_graph(model: nn.Module, graph: Graph, folder: Path, format: str) -> d
         "outputs": [spec(name, tensor, {0: BATCH}) for name, tensor in zip(graph.outputs, outputs)],
         "export_seconds": round(seconds, 2),
     }
+
+
+# The exporters' own chatter: onnxscript's and onnx_ir's passes log each rewrite at INFO (thousands of
+# lines for EVA ViT-g), torch.onnx warns that torchvision's operators are not registered (none is used);
+# what goes wrong is still said, at WARNING and above.
+EXPORTER_LOGGERS = {"onnxscript": logging.WARNING, "onnx_ir": logging.WARNING, "torch.onnx": logging.ERROR}
+
+
+@contextlib.contextmanager
+def quiet_exporters() -> Iterator[None]:
+    """The exporters' loggers at :data:`EXPORTER_LOGGERS`' levels while a graph is written, then as they were."""
+    loggers = {name: logging.getLogger(name) for name in EXPORTER_LOGGERS}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    for name, logger in loggers.items():
+        logger.setLevel(EXPORTER_LOGGERS[name])
+    try:
+        with warnings.catch_warnings():  # torch.export's own use of a pytree API it deprecates
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        for name, logger in loggers.items():
+            logger.setLevel(levels[name])
 
 
 def spec(name: str, tensor: Tensor, axes: dict[int, str]) -> dict[str, Any]:
